@@ -1,0 +1,58 @@
+"""Command line of ``python -m fedpeft.sim``: flags, dotted overrides, and --help from the schema."""
+
+from __future__ import annotations
+
+import argparse
+
+from fedpeft.config import FLAG_ALIASES, Config, ConfigError, build_config, iter_fields, parse_override
+
+DESCRIPTION = """\
+Simulate federated personalization: every user of a benchmark is a Flower client on Ray that
+keeps a private PEFT adapter; the strategy decides which adapter keys are shared and aggregated.
+
+Config layers: schema defaults < configs/default.yaml < --config FILE(s) < flags and overrides.
+Any key below can also be given as KEY=VALUE (e.g. train.lr=1e-4) or --KEY=VALUE (W&B sweeps)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedpeft.sim", description=DESCRIPTION,
+        usage="python -m fedpeft.sim [--strategy NAME] [--config FILE] [options] [KEY=VALUE ...]", allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config file; repeat to layer several")
+    fields = {key: (default, help_) for key, _, default, help_ in iter_fields()}
+    common = parser.add_argument_group("common options")
+    for flag, key in FLAG_ALIASES.items():
+        default, help_ = fields[key]
+        common.add_argument(f"--{flag}", dest=key, default=argparse.SUPPRESS, metavar="VALUE",
+                            help=f"{help_} [{key}] (default: {default!r})")
+    every = parser.add_argument_group("all config keys (also as KEY=VALUE)")
+    for key, (default, help_) in fields.items():
+        if key in FLAG_ALIASES:  # already a common flag of the same name
+            continue
+        every.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar="VALUE",
+                           help=f"{help_} (default: {default!r})")
+    return parser
+
+
+def config_from_args(argv: list[str]) -> Config:
+    """Parse ``argv`` into a validated Config; raises ConfigError on any unknown key or bad value."""
+    positional = [a for a in argv if "=" in a and not a.startswith("-")]
+    rest = [a for a in argv if a not in positional]
+    args, unknown = build_parser().parse_known_args(rest)
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(unknown):  # unknown --key=value / --key value: reported with the closest valid key
+        token = unknown[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"Unexpected argument '{token}'. Give overrides as KEY=VALUE, e.g. train.lr=1e-4.")
+        if "=" in token:
+            overrides.append(parse_override(token))
+        else:
+            value = unknown[i + 1] if i + 1 < len(unknown) else ""
+            overrides.append((token[2:], value))
+            i += 1
+        i += 1
+    flags = [(k, v) for k, v in vars(args).items() if k != "config"]
+    return build_config(args.config, flags + overrides + [parse_override(a) for a in positional])

@@ -1,0 +1,330 @@
+"""The single config schema of fedpeft: every default lives here.
+
+A run's config is built in three layers: the dataclass defaults below, then YAML files
+(``configs/default.yaml``, then ``--config FILE``), then command-line overrides
+(``train.lr=1e-4`` or ``--train.lr=1e-4``). Unknown keys and bad values raise
+:class:`ConfigError` naming the key, the value, what is allowed and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config key or value a user gave is not valid; the message says how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    benchmark: str = field(default="synthetic", metadata={"help": "benchmark: synthetic (built in)"})
+    seed: int = field(default=0, metadata={"help": "data seed (users, splits, personas); separate from the model seed"})
+    num_users: int = field(default=20, metadata={"help": "synthetic: number of users"})
+    train_per_user: int = field(default=16, metadata={"help": "synthetic: training examples per user"})
+    val_per_user: int = field(default=8, metadata={"help": "synthetic: validation examples per user"})
+    test_per_user: int = field(default=24, metadata={"help": "synthetic: test examples per user"})
+    personas: int = field(default=4, metadata={"help": "synthetic: latent personas that decide most labels"})
+    noise: float = field(default=0.1, metadata={"help": "synthetic: chance that a user departs from its persona on a topic"})
+    num_labels: int = field(default=3, metadata={"help": "synthetic: number of labels"})
+    pool_size: int = field(default=400, metadata={"help": "synthetic: size of the shared pool of texts users label"})
+    max_length: int = field(default=32, metadata={"help": "tokens per example (longer inputs are truncated)"})
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="minilm", metadata={"help": "backbone: 'minilm' (embedded all-MiniLM-L6-v2), a Hugging Face name or a local path"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16, float16 (CPU always float32)"})
+
+
+@dataclass
+class PeftConfig:
+    method: str = field(default="lora", metadata={"help": "PEFT method: lora"})
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    target_modules: list[str] = field(default_factory=list, metadata={"help": "modules to adapt (comma list); empty = the backbone family's default"})
+
+
+@dataclass
+class TrainConfig:
+    lr: float = field(default=5e-3, metadata={"help": "client learning rate (AdamW)"})
+    epochs: int = field(default=2, metadata={"help": "local epochs per round"})
+    steps: int = field(default=0, metadata={"help": "local steps per round; > 0 replaces epochs"})
+    batch_size: int = field(default=8, metadata={"help": "client batch size"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    eval_batch_size: int = field(default=32, metadata={"help": "batch size for evaluation"})
+
+
+@dataclass
+class FederationConfig:
+    strategy: str = field(default="local_only", metadata={"help": "strategy (see strategies/): which adapter keys are shared"})
+    rounds: int = field(default=5, metadata={"help": "number of rounds"})
+    cohort_fraction: float = field(default=1.0, metadata={"help": "fraction of users sampled per round, in (0, 1]"})
+    cohort_size: int = field(default=0, metadata={"help": "users sampled per round; > 0 replaces cohort_fraction"})
+    eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds (the last round is always evaluated)"})
+    eval_fraction: float = field(default=1.0, metadata={"help": "fraction of users scored at intermediate evaluations; the final one scores all"})
+
+
+@dataclass
+class RayConfig:
+    address: str = field(default="", metadata={"help": "'' starts a local Ray; 'auto' or HOST:PORT joins a running cluster"})
+    num_cpus: int = field(default=0, metadata={"help": "CPUs of the local Ray (0 = all cores); ignored on a cluster"})
+    client_cpus: float = field(default=1.0, metadata={"help": "CPUs per client actor"})
+    client_gpus: float = field(default=0.0, metadata={"help": "GPUs per client actor (fractions share a GPU)"})
+
+
+@dataclass
+class WandbConfig:
+    mode: str = field(default="disabled", metadata={"help": "W&B mode: disabled, offline, online"})
+    project: str = field(default="fedpeft", metadata={"help": "W&B project"})
+    entity: str = field(default="", metadata={"help": "W&B entity (team or user); '' = your default"})
+    group: str = field(default="", metadata={"help": "W&B group"})
+    name: str = field(default="", metadata={"help": "W&B run name; '' = the run folder's name"})
+    tags: list[str] = field(default_factory=list, metadata={"help": "W&B tags (comma list)"})
+
+
+@dataclass
+class OutputConfig:
+    dir: str = field(default="runs", metadata={"help": "parent folder of run folders"})
+    name: str = field(default="", metadata={"help": "run folder name; '' = <strategy>-<timestamp>"})
+    store_dir: str = field(default="", metadata={"help": "adapter store (must be reachable by every Ray node); '' = <run>/adapters"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+@dataclass
+class Config:
+    seed: int = field(default=0, metadata={"help": "model seed (adapter init, shuffling, dropout, cohorts)"})
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        config = cls()
+        merge_into(config, data)
+        return config
+
+
+# Flags that stand for dotted keys: the common options of `python -m fedpeft.sim`.
+FLAG_ALIASES: dict[str, str] = {
+    "strategy": "federation.strategy",
+    "benchmark": "data.benchmark",
+    "model": "model.name",
+    "rounds": "federation.rounds",
+    "seed": "seed",
+    "wandb": "wandb.mode",
+    "out": "output.dir",
+    "name": "output.name",
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "peft.method": ("lora",),
+    "wandb.mode": ("disabled", "offline", "online"),
+}
+
+
+def iter_fields(obj: Any = None, prefix: str = "") -> typing.Iterator[tuple[str, type, Any, str]]:
+    """Yield (dotted key, type, default, help) for every leaf field of the schema."""
+    obj = Config() if obj is None else obj
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from iter_fields(value, prefix=f"{key}.")
+        else:
+            yield key, hints[f.name], value, f.metadata.get("help", "")
+
+
+def all_keys() -> list[str]:
+    return [key for key, *_ in iter_fields()]
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys() + list(FLAG_ALIASES), n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(
+        f"Unknown config key '{key}' ({where}).{hint} Valid keys are the dotted names listed by "
+        "`python -m fedpeft.sim --help`."
+    )
+
+
+def coerce(key: str, value: Any, target: Any) -> Any:
+    """Convert ``value`` (from YAML or a command line string) to the field type ``target``."""
+    origin = typing.get_origin(target)
+    try:
+        if origin is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [str(v) for v in value]
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if target is int:
+            if isinstance(value, bool):
+                raise TypeError
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float)
+        if target is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if target is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        name = getattr(target, "__name__", str(target))
+        raise ConfigError(
+            f"Config key '{key}' got {value!r}, which is not a valid {name}. "
+            f"Give a {name}, for example `{key}={_example(target)}`."
+        ) from None
+    raise ConfigError(f"Config key '{key}' has an unsupported type {target!r}")
+
+
+def _example(target: Any) -> str:
+    return {int: "3", float: "0.01", bool: "true", str: "text"}.get(target, "a,b")
+
+
+def set_key(config: Config, key: str, value: Any, where: str = "override") -> None:
+    """Set one dotted key on ``config``, coercing the value to the schema's type."""
+    key = FLAG_ALIASES.get(key, key)
+    parts = key.split(".")
+    node: Any = config
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            raise _unknown_key(key, where)
+        node = getattr(node, part)
+    leaf = parts[-1]
+    if not dataclasses.is_dataclass(node) or leaf not in {f.name for f in dataclasses.fields(node)}:
+        raise _unknown_key(key, where)
+    if dataclasses.is_dataclass(getattr(node, leaf)):
+        raise ConfigError(f"Config key '{key}' is a section; set one of its fields, e.g. '{key}.{dataclasses.fields(getattr(node, leaf))[0].name}=...'")
+    target = typing.get_type_hints(type(node))[leaf]
+    setattr(node, leaf, coerce(key, value, target))
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, prefix=f"{key}."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def merge_into(config: Config, data: dict[str, Any], where: str = "config") -> None:
+    for key, value in _flatten(data).items():
+        set_key(config, key, value, where=where)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist. Give the path of a YAML file, e.g. configs/default.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of keys to values, got {type(data).__name__}.")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split ``key=value`` (or ``--key=value``) on the first '='."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"Override '{text}' has no '='. Write it as key=value, e.g. train.lr=1e-4.")
+    key, value = body.split("=", 1)
+    return key.strip(), value
+
+
+def build_config(config_files: list[str] | None = None, overrides: list[tuple[str, Any]] | None = None) -> Config:
+    """Defaults, then configs/default.yaml (when present), then ``config_files``, then ``overrides``."""
+    config = Config()
+    files: list[Path] = [REPO_DEFAULT_YAML] if REPO_DEFAULT_YAML.is_file() else []
+    files += [Path(f) for f in config_files or []]
+    for path in files:
+        merge_into(config, load_yaml(path), where=f"in {path}")
+    for key, value in overrides or []:
+        set_key(config, key, value)
+    validate(config)
+    return config
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"Config key '{key}' got {value!r}; allowed: {allowed}.")
+
+
+def validate(config: Config) -> None:
+    """Check values that types alone do not catch; names of registries are checked too."""
+    from fedpeft.data import BENCHMARKS  # late imports: registries import this module
+    from strategies import get_strategy_class
+
+    flat = _flatten(config.to_dict())
+    for key, allowed in CHOICES.items():
+        _check(flat[key] in allowed, key, flat[key], ", ".join(allowed))
+    get_strategy_class(config.federation.strategy)  # raises with the known names
+    bench = config.data.benchmark
+    _check(bench in BENCHMARKS, "data.benchmark", bench, ", ".join(sorted(BENCHMARKS)))
+    fed = config.federation
+    _check(fed.rounds > 0, "federation.rounds", fed.rounds, "an integer >= 1")
+    _check(0 < fed.cohort_fraction <= 1, "federation.cohort_fraction", fed.cohort_fraction, "a number in (0, 1]")
+    _check(0 < fed.eval_fraction <= 1, "federation.eval_fraction", fed.eval_fraction, "a number in (0, 1]")
+    _check(fed.cohort_size >= 0, "federation.cohort_size", fed.cohort_size, "0 (use cohort_fraction) or a positive count")
+    _check(fed.eval_every >= 1, "federation.eval_every", fed.eval_every, "an integer >= 1")
+    tr = config.train
+    _check(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
+    _check(tr.epochs >= 1 or tr.steps >= 1, "train.epochs", tr.epochs, "an integer >= 1 (or set train.steps)")
+    _check(tr.steps >= 0, "train.steps", tr.steps, "0 (use epochs) or a positive count")
+    _check(tr.batch_size >= 1, "train.batch_size", tr.batch_size, "an integer >= 1")
+    _check(tr.eval_batch_size >= 1, "train.eval_batch_size", tr.eval_batch_size, "an integer >= 1")
+    pe = config.peft
+    _check(pe.r >= 1, "peft.r", pe.r, "an integer >= 1")
+    _check(0 <= pe.dropout < 1, "peft.dropout", pe.dropout, "a number in [0, 1)")
+    da = config.data
+    _check(da.num_users >= 1, "data.num_users", da.num_users, "an integer >= 1")
+    _check(da.num_labels >= 2, "data.num_labels", da.num_labels, "an integer >= 2")
+    _check(da.personas >= 1, "data.personas", da.personas, "an integer >= 1")
+    _check(0 <= da.noise <= 1, "data.noise", da.noise, "a number in [0, 1]")
+    for split in ("train_per_user", "val_per_user", "test_per_user"):
+        _check(getattr(da, split) >= 1, f"data.{split}", getattr(da, split), "an integer >= 1")
+    _check(da.max_length >= 8, "data.max_length", da.max_length, "an integer >= 8")
+    ray = config.ray
+    _check(ray.client_cpus > 0, "ray.client_cpus", ray.client_cpus, "a number > 0")
+    _check(ray.client_gpus >= 0, "ray.client_gpus", ray.client_gpus, "a number >= 0")
+    _check(ray.num_cpus >= 0, "ray.num_cpus", ray.num_cpus, "0 (all cores) or a positive count")

@@ -1,0 +1,99 @@
+"""The run folder and W&B: config.yaml, metrics.jsonl, per_user.csv, results.json, summary table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import fedpeft
+from fedpeft.config import Config
+
+PER_USER_COLUMNS = ["user_id", "partition_id", "status", "accuracy", "macro_f1", "n_test", "rounds_trained", "error"]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunReporter:
+    """Writes a run's files and mirrors them to W&B (disabled, offline or online)."""
+
+    def __init__(self, config: Config, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"fedpeft_version": fedpeft.__version__, "git_commit": git_commit()}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({**meta, **config.to_dict()}, sort_keys=False))
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.wandb_run = self._start_wandb(meta)
+
+    def _start_wandb(self, meta: dict[str, str]) -> Any:
+        wb = self.config.wandb
+        if wb.mode == "disabled":
+            return None
+        import wandb
+
+        return wandb.init(
+            mode=wb.mode, project=wb.project, entity=wb.entity or None, group=wb.group or None,
+            name=wb.name or self.run_dir.name, tags=wb.tags or None, dir=str(self.run_dir),
+            config={**self.config.to_dict(), **meta}, reinit="finish_previous",
+        )
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=int(record["round"]))
+
+    def write_final(self, per_user: list[dict[str, Any]], results: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
+        with (self.run_dir / "per_user.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=PER_USER_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(per_user)
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+        with (self.run_dir / "predictions.jsonl").open("w") as f:
+            for row in predictions:
+                f.write(json.dumps(row) + "\n")
+        failures = [row for row in per_user if row["status"] != "ok"]
+        (self.run_dir / "failures.json").write_text(json.dumps(failures, indent=2))
+        if self.wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(columns=PER_USER_COLUMNS, data=[[row.get(c, "") for c in PER_USER_COLUMNS] for row in per_user])
+            self.wandb_run.log({"per_user": table})
+            for key, value in results["summary"].items():
+                self.wandb_run.summary[key] = value
+            self.wandb_run.finish()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """A plain-text table of the summary over users, for the console."""
+    summary = results["summary"]
+    rows = [("strategy", results["strategy"]), ("users", results["num_users"]), ("rounds", results["rounds"])]
+    for metric in ("accuracy", "macro_f1"):
+        for stat in ("mean", "median", "p10", "min"):
+            rows.append((f"{metric} {stat}", summary[f"{metric}_{stat}"]))
+    rows += [("users evaluated", summary["n_evaluated"]), ("users failed", summary["n_failed"]),
+             ("wall time (s)", results["wall_seconds"]), ("run folder", results["run_dir"])]
+    width = max(len(k) for k, _ in rows)
+    lines = ["-" * (width + 30)] + [f"{k:<{width}}  {_fmt(v)}" for k, v in rows] + ["-" * (width + 30)]
+    if summary["n_failed"]:
+        lines.append(f"{summary['n_failed']} user(s) failed: reasons in {results['run_dir']}/failures.json")
+    return "\n".join(lines)

@@ -1,0 +1,201 @@
+"""The ServerApp: discovers users, runs rounds of sampled cohorts, evaluates every user.
+
+The server only ever handles the strategy's shared keys; private state stays in the clients'
+adapter store. A reply that reports a failure marks its user failed; the run goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from fedpeft import metrics as M
+from fedpeft.config import Config
+from fedpeft.data import get_benchmark
+from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
+from fedpeft.reporting import RunReporter
+from strategies import make_strategy
+
+NODE_WAIT_SECONDS = 120
+
+
+def exchange(grid: Grid, messages: list[Message], on_reply: Callable[[Message], None] | None = None) -> list[Message]:
+    """Push messages and pull their replies, calling ``on_reply`` as each one arrives."""
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        for reply in got:
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            if on_reply:
+                on_reply(reply)
+        if pending and not got:
+            time.sleep(0.05)
+    return replies
+
+
+class FederatedRun:
+    """One simulation run, driven from the ServerApp's main function."""
+
+    def __init__(self, config: Config, run_dir: Path, grid: Grid) -> None:
+        self.config = config
+        self.config_json = config.to_json()
+        self.grid = grid
+        self.run_dir = run_dir
+        self.strategy = make_strategy(config)
+        self.user_ids = get_benchmark(config).user_ids()
+        self.reporter = RunReporter(config, run_dir)
+        self.failures: dict[int, str] = {}
+        self.rounds_trained = np.zeros(len(self.user_ids), dtype=int)
+        self.worker_loads: dict[int, int] = {}
+        self.bar = tqdm(total=0, unit="user", disable=not config.output.progress, dynamic_ncols=True)
+
+    # ---- plumbing ------------------------------------------------------------------------
+    def discover(self) -> dict[int, int]:
+        """Map partition id (user index) -> node id by asking every node once."""
+        deadline = time.time() + NODE_WAIT_SECONDS
+        while len(nodes := list(self.grid.get_node_ids())) < len(self.user_ids):
+            if time.time() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {len(self.user_ids)} simulated nodes came up")
+            time.sleep(0.2)
+        msgs = [Message(content=make_content(self.config_json, 0), dst_node_id=n, message_type=QUERY) for n in nodes]
+        return {int(r.content.metric_records["metrics"]["partition_id"]): r.metadata.src_node_id
+                for r in exchange(self.grid, msgs)}
+
+    def call(self, users: list[int], kind: str, server_round: int, shared: dict[str, torch.Tensor]) -> tuple[list[Message], int]:
+        """Send one message per user; returns the replies and the bytes sent down."""
+        msgs = [Message(content=make_content(self.config_json, server_round, shared), dst_node_id=self.nodes[u], message_type=kind)
+                for u in users]
+        down = sum(array_bytes(m.content) for m in msgs)
+        self.bar.total += len(msgs)
+        self.bar.set_description(f"round {server_round}/{self.config.federation.rounds} {kind}")
+        self.bar.refresh()
+        replies = exchange(self.grid, msgs, on_reply=lambda _: self.bar.update(1))
+        for reply in replies:
+            self._note_reply(reply)
+        return replies, down
+
+    def _note_reply(self, reply: Message) -> None:
+        if reply.has_error():
+            raise RuntimeError(f"a ClientApp crashed outside fedpeft's handlers: {reply.error.reason}")
+        m = reply.content.metric_records["metrics"]
+        self.worker_loads[int(m["pid"])] = max(self.worker_loads.get(int(m["pid"]), 0), int(m["backbone_loads"]))
+        if m["failed"]:
+            user = int(m["partition_id"])
+            self.failures.setdefault(user, str(reply.content.config_records["info"]["error"]))
+
+    # ---- the run ------------------------------------------------------------------------
+    def initial_shared(self) -> dict[str, torch.Tensor]:
+        if not self.strategy.shares_anything:
+            return {}
+        from fedpeft.models import build_model
+
+        loaded = build_model(self.config, num_labels=len(get_benchmark(self.config).task().labels))
+        return self.strategy.split(loaded.init_state)[0]
+
+    def train_round(self, server_round: int, shared: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        cohort = self.strategy.sample_cohort(list(range(len(self.user_ids))), server_round)
+        replies, down = self.call(cohort, TRAIN, server_round, shared)
+        ok = [r for r in replies if not r.content.metric_records["metrics"]["failed"]]
+        results = []
+        for reply in ok:
+            m = reply.content.metric_records["metrics"]
+            self.rounds_trained[int(m["partition_id"])] += 1
+            results.append((reply.content.array_records["shared"].to_torch_state_dict(), int(m["num-examples"])))
+        unexpected = {k for state, _ in results for k in state} - set(shared)
+        if unexpected:
+            raise RuntimeError(f"clients sent keys outside the strategy's shared keys: {sorted(unexpected)[:3]}")
+        new_shared = self.strategy.aggregate(shared, results)
+        losses = [r.content.metric_records["metrics"]["train_loss"] for r in ok]
+        return new_shared, {
+            "cohort_size": len(cohort), "trained": len(ok), "failed": len(replies) - len(ok),
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "bytes_down": down, "bytes_up": sum(array_bytes(r.content) for r in replies),
+        }
+
+    def evaluate(self, server_round: int, shared: dict[str, torch.Tensor], users: list[int]) -> list[Message]:
+        replies, _ = self.call(users, EVALUATE, server_round, shared)
+        return [r for r in replies if not r.content.metric_records["metrics"]["failed"]]
+
+    def eval_users(self, server_round: int) -> list[int]:
+        fed = self.config.federation
+        everyone = list(range(len(self.user_ids)))
+        if server_round == fed.rounds or fed.eval_fraction >= 1:
+            return everyone
+        size = max(1, round(fed.eval_fraction * len(everyone)))
+        return sorted(np.random.default_rng([self.config.seed, 30, server_round]).choice(everyone, size, replace=False).tolist())
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        self.nodes = self.discover()
+        shared = self.initial_shared()
+        fed = self.config.federation
+        final: list[Message] = []
+        for server_round in range(1, fed.rounds + 1):
+            round_start = time.time()
+            shared, record = self.train_round(server_round, shared)
+            if server_round % fed.eval_every == 0 or server_round == fed.rounds:
+                evaluated = self.evaluate(server_round, shared, self.eval_users(server_round))
+                accs = [r.content.metric_records["metrics"]["accuracy"] for r in evaluated]
+                f1s = [r.content.metric_records["metrics"]["macro_f1"] for r in evaluated]
+                record.update({f"accuracy_{k}": v for k, v in M.summarize(accs).items() if k not in ("n_failed",)})
+                record.update({"macro_f1_mean": M.summarize(f1s)["mean"]})
+                final = evaluated
+            record.update({"round": server_round, "seconds": time.time() - round_start, "users_failed_total": len(self.failures)})
+            self.reporter.log_round(record)
+            self.bar.write(f"round {server_round}: trained {record['trained']}/{record['cohort_size']}, "
+                           f"loss {record['train_loss']:.4f}, mean accuracy {record.get('accuracy_mean', float('nan')):.4f}")
+        self.bar.close()
+        return self.finish(final, shared, time.time() - started)
+
+    def finish(self, final: list[Message], shared: dict[str, torch.Tensor], wall: float) -> dict[str, Any]:
+        if shared:
+            save_file({k: v.contiguous() for k, v in shared.items()}, str(self.run_dir / "shared_final.safetensors"))
+        scores = {int(r.content.metric_records["metrics"]["partition_id"]): r for r in final}
+        per_user, predictions = [], []
+        for index, user_id in enumerate(self.user_ids):
+            row: dict[str, Any] = {"user_id": user_id, "partition_id": index, "rounds_trained": int(self.rounds_trained[index])}
+            if index in self.failures or index not in scores:
+                row.update(status="failed", error=self.failures.get(index, "no evaluation reply").strip().splitlines()[-1])
+            else:
+                m, info = scores[index].content.metric_records["metrics"], scores[index].content.config_records["info"]
+                row.update(status="ok", accuracy=m["accuracy"], macro_f1=m["macro_f1"], n_test=int(m["n_test"]), error="")
+                predictions.append({"user_id": user_id, "sample_ids": list(info["sample_ids"]), "predictions": list(info["predictions"])})
+            per_user.append(row)
+        ok = [row for row in per_user if row["status"] == "ok"]
+        n_failed = len(per_user) - len(ok)
+        summary: dict[str, Any] = {}
+        for metric in ("accuracy", "macro_f1"):
+            stats = M.summarize([row[metric] for row in ok], num_failed=n_failed)
+            summary.update({f"{metric}_{k}": v for k, v in stats.items() if k in ("mean", "median", "p10", "min")})
+            summary.update(n_evaluated=stats["n_evaluated"], n_failed=n_failed)
+        results = {
+            "strategy": self.config.federation.strategy, "benchmark": self.config.data.benchmark,
+            "model": self.config.model.name, "num_users": len(self.user_ids), "rounds": self.config.federation.rounds,
+            "summary": summary, "wall_seconds": wall, "run_dir": str(self.run_dir),
+            "failed_users": {self.user_ids[i]: reason for i, reason in sorted(self.failures.items())},
+            "workers": {str(pid): loads for pid, loads in sorted(self.worker_loads.items())},
+        }
+        self.reporter.write_final(per_user, results, predictions)
+        return results
+
+
+def make_server_app(config: Config, run_dir: Path, results: dict[str, Any]) -> ServerApp:
+    """A ServerApp whose main runs one :class:`FederatedRun` and puts its results in ``results``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        results.update(FederatedRun(config, run_dir, grid).run())
+
+    return app

@@ -1,0 +1,110 @@
+"""Entry point: ``python -m fedpeft.sim --strategy local_only`` runs one simulation.
+
+Checks everything it can before Ray starts (config, model, cluster address), then runs the
+ServerApp and ClientApp through Flower's simulation engine on Ray and prints a summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import uuid
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedpeft.cli import config_from_args
+from fedpeft.config import Config, ConfigError
+from fedpeft.data import get_benchmark
+from fedpeft.models import check_model
+from fedpeft.reporting import summary_table
+
+RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+
+
+def check_ray_address(address: str) -> None:
+    """Fail fast when no Ray cluster answers (Flower would hang instead)."""
+    if not address:
+        return
+    target = address
+    if address == "auto":
+        target = os.environ.get("RAY_ADDRESS", "")
+        if not target and RAY_CURRENT_CLUSTER.is_file():
+            target = RAY_CURRENT_CLUSTER.read_text().strip()
+        if not target:
+            raise ConfigError("ray.address='auto' but no Ray cluster is running on this machine. "
+                              "Start one with `ray start --head`, or leave ray.address empty to start a local Ray.")
+    hostport = target.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
+            pass
+    except (OSError, ValueError):
+        raise ConfigError(f"No Ray cluster answers at ray.address='{address}' ({hostport}). Start the head with "
+                          "`ray start --head --port=PORT` and give HOST:PORT, or leave ray.address empty for a local Ray.") from None
+
+
+def make_run_dir(config: Config) -> Path:
+    name = config.output.name or f"{config.federation.strategy}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
+    run_dir = (Path(config.output.dir) / name).resolve()
+    run_dir.mkdir(parents=True, exist_ok=bool(config.output.name))
+    return run_dir
+
+
+def backend_config(config: Config) -> dict[str, Any]:
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if config.ray.address:
+        init_args["address"] = config.ray.address
+    elif config.ray.num_cpus:
+        init_args["num_cpus"] = config.ray.num_cpus
+    resources = {"num_cpus": config.ray.client_cpus, "num_gpus": config.ray.client_gpus}
+    return {"client_resources": resources, "init_args": init_args}
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Run one simulation for a validated config; returns the results written to results.json."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    from fedpeft.client_app import app as client_app
+    from fedpeft.server_app import make_server_app
+
+    check_model(config)
+    check_ray_address(config.ray.address)
+    num_users = len(get_benchmark(config).user_ids())
+    run_dir = make_run_dir(config)
+    config.output.store_dir = str(Path(config.output.store_dir or run_dir / "adapters").resolve())
+    Path(config.output.store_dir).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    results: dict[str, Any] = {}
+    started_ray = not ray.is_initialized()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_simulation(server_app=make_server_app(config, run_dir, results), client_app=client_app,
+                           num_supernodes=num_users, backend_config=backend_config(config))
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+    if not results:
+        raise RuntimeError(f"The simulation ended without results; see the log above and {run_dir}.")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = config_from_args(sys.argv[1:] if argv is None else argv)
+        results = run(config)
+    except ConfigError as err:
+        print(f"fedpeft: error: {err}", file=sys.stderr)
+        return 2
+    print(summary_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""On-disk store of each user's private adapter state (safetensors, atomic writes).
+
+Flower's ``context.state`` travels with every message, so private adapters live here instead,
+one file per user, in a folder that every Ray node can reach.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class AdapterStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, user_id: str) -> Path:
+        return self.root / f"{_SAFE.sub('_', user_id)}.safetensors"
+
+    def exists(self, user_id: str) -> bool:
+        return self.path(user_id).is_file()
+
+    def save(self, user_id: str, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+        """Write atomically: a reader sees the old file or the new one, never a partial one."""
+        target = self.path(user_id)
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"user_id": user_id, **(metadata or {})})
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return target
+
+    def load(self, user_id: str) -> dict[str, torch.Tensor] | None:
+        path = self.path(user_id)
+        return load_file(path) if path.is_file() else None
+
+    def bytes_stored(self, user_id: str) -> int:
+        path = self.path(user_id)
+        return path.stat().st_size if path.is_file() else 0
