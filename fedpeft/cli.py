@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from fedpeft.config import FLAG_ALIASES, Config, ConfigError, build_config, iter_fields, parse_override
+from fedpeft.config import (
+    FLAG_ALIASES,
+    Config,
+    ConfigError,
+    build_config,
+    iter_fields,
+    parse_override,
+)
 
 DESCRIPTION = """\
 Simulate federated personalization: every user of a benchmark is a Flower client on Ray that

@@ -113,7 +113,9 @@ def build_model(config: Config, num_labels: int) -> LoadedModel:
     path = resolve_model_path(config.model.name)
     torch.manual_seed(config.seed)  # the classifier head and LoRA A are drawn from this
     tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=_dtype(config))
+    base = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, dtype=_dtype(config), ignore_mismatched_sizes=True  # the head is new
+    )
     if base.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         base.config.pad_token_id = tokenizer.pad_token_id
     peft_config = LoraConfig(

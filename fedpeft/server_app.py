@@ -166,7 +166,8 @@ class FederatedRun:
         for index, user_id in enumerate(self.user_ids):
             row: dict[str, Any] = {"user_id": user_id, "partition_id": index, "rounds_trained": int(self.rounds_trained[index])}
             if index in self.failures or index not in scores:
-                row.update(status="failed", error=self.failures.get(index, "no evaluation reply").strip().splitlines()[-1])
+                reason = self.failures.get(index, "no evaluation reply").strip()
+                row.update(status="failed", error=reason.splitlines()[-1], traceback=reason)
             else:
                 m, info = scores[index].content.metric_records["metrics"], scores[index].content.config_records["info"]
                 row.update(status="ok", accuracy=m["accuracy"], macro_f1=m["macro_f1"], n_test=int(m["n_test"]), error="")

@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
     print(summary_table(results))
+    if results["summary"]["n_evaluated"] == 0:
+        print("fedpeft: error: every user failed; the reasons are in failures.json", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,8 +7,8 @@ sampling cohorts and aggregating the shared part. The same client code serves ev
 
 from __future__ import annotations
 
-from strategies.base import Strategy
 from fedpeft.config import Config, ConfigError
+from strategies.base import Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 

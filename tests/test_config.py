@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedpeft.cli import build_parser, config_from_args
+from fedpeft.config import REPO_DEFAULT_YAML, Config, ConfigError, all_keys, build_config
+from fedpeft.sim import check_ray_address, main
+
+
+def test_default_yaml_matches_schema():
+    assert yaml.safe_load(REPO_DEFAULT_YAML.read_text()) == Config().to_dict()
+
+
+def test_both_override_forms_and_flags():
+    cfg = config_from_args(["--strategy", "local_only", "train.lr=1e-4", "--train.batch_size=4",
+                            "--rounds", "3", "--data.noise", "0.25", "wandb.tags=a,b", "--seed=7"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.train.batch_size == 4
+    assert cfg.federation.rounds == 3
+    assert cfg.data.noise == pytest.approx(0.25)
+    assert cfg.wandb.tags == ["a", "b"]
+    assert cfg.seed == 7
+
+
+def test_value_split_on_first_equals():
+    cfg = config_from_args(["wandb.name=a=b"])
+    assert cfg.wandb.name == "a=b"
+
+
+def test_config_file_then_overrides(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("federation:\n  rounds: 9\ntrain:\n  lr: 0.5\n")
+    cfg = config_from_args(["--config", str(f), "train.lr=0.25"])
+    assert cfg.federation.rounds == 9  # from the file
+    assert cfg.train.lr == 0.25  # the override wins
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["train.lrr=1"], ["train.lrr", "train.lr"]),
+        (["--federation.roundz=3"], ["federation.roundz", "federation.rounds"]),
+        (["--rounds", "abc"], ["federation.rounds", "'abc'", "int"]),
+        (["--rounds", "0"], ["federation.rounds", "0", ">= 1"]),
+        (["federation.cohort_fraction=1.5"], ["cohort_fraction", "1.5", "(0, 1]"]),
+        (["federation.cohort_fraction=0"], ["cohort_fraction", "(0, 1]"]),
+        (["--strategy", "fedfoo"], ["fedfoo", "local_only"]),
+        (["--benchmark", "nope"], ["nope", "synthetic"]),
+        (["--wandb", "sometimes"], ["wandb.mode", "offline"]),
+        (["train"], ["Unexpected argument"]),
+    ],
+)
+def test_bad_input_names_key_value_and_allowed(args, needles):
+    with pytest.raises(ConfigError) as err:
+        config_from_args(args)
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_bad_yaml_key_names_the_file(tmp_path: Path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="train.learning_rate.*bad.yaml"):
+        build_config([str(f)])
+
+
+def test_help_lists_every_key_with_default():
+    text = build_parser().format_help()
+    for key in all_keys():
+        assert key in text, key
+    assert "(default: 'local_only')" in text
+    assert "(default: 5)" in text
+
+
+def test_main_rejects_before_ray_starts(capsys):
+    import ray
+
+    assert main(["--rounds", "0"]) == 2
+    assert "federation.rounds" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_missing_model_path_is_a_clear_error(capsys, tmp_path: Path):
+    import ray
+
+    assert main(["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "minilm" in err
+    assert not ray.is_initialized()
+
+
+def test_unreachable_ray_cluster_fails_fast():
+    with pytest.raises(ConfigError, match="No Ray cluster answers"):
+        check_ray_address("127.0.0.1:1")

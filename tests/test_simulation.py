@@ -1,0 +1,139 @@
+"""Integration: the real entry point, Flower's simulation engine on Ray, a tiny random BERT."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedpeft.sim import main
+from tests.conftest import tiny_args
+
+pytestmark = pytest.mark.slow
+
+
+def _per_user(run: Path) -> list[dict]:
+    with (run / "per_user.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert, tmp_path_factory):
+    """Two local_only runs with the same seeds (the first logs to W&B offline)."""
+    import ray
+
+    out = tmp_path_factory.mktemp("runs")
+    try:
+        assert main(tiny_args(tiny_bert, out, "a", "--wandb", "offline", "wandb.tags=ci,tiny")) == 0
+        assert main(tiny_args(tiny_bert, out, "b")) == 0
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    return out / "a", out / "b"
+
+
+def test_run_folder_has_every_output(runs):
+    run, _ = runs
+    for name in ("config.yaml", "metrics.jsonl", "per_user.csv", "results.json", "predictions.jsonl"):
+        assert (run / name).is_file(), name
+    config_text = (run / "config.yaml").read_text()
+    assert "fedpeft_version" in config_text and "git_commit" in config_text
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["trained"] == 6 and r["failed"] == 0 for r in rounds)
+    results = json.loads((run / "results.json").read_text())
+    assert results["summary"]["n_evaluated"] == 6 and results["summary"]["n_failed"] == 0
+    rows = _per_user(run)
+    assert [r["user_id"] for r in rows] == [f"user{i:04d}" for i in range(6)]
+    assert all(r["status"] == "ok" and 0 <= float(r["accuracy"]) <= 1 and r["rounds_trained"] == "2" for r in rows)
+
+
+def test_wandb_offline_run_files_written(runs):
+    run, _ = runs
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert list(offline[0].glob("*.wandb")), "the offline run has no .wandb data file"
+
+
+def test_same_seeds_give_identical_per_user_results(runs):
+    a, b = runs
+    assert (a / "per_user.csv").read_text() == (b / "per_user.csv").read_text()
+
+
+def test_backbone_loaded_once_per_worker_process(runs):
+    run, _ = runs
+    workers = json.loads((run / "results.json").read_text())["workers"]
+    assert len(workers) >= 1
+    assert all(loads == 1 for loads in workers.values()), workers
+    # 6 users x (2 train + 2 evaluate) calls were served by these few processes
+    assert len(workers) <= 2
+
+
+def test_local_only_equals_training_each_user_alone(runs, tiny_bert):
+    """No sharing means independent training: redo each user alone, outside Ray, and compare."""
+    from fedpeft.data import get_benchmark
+    from fedpeft.export import load_run_config
+    from fedpeft.models import adapter_state, build_model, load_adapter_state
+    from fedpeft.training import call_seed, train_user
+
+    run, _ = runs
+    config = load_run_config(run)
+    torch.set_num_threads(int(config.ray.client_cpus))
+    bench = get_benchmark(config)
+    loaded = build_model(config, num_labels=len(bench.task().labels))
+    for index, user_id in enumerate(bench.user_ids()):
+        load_adapter_state(loaded, loaded.init_state)
+        for server_round in (1, 2):
+            train_user(loaded, bench.load_user(index).train, bench.task(), config, call_seed(config, index, server_round))
+        alone = adapter_state(loaded)
+        simulated = load_file(Path(config.output.store_dir) / f"{user_id}.safetensors")
+        assert simulated.keys() == alone.keys()
+        for key in alone:
+            torch.testing.assert_close(simulated[key], alone[key], rtol=1e-5, atol=1e-6, msg=f"{user_id} {key}")
+
+
+def test_exported_adapter_loads_with_peft_and_predicts_the_same(runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedpeft.data import get_benchmark
+    from fedpeft.export import load_run_config
+    from fedpeft.export import main as export_main
+
+    run, _ = runs
+    out = tmp_path / "user0002"
+    assert export_main(["--run", str(run), "--user", "user0002", "--out", str(out)]) == 0
+    task = json.loads((out / "fedpeft_task.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(
+        task["base_model"], num_labels=len(task["labels"]), ignore_mismatched_sizes=True  # the head comes from the adapter
+    )
+    model = PeftModel.from_pretrained(base, out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    config = load_run_config(run)
+    test = get_benchmark(config).load_user(2).test
+    with torch.no_grad():
+        batch = tokenizer([ex.text for ex in test], padding=True, truncation=True, max_length=task["max_length"], return_tensors="pt")
+        preds = [task["labels"][i] for i in model(**batch).logits.argmax(-1).tolist()]
+    simulated = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    row = next(r for r in simulated if r["user_id"] == "user0002")
+    assert row["sample_ids"] == [ex.id for ex in test]
+    assert row["predictions"] == preds
+
+
+def test_a_failing_user_is_reported_and_the_run_goes_on(tiny_bert, tmp_path, ray_shutdown):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "user0004.safetensors").write_bytes(b"this is not a safetensors file")
+    assert main(tiny_args(tiny_bert, tmp_path, "fail", f"output.store_dir={store}")) == 0
+    run = tmp_path / "fail"
+    rows = {r["user_id"]: r for r in _per_user(run)}
+    assert rows["user0004"]["status"] == "failed" and rows["user0004"]["error"]
+    assert all(r["status"] == "ok" for u, r in rows.items() if u != "user0004")
+    results = json.loads((run / "results.json").read_text())
+    assert results["summary"]["n_failed"] == 1 and results["summary"]["n_evaluated"] == 5
+    assert "user0004" in results["failed_users"]
+    assert json.loads((run / "failures.json").read_text())[0]["user_id"] == "user0004"

@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from fedpeft.metrics import accuracy, macro_f1, summarize
+from fedpeft.store import AdapterStore
+
+
+def test_store_round_trip_and_atomic(tmp_path):
+    store = AdapterStore(tmp_path)
+    state = {"a.lora_A.weight": torch.randn(4, 3), "head.bias": torch.arange(3.0)}
+    store.save("user/01", state)
+    back = store.load("user/01")
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert store.load("someone-else") is None
+    assert [p.name for p in tmp_path.iterdir()] == ["user_01.safetensors"]  # no temp files left
+    store.save("user/01", {"x": torch.zeros(2)})
+    assert list(store.load("user/01")) == ["x"]
+
+
+def test_accuracy_counts_prediction_in_gold_set():
+    assert accuracy(["a", "b", "c", "a"], [["a"], ["a", "b"], ["a"], ["b"]]) == 0.5
+
+
+def test_macro_f1_by_hand():
+    # label a: tp=2 fp=1 fn=0 -> 4/5 ; label b: tp=1 fp=0 fn=1 -> 2/3 ; label c: tp=0 fp=0 fn=0? c only in preds
+    preds = ["a", "a", "b", "a", "c"]
+    golds = [["a"], ["a"], ["b"], ["b"], ["b"]]
+    # a: tp2 fp1 fn0 -> 0.8 ; b: tp1 fp0 fn2 -> 0.5 ; c: tp0 fp1 fn0 -> 0
+    assert macro_f1(preds, golds) == pytest.approx((0.8 + 0.5 + 0.0) / 3)
+
+
+def test_summary_over_users():
+    s = summarize([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 0.0], num_failed=2)
+    assert s["mean"] == pytest.approx(0.5)
+    assert s["median"] == pytest.approx(0.5)
+    assert s["p10"] == pytest.approx(0.1)
+    assert s["min"] == 0.0
+    assert (s["n_evaluated"], s["n_failed"]) == (11, 2)
+
+
+def test_empty_accuracy_is_an_error():
+    with pytest.raises(ValueError):
+        accuracy([], [])
