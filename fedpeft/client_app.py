@@ -1,9 +1,9 @@
 """The ClientApp: one Flower virtual node = one user of the benchmark.
 
 A call maps the node's partition id to a user, takes the backbone from the per-process cache,
-loads the user's private state from the adapter store and the shared state from the message,
-trains or evaluates, writes the private state back and replies with the shared part only.
-An exception marks this user failed in the reply; it never stops the run.
+loads the adapter (common init, then the shared part from the message, then the user's private
+part from the adapter store), trains or evaluates, writes the private part back and replies
+with the shared part only. An exception marks this user failed in the reply; the run goes on.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from fedpeft import metrics as M
 from fedpeft import models
 from fedpeft.config import Config
 from fedpeft.data import get_benchmark
-from fedpeft.messages import make_reply, read_request
+from fedpeft.messages import Request, make_reply, read_request
 from fedpeft.store import AdapterStore
-from fedpeft.training import call_seed, predict, train_user
+from fedpeft.training import call_seed, predict, round_lr, train_user
 from strategies import make_strategy
 
 app = ClientApp()
@@ -40,58 +40,45 @@ def _setup_threads(config: Config) -> None:
         _THREADS_SET = True
 
 
-def _partition(context: Context) -> int:
-    return int(context.node_config["partition-id"])
-
-
-def user_model(config: Config, user_index: int, shared: dict[str, torch.Tensor]):
-    """The cached model with this user's state loaded: init, then private from store, then shared."""
+def user_model(config: Config, user_index: int, shared: dict[str, torch.Tensor]) -> tuple[models.LoadedModel, str]:
+    """The cached model holding this user's adapter: common init < shared part < private part."""
     bench = get_benchmark(config)
-    loaded = models.get_model(config, num_labels=len(bench.task().labels))
+    loaded = models.get_model(config, len(bench.task().labels), make_strategy(config).extra_adapters)
     user_id = bench.user_ids()[user_index]
-    state = dict(loaded.init_state)
-    stored = AdapterStore(config.output.store_dir).load(user_id)
-    if stored:
-        state.update(stored)
-    state.update(shared)
+    state = {**loaded.init_state, **shared, **(AdapterStore(config.output.store_dir).load(user_id) or {})}
     models.load_adapter_state(loaded, state)
     return loaded, user_id
 
 
-def _worker_metrics() -> dict[str, float]:
-    return {"pid": float(os.getpid()), "backbone_loads": float(models.BACKBONE_LOADS)}
-
-
-def _failure(message: Message, user_index: int, user_id: str, started: float) -> Message:
-    reason = traceback.format_exc(limit=3)
-    metrics = {"failed": 1.0, "partition_id": float(user_index), "seconds": time.time() - started, **_worker_metrics()}
-    return make_reply(message, metrics, {"user_id": user_id, "error": reason}, shared={})
-
-
-@app.query()
-def query(message: Message, context: Context) -> Message:
-    config, _, _ = read_request(message)
-    index = _partition(context)
-    user_id = get_benchmark(config).user_ids()[index]
-    return make_reply(message, {"partition_id": float(index)}, {"user_id": user_id})
-
-
-def run_train(config: Config, user_index: int, server_round: int, shared: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
+def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
     """Train one user for one round; the private part goes to the store, the shared part is returned."""
+    config, shared = request.config, request.shared
     strategy = make_strategy(config)
+    phases = strategy.phases()
+    phase = next(p for p in phases if p.name == request.phase)
     loaded, user_id = user_model(config, user_index, shared)
-    user = get_benchmark(config).load_user(user_index)
-    stats = train_user(loaded, user.train, get_benchmark(config).task(), config, call_seed(config, user_index, server_round))
-    new_shared, private = strategy.split(models.adapter_state(loaded))
+    bench = get_benchmark(config)
+    user = bench.load_user(user_index)
+    fedprox = config.federation.server_optimizer == "fedprox"
+    lr = round_lr(config, request.server_round, sum(p.rounds for p in phases))
+
+    def train(trainable=lambda key: True, epochs=None, examples=None):
+        return train_user(loaded, user.train if examples is None else examples, bench.task(), config,
+                          call_seed(config, user_index, request.server_round), trainable=trainable, epochs=epochs,
+                          lr=lr, anchor=shared if fedprox else None, mu=config.federation.proximal_mu if fedprox else 0.0)
+
+    stats = strategy.local_train(train, phase)
+    new_shared, private = strategy.split(models.adapter_state(loaded), phase.name)
     store = AdapterStore(config.output.store_dir)
-    store.save(user_id, private, metadata={"round": str(server_round)})
+    store.save(user_id, private, metadata={"round": str(request.server_round), "phase": phase.name})
     stats.update({"num-examples": float(len(user.train)), "private_bytes": float(store.bytes_stored(user_id))})
     return new_shared, stats, user_id
 
 
-def run_evaluate(config: Config, user_index: int, shared: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, list[str]], str]:
+def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], dict[str, list[str]], str]:
     """Score one user's personalised model (private + current shared) on its own test split."""
-    loaded, user_id = user_model(config, user_index, shared)
+    config = request.config
+    loaded, user_id = user_model(config, user_index, request.shared)
     bench = get_benchmark(config)
     user = bench.load_user(user_index)
     if not user.test:
@@ -102,29 +89,40 @@ def run_evaluate(config: Config, user_index: int, shared: dict[str, torch.Tensor
     return scores, {"sample_ids": [ex.id for ex in user.test], "predictions": preds}, user_id
 
 
+def _handle(message: Message, context: Context, work) -> Message:
+    """Run ``work`` for this node's user; any exception becomes a 'failed' reply."""
+    started, index, user_id = time.time(), int(context.node_config["partition-id"]), ""
+    worker = {"pid": float(os.getpid()), "partition_id": float(index)}
+    try:
+        request = read_request(message)
+        _setup_threads(request.config)
+        user_id = get_benchmark(request.config).user_ids()[index]
+        metrics, info, shared = work(request, index)
+        metrics = {**metrics, **worker, "failed": 0.0, "seconds": time.time() - started, "backbone_loads": float(models.BACKBONE_LOADS)}
+        return make_reply(message, metrics, {"user_id": user_id, "error": "", **info}, shared=shared)
+    except Exception:  # noqa: BLE001 - a failing user is reported, the run goes on
+        metrics = {**worker, "failed": 1.0, "seconds": time.time() - started, "backbone_loads": float(models.BACKBONE_LOADS)}
+        return make_reply(message, metrics, {"user_id": user_id, "error": traceback.format_exc(limit=4)}, shared={})
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    return _handle(message, context, lambda request, index: ({}, {}, None))
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    started, index, user_id = time.time(), _partition(context), ""
-    try:
-        config, server_round, shared = read_request(message)
-        _setup_threads(config)
-        user_id = get_benchmark(config).user_ids()[index]
-        new_shared, stats, user_id = run_train(config, index, server_round, shared)
-        metrics = {**stats, "failed": 0.0, "partition_id": float(index), "seconds": time.time() - started, **_worker_metrics()}
-        return make_reply(message, metrics, {"user_id": user_id, "error": ""}, shared=new_shared)
-    except Exception:  # noqa: BLE001 - a failing user is reported, the run goes on
-        return _failure(message, index, user_id, started)
+    def work(request: Request, index: int):
+        shared, stats, _ = run_train(request, index)
+        return stats, {}, shared
+
+    return _handle(message, context, work)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    started, index, user_id = time.time(), _partition(context), ""
-    try:
-        config, _, shared = read_request(message)
-        _setup_threads(config)
-        user_id = get_benchmark(config).user_ids()[index]
-        scores, outputs, user_id = run_evaluate(config, index, shared)
-        metrics = {**scores, "failed": 0.0, "partition_id": float(index), "seconds": time.time() - started, **_worker_metrics()}
-        return make_reply(message, metrics, {"user_id": user_id, "error": "", **outputs})
-    except Exception:  # noqa: BLE001
-        return _failure(message, index, user_id, started)
+    def work(request: Request, index: int):
+        scores, outputs, _ = run_evaluate(request, index)
+        return scores, outputs, None
+
+    return _handle(message, context, work)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "client batch size"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     eval_batch_size: int = field(default=32, metadata={"help": "batch size for evaluation"})
+    lr_schedule: str = field(default="constant", metadata={"help": "client learning rate over rounds: constant, linear, cosine"})
+    lr_min_factor: float = field(default=0.1, metadata={"help": "linear/cosine: the last round's lr as a fraction of train.lr"})
 
 
 @dataclass
@@ -73,6 +76,24 @@ class FederationConfig:
     cohort_size: int = field(default=0, metadata={"help": "users sampled per round; > 0 replaces cohort_fraction"})
     eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds (the last round is always evaluated)"})
     eval_fraction: float = field(default=1.0, metadata={"help": "fraction of users scored at intermediate evaluations; the final one scores all"})
+    server_optimizer: str = field(default="fedavg", metadata={"help": "aggregation of shared keys: fedavg, fedprox, fedadam, fedyogi (Flower's)"})
+    server_lr: float = field(default=0.01, metadata={"help": "fedadam/fedyogi: server learning rate (eta)"})
+    server_beta1: float = field(default=0.9, metadata={"help": "fedadam/fedyogi: first-moment decay"})
+    server_beta2: float = field(default=0.99, metadata={"help": "fedadam/fedyogi: second-moment decay"})
+    server_tau: float = field(default=1e-3, metadata={"help": "fedadam/fedyogi: adaptivity (epsilon)"})
+    proximal_mu: float = field(default=0.01, metadata={"help": "fedprox: weight of the proximal term on shared keys"})
+
+
+@dataclass
+class StrategyConfig:
+    fedper_layers: int = field(default=3, metadata={"help": "fedper: adapter keys of layers below this index are shared"})
+    fedper_pattern: str = field(default="", metadata={"help": "fedper: regex; if set, adapter keys matching it are shared (replaces fedper_layers)"})
+    fedrep_head_epochs: int = field(default=1, metadata={"help": "fedrep: head-only epochs before the body epochs (train.epochs) each round"})
+    finetune_epochs: int = field(default=2, metadata={"help": "fedavg_ft: local fine-tune epochs after the federated rounds"})
+    feddpa_mix: float = field(default=0.5, metadata={"help": "feddpa: weight of the local adapter against the global one, in [0, 1]"})
+    feddpa_mode: str = field(default="fixed", metadata={"help": "feddpa: mixing weight 'fixed' or 'per_input' (similarity to the user's data)"})
+    oppu_task_rounds: int = field(default=3, metadata={"help": "oppu: rounds (or pooled epochs) training the task adapter before personal adapters"})
+    oppu_task_mode: str = field(default="federated", metadata={"help": "oppu: task adapter trained 'federated' or 'pooled' on all users' data as in the paper"})
 
 
 @dataclass
@@ -109,6 +130,7 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -141,6 +163,10 @@ FLAG_ALIASES: dict[str, str] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "peft.method": ("lora",),
+    "train.lr_schedule": ("constant", "linear", "cosine"),
+    "federation.server_optimizer": ("fedavg", "fedprox", "fedadam", "fedyogi"),
+    "strategy.feddpa_mode": ("fixed", "per_input"),
+    "strategy.oppu_task_mode": ("federated", "pooled"),
     "wandb.mode": ("disabled", "offline", "online"),
 }
 
@@ -324,6 +350,20 @@ def validate(config: Config) -> None:
     for split in ("train_per_user", "val_per_user", "test_per_user"):
         _check(getattr(da, split) >= 1, f"data.{split}", getattr(da, split), "an integer >= 1")
     _check(da.max_length >= 8, "data.max_length", da.max_length, "an integer >= 8")
+    _check(0 <= tr.lr_min_factor <= 1, "train.lr_min_factor", tr.lr_min_factor, "a number in [0, 1]")
+    _check(fed.proximal_mu >= 0, "federation.proximal_mu", fed.proximal_mu, "a number >= 0")
+    _check(fed.server_lr > 0, "federation.server_lr", fed.server_lr, "a number > 0")
+    st = config.strategy
+    _check(0 <= st.feddpa_mix <= 1, "strategy.feddpa_mix", st.feddpa_mix, "a number in [0, 1]")
+    _check(st.fedper_layers >= 0, "strategy.fedper_layers", st.fedper_layers, "an integer >= 0")
+    _check(st.fedrep_head_epochs >= 1, "strategy.fedrep_head_epochs", st.fedrep_head_epochs, "an integer >= 1")
+    _check(st.finetune_epochs >= 1, "strategy.finetune_epochs", st.finetune_epochs, "an integer >= 1")
+    _check(st.oppu_task_rounds >= 1, "strategy.oppu_task_rounds", st.oppu_task_rounds, "an integer >= 1")
+    if st.fedper_pattern:
+        try:
+            re.compile(st.fedper_pattern)
+        except re.error as err:
+            raise ConfigError(f"Config key 'strategy.fedper_pattern' got {st.fedper_pattern!r}, not a valid regex: {err}") from None
     ray = config.ray
     _check(ray.client_cpus > 0, "ray.client_cpus", ray.client_cpus, "a number > 0")
     _check(ray.client_gpus >= 0, "ray.client_gpus", ray.client_gpus, "a number >= 0")

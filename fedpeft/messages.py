@@ -7,6 +7,8 @@ the shared part of the adapter. Replies carry metrics and, for train, the update
 from __future__ import annotations
 
 import functools
+import json
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -18,23 +20,30 @@ QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
 
 @functools.lru_cache(maxsize=4)
 def config_from_json(text: str) -> Config:
-    import json
-
     return Config.from_dict(json.loads(text))
 
 
-def make_content(config_json: str, server_round: int, shared: dict[str, torch.Tensor] | None = None) -> RecordDict:
-    content = RecordDict({"run": ConfigRecord({"config": config_json, "round": server_round})})
+@dataclass
+class Request:
+    config: Config
+    server_round: int
+    phase: str
+    shared: dict[str, torch.Tensor]
+
+
+def make_content(config_json: str, server_round: int, shared: dict[str, torch.Tensor] | None = None,
+                 phase: str = "") -> RecordDict:
+    content = RecordDict({"run": ConfigRecord({"config": config_json, "round": server_round, "phase": phase})})
     if shared is not None:
         content["shared"] = ArrayRecord(torch_state_dict=shared) if shared else ArrayRecord()
     return content
 
 
-def read_request(message: Message) -> tuple[Config, int, dict[str, torch.Tensor]]:
+def read_request(message: Message) -> Request:
     run = message.content.config_records["run"]
     shared_record = message.content.array_records.get("shared")
     shared = shared_record.to_torch_state_dict() if shared_record is not None and len(shared_record) else {}
-    return config_from_json(str(run["config"])), int(run["round"]), shared
+    return Request(config_from_json(str(run["config"])), int(run["round"]), str(run["phase"]), shared)
 
 
 def make_reply(

@@ -95,17 +95,33 @@ def _dtype(config: Config) -> torch.dtype:
 
 @dataclass
 class LoadedModel:
-    """A peft model on a frozen backbone, its tokenizer and the adapter's initial state."""
+    """A peft model on a frozen backbone, its tokenizer and the adapter's initial state.
+
+    Adapter state dicts are keyed by parameter name (``...lora_A.default.weight``,
+    ``...classifier.modules_to_save.default.weight``), so several adapters on one backbone
+    never collide; strategies split them with key filters.
+    """
 
     model: torch.nn.Module
     tokenizer: object
     init_state: dict[str, torch.Tensor]
     device: torch.device
 
+    @property
+    def adapter_keys(self) -> list[str]:
+        return list(self.init_state)
 
-def build_model(config: Config, num_labels: int) -> LoadedModel:
-    """Load the backbone and attach a fresh adapter; deterministic from ``config.seed``."""
-    from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
+    def parameters_by_name(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+
+def build_model(config: Config, num_labels: int, extra_adapters: tuple[str, ...] = ()) -> LoadedModel:
+    """Load the backbone and attach fresh adapters; deterministic from ``config.seed``.
+
+    ``extra_adapters`` adds more LoRA adapters of the same shape (no head of their own), all
+    active together with the default one (e.g. a personal adapter on top of a task adapter).
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     global BACKBONE_LOADS
@@ -118,46 +134,60 @@ def build_model(config: Config, num_labels: int) -> LoadedModel:
     )
     if base.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         base.config.pad_token_id = tokenizer.pad_token_id
-    peft_config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=config.peft.r,
-        lora_alpha=config.peft.alpha,
-        lora_dropout=config.peft.dropout,
-        target_modules=target_modules(config, base.config.model_type),
-    )
-    model = get_peft_model(base, peft_config)
+    lora = dict(r=config.peft.r, lora_alpha=config.peft.alpha, lora_dropout=config.peft.dropout,
+                target_modules=target_modules(config, base.config.model_type))
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, **lora))
+    for name in extra_adapters:
+        model.add_adapter(name, LoraConfig(**lora))
+    if extra_adapters:  # all LoRA adapters active together; the head stays the default one's
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.set_adapter(["default", *extra_adapters])
     device = torch.device("cuda" if config.ray.client_gpus > 0 and torch.cuda.is_available() else "cpu")
     model.to(device)
-    init_state = {k: v.detach().clone().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    init_state = {n: p.detach().clone().cpu() for n, p in model.named_parameters() if p.requires_grad}
     BACKBONE_LOADS += 1
     return LoadedModel(model=model, tokenizer=tokenizer, init_state=init_state, device=device)
 
 
-def _cache_key(config: Config, num_labels: int) -> str:
+def _cache_key(config: Config, num_labels: int, extra_adapters: tuple[str, ...]) -> str:
     return "|".join([config.model.name, config.model.dtype, str(config.ray.client_gpus > 0),
-                     repr(sorted(vars(config.peft).items())), str(num_labels), str(config.seed)])
+                     repr(sorted(vars(config.peft).items())), str(num_labels), str(config.seed), ",".join(extra_adapters)])
 
 
-def get_model(config: Config, num_labels: int) -> LoadedModel:
+def get_model(config: Config, num_labels: int, extra_adapters: tuple[str, ...] = ()) -> LoadedModel:
     """The process-wide cached model for this config (built on first use only)."""
-    key = _cache_key(config, num_labels)
+    key = _cache_key(config, num_labels, extra_adapters)
     if key not in _CACHE:
         _CACHE.clear()  # one backbone per worker: a new config replaces the old one
-        _CACHE[key] = build_model(config, num_labels)
+        _CACHE[key] = build_model(config, num_labels, extra_adapters)
     return _CACHE[key]
 
 
 def load_adapter_state(loaded: LoadedModel, state: dict[str, torch.Tensor]) -> None:
-    """Put a full peft state dict (as from ``get_peft_model_state_dict``) into the model."""
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(loaded.model, {k: v.to(loaded.device) for k, v in state.items()})
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise RuntimeError(f"Adapter state has keys the model does not know: {unexpected[:3]}")
+    """Copy adapter tensors (keyed by parameter name) into the model."""
+    params = loaded.parameters_by_name()
+    unknown = [k for k in state if k not in loaded.init_state]
+    if unknown:
+        raise KeyError(f"Adapter state has keys this model's adapter does not have, e.g. '{unknown[0]}'")
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value.to(params[key].device, params[key].dtype))
 
 
 def adapter_state(loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
+    params = loaded.parameters_by_name()
+    return {k: params[k].detach().clone().cpu() for k in loaded.init_state}
 
-    return {k: v.detach().clone().cpu() for k, v in get_peft_model_state_dict(loaded.model).items()}
+
+def set_trainable(loaded: LoadedModel, predicate) -> list[torch.nn.Parameter]:
+    """Let exactly the adapter parameters whose key satisfies ``predicate`` train; returns them."""
+    params = loaded.parameters_by_name()
+    chosen = []
+    for key in loaded.init_state:
+        params[key].requires_grad_(bool(predicate(key)))
+        if params[key].requires_grad:
+            chosen.append(params[key])
+    return chosen

@@ -23,7 +23,9 @@ from fedpeft.config import Config
 from fedpeft.data import get_benchmark
 from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
 from fedpeft.reporting import RunReporter
+from fedpeft.store import AdapterStore
 from strategies import make_strategy
+from strategies.base import Phase
 
 NODE_WAIT_SECONDS = 120
 
@@ -47,8 +49,11 @@ def exchange(grid: Grid, messages: list[Message], on_reply: Callable[[Message], 
 class FederatedRun:
     """One simulation run, driven from the ServerApp's main function."""
 
-    def __init__(self, config: Config, run_dir: Path, grid: Grid) -> None:
+    def __init__(self, config: Config, run_dir: Path, grid: Grid, initial_shared: dict[str, torch.Tensor],
+                 accounting: dict[str, Any]) -> None:
         self.config = config
+        self.initial_shared = initial_shared
+        self.accounting = accounting
         self.config_json = config.to_json()
         self.grid = grid
         self.run_dir = run_dir
@@ -58,6 +63,7 @@ class FederatedRun:
         self.failures: dict[int, str] = {}
         self.rounds_trained = np.zeros(len(self.user_ids), dtype=int)
         self.worker_loads: dict[int, int] = {}
+        self.total_rounds = sum(p.rounds for p in self.strategy.phases())
         self.bar = tqdm(total=0, unit="user", disable=not config.output.progress, dynamic_ncols=True)
 
     # ---- plumbing ------------------------------------------------------------------------
@@ -72,13 +78,13 @@ class FederatedRun:
         return {int(r.content.metric_records["metrics"]["partition_id"]): r.metadata.src_node_id
                 for r in exchange(self.grid, msgs)}
 
-    def call(self, users: list[int], kind: str, server_round: int, shared: dict[str, torch.Tensor]) -> tuple[list[Message], int]:
+    def call(self, users: list[int], kind: str, server_round: int, shared: dict[str, torch.Tensor], phase: str) -> tuple[list[Message], int]:
         """Send one message per user; returns the replies and the bytes sent down."""
-        msgs = [Message(content=make_content(self.config_json, server_round, shared), dst_node_id=self.nodes[u], message_type=kind)
-                for u in users]
+        msgs = [Message(content=make_content(self.config_json, server_round, shared, phase), dst_node_id=self.nodes[u],
+                        message_type=kind) for u in users]
         down = sum(array_bytes(m.content) for m in msgs)
         self.bar.total += len(msgs)
-        self.bar.set_description(f"round {server_round}/{self.config.federation.rounds} {kind}")
+        self.bar.set_description(f"round {server_round}/{self.total_rounds} {phase} {kind}")
         self.bar.refresh()
         replies = exchange(self.grid, msgs, on_reply=lambda _: self.bar.update(1))
         for reply in replies:
@@ -95,70 +101,71 @@ class FederatedRun:
             self.failures.setdefault(user, str(reply.content.config_records["info"]["error"]))
 
     # ---- the run ------------------------------------------------------------------------
-    def initial_shared(self) -> dict[str, torch.Tensor]:
-        if not self.strategy.shares_anything:
-            return {}
-        from fedpeft.models import build_model
-
-        loaded = build_model(self.config, num_labels=len(get_benchmark(self.config).task().labels))
-        return self.strategy.split(loaded.init_state)[0]
-
-    def train_round(self, server_round: int, shared: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        cohort = self.strategy.sample_cohort(list(range(len(self.user_ids))), server_round)
-        replies, down = self.call(cohort, TRAIN, server_round, shared)
+    def train_round(self, server_round: int, phase: Phase, shared: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        cohort = self.strategy.sample_cohort(list(range(len(self.user_ids))), server_round, phase)
+        replies, down = self.call(cohort, TRAIN, server_round, shared, phase.name)
         ok = [r for r in replies if not r.content.metric_records["metrics"]["failed"]]
-        results = []
         for reply in ok:
-            m = reply.content.metric_records["metrics"]
-            self.rounds_trained[int(m["partition_id"])] += 1
-            results.append((reply.content.array_records["shared"].to_torch_state_dict(), int(m["num-examples"])))
-        unexpected = {k for state, _ in results for k in state} - set(shared)
-        if unexpected:
-            raise RuntimeError(f"clients sent keys outside the strategy's shared keys: {sorted(unexpected)[:3]}")
-        new_shared = self.strategy.aggregate(shared, results)
-        losses = [r.content.metric_records["metrics"]["train_loss"] for r in ok]
+            self.rounds_trained[int(reply.content.metric_records["metrics"]["partition_id"])] += 1
+            sent = set(reply.content.array_records["shared"].keys())
+            private = {k for k in sent if not self.strategy.is_shared(k, phase.name)}
+            if private:  # the privacy invariant: refuse loudly rather than aggregate a private key
+                raise RuntimeError(f"a client sent keys that are private in phase '{phase.name}': {sorted(private)[:3]}")
+        new_shared = self.strategy.aggregate(server_round, shared, ok)
+        metric = lambda key: [r.content.metric_records["metrics"][key] for r in ok]  # noqa: E731
+        losses = [v for v in metric("train_loss") if not np.isnan(v)]
         return new_shared, {
-            "cohort_size": len(cohort), "trained": len(ok), "failed": len(replies) - len(ok),
+            "phase": phase.name, "cohort_size": len(cohort), "trained": len(ok), "failed": len(replies) - len(ok),
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "bytes_down": down, "bytes_up": sum(array_bytes(r.content) for r in replies),
+            "private_bytes_mean": float(np.mean(metric("private_bytes"))) if ok else 0.0,
         }
 
-    def evaluate(self, server_round: int, shared: dict[str, torch.Tensor], users: list[int]) -> list[Message]:
-        replies, _ = self.call(users, EVALUATE, server_round, shared)
+    def evaluate(self, server_round: int, shared: dict[str, torch.Tensor], users: list[int], phase: str) -> list[Message]:
+        replies, _ = self.call(users, EVALUATE, server_round, shared, phase)
         return [r for r in replies if not r.content.metric_records["metrics"]["failed"]]
 
     def eval_users(self, server_round: int) -> list[int]:
         fed = self.config.federation
         everyone = list(range(len(self.user_ids)))
-        if server_round == fed.rounds or fed.eval_fraction >= 1:
+        if server_round == self.total_rounds or fed.eval_fraction >= 1:
             return everyone
         size = max(1, round(fed.eval_fraction * len(everyone)))
         return sorted(np.random.default_rng([self.config.seed, 30, server_round]).choice(everyone, size, replace=False).tolist())
 
+    def schedule(self) -> list[tuple[int, Phase]]:
+        """(global round number, phase) for every round of every phase."""
+        rounds = [phase for phase in self.strategy.phases() for _ in range(phase.rounds)]
+        return list(enumerate(rounds, start=1))
+
     def run(self) -> dict[str, Any]:
         started = time.time()
         self.nodes = self.discover()
-        shared = self.initial_shared()
+        shared = dict(self.initial_shared)
         fed = self.config.federation
         final: list[Message] = []
-        for server_round in range(1, fed.rounds + 1):
+        totals = {"bytes_down": 0, "bytes_up": 0}
+        for server_round, phase in self.schedule():
             round_start = time.time()
-            shared, record = self.train_round(server_round, shared)
-            if server_round % fed.eval_every == 0 or server_round == fed.rounds:
-                evaluated = self.evaluate(server_round, shared, self.eval_users(server_round))
+            shared, record = self.train_round(server_round, phase, shared)
+            totals["bytes_down"] += record["bytes_down"]
+            totals["bytes_up"] += record["bytes_up"]
+            if server_round % fed.eval_every == 0 or server_round == self.total_rounds:
+                evaluated = self.evaluate(server_round, shared, self.eval_users(server_round), phase.name)
                 accs = [r.content.metric_records["metrics"]["accuracy"] for r in evaluated]
                 f1s = [r.content.metric_records["metrics"]["macro_f1"] for r in evaluated]
                 record.update({f"accuracy_{k}": v for k, v in M.summarize(accs).items() if k not in ("n_failed",)})
                 record.update({"macro_f1_mean": M.summarize(f1s)["mean"]})
                 final = evaluated
-            record.update({"round": server_round, "seconds": time.time() - round_start, "users_failed_total": len(self.failures)})
+            record.update({"round": server_round, "seconds": time.time() - round_start, "users_failed_total": len(self.failures),
+                           "bytes_down_total": totals["bytes_down"], "bytes_up_total": totals["bytes_up"]})
             self.reporter.log_round(record)
-            self.bar.write(f"round {server_round}: trained {record['trained']}/{record['cohort_size']}, "
+            self.bar.write(f"round {server_round} ({phase.name}): trained {record['trained']}/{record['cohort_size']}, "
                            f"loss {record['train_loss']:.4f}, mean accuracy {record.get('accuracy_mean', float('nan')):.4f}")
         self.bar.close()
-        return self.finish(final, shared, time.time() - started)
+        return self.finish(final, shared, time.time() - started, totals)
 
-    def finish(self, final: list[Message], shared: dict[str, torch.Tensor], wall: float) -> dict[str, Any]:
+    def finish(self, final: list[Message], shared: dict[str, torch.Tensor], wall: float, totals: dict[str, int]) -> dict[str, Any]:
         if shared:
             save_file({k: v.contiguous() for k, v in shared.items()}, str(self.run_dir / "shared_final.safetensors"))
         scores = {int(r.content.metric_records["metrics"]["partition_id"]): r for r in final}
@@ -173,6 +180,7 @@ class FederatedRun:
                 row.update(status="ok", accuracy=m["accuracy"], macro_f1=m["macro_f1"], n_test=int(m["n_test"]), error="")
                 predictions.append({"user_id": user_id, "sample_ids": list(info["sample_ids"]), "predictions": list(info["predictions"])})
             per_user.append(row)
+        stored = [AdapterStore(self.config.output.store_dir).bytes_stored(u) for u in self.user_ids]
         ok = [row for row in per_user if row["status"] == "ok"]
         n_failed = len(per_user) - len(ok)
         summary: dict[str, Any] = {}
@@ -182,8 +190,11 @@ class FederatedRun:
             summary.update(n_evaluated=stats["n_evaluated"], n_failed=n_failed)
         results = {
             "strategy": self.config.federation.strategy, "benchmark": self.config.data.benchmark,
-            "model": self.config.model.name, "num_users": len(self.user_ids), "rounds": self.config.federation.rounds,
+            "model": self.config.model.name, "num_users": len(self.user_ids), "rounds": self.total_rounds,
             "summary": summary, "wall_seconds": wall, "run_dir": str(self.run_dir),
+            "communication": {**totals, "bytes_total": totals["bytes_down"] + totals["bytes_up"]},
+            "parameters": self.accounting,
+            "private_bytes_per_user": {"mean": float(np.mean(stored)) if stored else 0.0, "max": int(max(stored, default=0))},
             "failed_users": {self.user_ids[i]: reason for i, reason in sorted(self.failures.items())},
             "workers": {str(pid): loads for pid, loads in sorted(self.worker_loads.items())},
         }
@@ -191,12 +202,13 @@ class FederatedRun:
         return results
 
 
-def make_server_app(config: Config, run_dir: Path, results: dict[str, Any]) -> ServerApp:
+def make_server_app(config: Config, run_dir: Path, results: dict[str, Any], initial_shared: dict[str, torch.Tensor],
+                    accounting: dict[str, Any]) -> ServerApp:
     """A ServerApp whose main runs one :class:`FederatedRun` and puts its results in ``results``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        results.update(FederatedRun(config, run_dir, grid).run())
+        results.update(FederatedRun(config, run_dir, grid, initial_shared, accounting).run())
 
     return app

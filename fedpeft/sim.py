@@ -16,11 +16,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedpeft.cli import config_from_args
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark
-from fedpeft.models import check_model
+from fedpeft.models import build_model, check_model
 from fedpeft.reporting import summary_table
+from strategies import make_strategy
 
 RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 
@@ -64,6 +67,26 @@ def backend_config(config: Config) -> dict[str, Any]:
     return {"client_resources": resources, "init_args": init_args}
 
 
+def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Build the adapter once in the driver: check the strategy fits it, take the initial shared
+    part, and count parameters (what each user trains, shares and keeps private)."""
+    strategy = make_strategy(config)
+    loaded = build_model(config, len(get_benchmark(config).task().labels), strategy.extra_adapters)
+    keys = loaded.adapter_keys
+    strategy.check_compatible(keys)
+    phases = [p.name for p in strategy.phases()]
+    shared = strategy.shared_keys(keys)
+    trainable = [k for k in keys if not all(strategy.is_frozen(k, p) for p in phases)]
+    private = [k for k in trainable if any(not strategy.is_shared(k, p) for p in phases)]
+
+    def numel(subset: list[str]) -> int:
+        return int(sum(loaded.init_state[k].numel() for k in subset))
+
+    accounting = {"adapter_params": numel(keys), "trainable_params_per_user": numel(trainable),
+                  "shared_params": numel(shared), "private_params": numel(private)}
+    return {k: loaded.init_state[k] for k in shared}, accounting
+
+
 def run(config: Config) -> dict[str, Any]:
     """Run one simulation for a validated config; returns the results written to results.json."""
     import ray
@@ -74,6 +97,7 @@ def run(config: Config) -> dict[str, Any]:
 
     check_model(config)
     check_ray_address(config.ray.address)
+    initial_shared, accounting = prepare_adapter(config)
     num_users = len(get_benchmark(config).user_ids())
     run_dir = make_run_dir(config)
     config.output.store_dir = str(Path(config.output.store_dir or run_dir / "adapters").resolve())
@@ -85,7 +109,8 @@ def run(config: Config) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run_simulation(server_app=make_server_app(config, run_dir, results), client_app=client_app,
+            server_app = make_server_app(config, run_dir, results, initial_shared, accounting)
+            run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=num_users, backend_config=backend_config(config))
     finally:
         if started_ray and ray.is_initialized():

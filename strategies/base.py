@@ -1,42 +1,122 @@
-"""The small base class every strategy builds on."""
+"""The small base class every strategy builds on.
+
+A strategy says, as key filters over the adapter's state dict, which keys are shared (sent to
+the server and aggregated), which are frozen (never trained, always at their common
+initialisation) and which are private (everything else: kept in the user's adapter store). It
+may run in phases (e.g. federated rounds, then a local fine-tune) and may change how a client
+trains locally. Aggregation of the shared keys uses Flower's own strategies.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import strategy as flwr_strategy
 
-from fedpeft.config import Config
+from fedpeft.config import Config, ConfigError
 
 State = dict[str, torch.Tensor]
+HEAD_PATTERN = re.compile(r"(^|\.)(classifier|score)\.")
+LAYER_PATTERN = re.compile(r"\.(?:layer|layers|block|h)\.(\d+)\.")
+
+
+def is_head(key: str) -> bool:
+    return bool(HEAD_PATTERN.search(key))
+
+
+def is_lora_a(key: str) -> bool:
+    return ".lora_A." in key
+
+
+def is_lora_b(key: str) -> bool:
+    return ".lora_B." in key
+
+
+def layer_index(key: str) -> int | None:
+    match = LAYER_PATTERN.search(key)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of rounds with one split. ``everyone``: all users train once per round."""
+
+    name: str
+    rounds: int
+    everyone: bool = False
+    epochs: int | None = None  # local epochs in this phase (None: train.epochs)
+
+
+def flower_aggregator(config: Config) -> flwr_strategy.FedAvg:
+    """Flower's strategy object whose ``aggregate_train`` aggregates the shared keys."""
+    fed = config.federation
+    common: dict[str, Any] = {"arrayrecord_key": "shared", "weighted_by_key": "num-examples"}
+    if fed.server_optimizer == "fedprox":
+        return flwr_strategy.FedProx(proximal_mu=fed.proximal_mu, **common)
+    if fed.server_optimizer in ("fedadam", "fedyogi"):
+        cls = flwr_strategy.FedAdam if fed.server_optimizer == "fedadam" else flwr_strategy.FedYogi
+        return cls(eta=fed.server_lr, eta_l=config.train.lr, beta_1=fed.server_beta1, beta_2=fed.server_beta2,
+                   tau=fed.server_tau, **common)
+    return flwr_strategy.FedAvg(**common)
 
 
 class Strategy:
-    """A split of the adapter's keys plus the server's cohort and aggregation rules.
-
-    Subclasses set ``name`` and override :meth:`is_shared`; federated ones may override
-    :meth:`aggregate`. Shared versus private is decided here and nowhere else.
-    """
+    """Subclasses set ``name`` and override :meth:`is_shared` (and more where they need to)."""
 
     name: str = ""
     description: str = ""
+    extra_adapters: tuple[str, ...] = ()  # more LoRA adapters next to "default"
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._aggregator: flwr_strategy.FedAvg | None = None
 
     # ---- the split (client and server) -------------------------------------------------
-    def is_shared(self, key: str) -> bool:
-        """Whether a peft state-dict key is shared (sent to the server)."""
+    def is_shared(self, key: str, phase: str) -> bool:
+        """Whether an adapter key is sent to the server in ``phase``."""
         return False
 
-    def split(self, state: State) -> tuple[State, State]:
-        """(shared, private) parts of a peft state dict."""
-        shared = {k: v for k, v in state.items() if self.is_shared(k)}
-        private = {k: v for k, v in state.items() if not self.is_shared(k)}
+    def is_frozen(self, key: str, phase: str) -> bool:
+        """Whether a key never trains in ``phase`` (it then keeps its common initial value)."""
+        return False
+
+    def split(self, state: State, phase: str) -> tuple[State, State]:
+        """(shared, private) parts of an adapter state; frozen keys are in neither."""
+        shared = {k: v for k, v in state.items() if self.is_shared(k, phase)}
+        private = {k: v for k, v in state.items() if not self.is_shared(k, phase) and not self.is_frozen(k, phase)}
         return shared, private
 
-    @property
-    def shares_anything(self) -> bool:
-        return True
+    def phases(self) -> list[Phase]:
+        return [Phase("federated", self.config.federation.rounds)]
+
+    def shared_keys(self, keys: list[str]) -> list[str]:
+        """Keys shared in any phase: what the server holds and sends down."""
+        return [k for k in keys if any(self.is_shared(k, p.name) for p in self.phases())]
+
+    def incompatibility(self, keys: list[str]) -> str | None:
+        """Why this strategy cannot split an adapter with these keys, or None if it can."""
+        return None
+
+    def check_compatible(self, keys: list[str]) -> None:
+        """Refuse, before anything starts, an adapter this strategy cannot split."""
+        why = self.incompatibility(keys)
+        if why:
+            from strategies import STRATEGIES
+
+            fits = [n for n, cls in sorted(STRATEGIES.items()) if cls(self.config).incompatibility(keys) is None]
+            raise ConfigError(f"Strategy '{self.name}' does not fit this adapter: {why}. "
+                              f"Strategies that fit it: {', '.join(fits) or 'none'}.")
+
+    # ---- the client ----------------------------------------------------------------------
+    def local_train(self, train: Callable[..., dict[str, float]], phase: Phase) -> dict[str, float]:
+        """One client's local work in a round. ``train(trainable=..., epochs=...)`` runs the loop."""
+        return train(trainable=lambda k: not self.is_frozen(k, phase.name), epochs=phase.epochs)
 
     # ---- the server ----------------------------------------------------------------------
     def cohort_size(self, num_users: int) -> int:
@@ -44,20 +124,26 @@ class Strategy:
         size = fed.cohort_size if fed.cohort_size > 0 else round(fed.cohort_fraction * num_users)
         return max(1, min(num_users, size))
 
-    def sample_cohort(self, users: list[int], server_round: int) -> list[int]:
+    def sample_cohort(self, users: list[int], server_round: int, phase: Phase | None = None) -> list[int]:
         """Users (partition ids) that train in ``server_round``; deterministic from the seed."""
-        size = self.cohort_size(len(users))
+        size = len(users) if phase is not None and phase.everyone else self.cohort_size(len(users))
         if size == len(users):
             return sorted(users)
         rng = np.random.default_rng([self.config.seed, 10, server_round])
         return sorted(int(u) for u in rng.choice(sorted(users), size=size, replace=False))
 
-    def aggregate(self, shared: State, results: list[tuple[State, int]]) -> State:
-        """New shared state from (client shared state, number of examples) pairs: FedAvg."""
-        if not results:
+    def aggregate(self, server_round: int, shared: State, replies: list[Message]) -> State:
+        """New shared state from the replies' "shared" arrays with the configured Flower strategy."""
+        replies = [r for r in replies if len(r.content.array_records["shared"])]
+        if not shared or not replies:
             return shared
-        total = float(sum(n for _, n in results))
-        return {
-            key: sum(state[key].double() * (n / total) for state, n in results).to(shared[key].dtype)
-            for key in shared
-        }
+        if self._aggregator is None:
+            self._aggregator = flower_aggregator(self.config)
+        aggregator = self._aggregator
+        if hasattr(aggregator, "current_arrays"):  # FedOpt family: the server's current model
+            aggregator.current_arrays = {k: v.detach().cpu().numpy() for k, v in shared.items()}
+        arrays, _ = aggregator.aggregate_train(server_round, replies)
+        if arrays is None:
+            raise RuntimeError("Flower's aggregation returned nothing; the replies were inconsistent")
+        new = ArrayRecord.to_torch_state_dict(arrays)
+        return {**shared, **{k: new[k].to(shared[k].dtype) for k in new}}

@@ -16,9 +16,5 @@ class LocalOnly(Strategy):
     name = "local_only"
     description = "nothing shared; each user's whole adapter and head stay private (OPPU-style)"
 
-    def is_shared(self, key: str) -> bool:
-        return False
-
-    @property
-    def shares_anything(self) -> bool:
+    def is_shared(self, key: str, phase: str) -> bool:
         return False
