@@ -24,7 +24,7 @@ from fedpeft.config import Config
 from fedpeft.data import get_benchmark
 from fedpeft.messages import Request, make_reply, read_request
 from fedpeft.store import AdapterStore
-from fedpeft.training import call_seed, predict, round_lr, train_user
+from fedpeft.training import call_seed, round_lr, train_user
 from strategies import make_strategy
 
 app = ClientApp()
@@ -57,6 +57,7 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
     phases = strategy.phases()
     phase = next(p for p in phases if p.name == request.phase)
     loaded, user_id = user_model(config, user_index, shared)
+    strategy.configure_model(loaded, phase.name)
     bench = get_benchmark(config)
     user = bench.load_user(user_index)
     fedprox = config.federation.server_optimizer == "fedprox"
@@ -78,12 +79,14 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
 def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], dict[str, list[str]], str]:
     """Score one user's personalised model (private + current shared) on its own test split."""
     config = request.config
+    strategy = make_strategy(config)
     loaded, user_id = user_model(config, user_index, request.shared)
+    strategy.configure_model(loaded, request.phase)
     bench = get_benchmark(config)
     user = bench.load_user(user_index)
     if not user.test:
         raise ValueError(f"user '{user_id}' has an empty test split")
-    preds = predict(loaded, user.test, bench.task(), config)
+    preds = strategy.predict(loaded, user, bench.task())
     golds = [ex.labels for ex in user.test]
     scores = {"accuracy": M.accuracy(preds, golds), "macro_f1": M.macro_f1(preds, golds), "n_test": float(len(user.test))}
     return scores, {"sample_ids": [ex.id for ex in user.test], "predictions": preds}, user_id

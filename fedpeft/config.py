@@ -35,7 +35,8 @@ class DataConfig:
     val_per_user: int = field(default=8, metadata={"help": "synthetic: validation examples per user"})
     test_per_user: int = field(default=24, metadata={"help": "synthetic: test examples per user"})
     personas: int = field(default=4, metadata={"help": "synthetic: latent personas that decide most labels"})
-    noise: float = field(default=0.1, metadata={"help": "synthetic: chance that a user departs from its persona on a topic"})
+    persona_divergence: float = field(default=0.5, metadata={"help": "synthetic: chance that a persona departs from the consensus label of a (topic, tone) cell"})
+    noise: float = field(default=0.1, metadata={"help": "synthetic: chance that a user departs from its persona on a (topic, tone) cell"})
     num_labels: int = field(default=3, metadata={"help": "synthetic: number of labels"})
     pool_size: int = field(default=400, metadata={"help": "synthetic: size of the shared pool of texts users label"})
     max_length: int = field(default=32, metadata={"help": "tokens per example (longer inputs are truncated)"})
@@ -347,6 +348,7 @@ def validate(config: Config) -> None:
     _check(da.num_labels >= 2, "data.num_labels", da.num_labels, "an integer >= 2")
     _check(da.personas >= 1, "data.personas", da.personas, "an integer >= 1")
     _check(0 <= da.noise <= 1, "data.noise", da.noise, "a number in [0, 1]")
+    _check(0 <= da.persona_divergence <= 1, "data.persona_divergence", da.persona_divergence, "a number in [0, 1]")
     for split in ("train_per_user", "val_per_user", "test_per_user"):
         _check(getattr(da, split) >= 1, f"data.{split}", getattr(da, split), "an integer >= 1")
     _check(da.max_length >= 8, "data.max_length", da.max_length, "an integer >= 8")

@@ -21,7 +21,7 @@ import torch
 from fedpeft.cli import config_from_args
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark
-from fedpeft.models import build_model, check_model
+from fedpeft.models import adapter_state, build_model, check_model
 from fedpeft.reporting import summary_table
 from strategies import make_strategy
 
@@ -71,20 +71,25 @@ def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, 
     """Build the adapter once in the driver: check the strategy fits it, take the initial shared
     part, and count parameters (what each user trains, shares and keeps private)."""
     strategy = make_strategy(config)
-    loaded = build_model(config, len(get_benchmark(config).task().labels), strategy.extra_adapters)
+    bench = get_benchmark(config)
+    loaded = build_model(config, len(bench.task().labels), strategy.extra_adapters)
     keys = loaded.adapter_keys
     strategy.check_compatible(keys)
+    stats = strategy.pretrain(loaded, lambda: [bench.load_user(i) for i in range(len(bench.user_ids()))], bench.task())
+    if stats is not None:
+        print(f"{strategy.name}: trained centrally in the driver before the simulation: {stats}")
+    state = adapter_state(loaded)
     phases = [p.name for p in strategy.phases()]
     shared = strategy.shared_keys(keys)
     trainable = [k for k in keys if not all(strategy.is_frozen(k, p) for p in phases)]
     private = [k for k in trainable if any(not strategy.is_shared(k, p) for p in phases)]
 
     def numel(subset: list[str]) -> int:
-        return int(sum(loaded.init_state[k].numel() for k in subset))
+        return int(sum(state[k].numel() for k in subset))
 
     accounting = {"adapter_params": numel(keys), "trainable_params_per_user": numel(trainable),
                   "shared_params": numel(shared), "private_params": numel(private)}
-    return {k: loaded.init_state[k] for k in shared}, accounting
+    return {k: state[k] for k in shared}, accounting
 
 
 def run(config: Config) -> dict[str, Any]:

@@ -34,6 +34,16 @@ def make_strategy(config: Config) -> Strategy:
     return get_strategy_class(config.federation.strategy)(config)
 
 
-from strategies import fedavg, fedavg_ft, fedper, fedrep, fedsa, ffa, local_only  # noqa: E402,F401  (each registers itself)
+from strategies import (  # noqa: E402,F401  (each module registers itself)
+    fedavg,
+    fedavg_ft,
+    feddpa,
+    fedper,
+    fedrep,
+    fedsa,
+    ffa,
+    local_only,
+    oppu,
+)
 
 __all__ = ["STRATEGIES", "Strategy", "get_strategy_class", "make_strategy", "register_strategy"]

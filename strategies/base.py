@@ -113,7 +113,21 @@ class Strategy:
             raise ConfigError(f"Strategy '{self.name}' does not fit this adapter: {why}. "
                               f"Strategies that fit it: {', '.join(fits) or 'none'}.")
 
+    def pretrain(self, loaded: Any, load_users: Callable[[], list[Any]], task: Any) -> dict[str, float] | None:
+        """Central training in the driver before the simulation (e.g. OPPU's pooled task adapter);
+        returns its statistics, or None when the strategy has none."""
+        return None
+
     # ---- the client ----------------------------------------------------------------------
+    def configure_model(self, loaded: Any, phase: str) -> None:
+        """Adjust the freshly loaded user model before a client trains or scores it."""
+
+    def predict(self, loaded: Any, user: Any, task: Any) -> list[str]:
+        """The user's predictions on its test split (strategies may score differently)."""
+        from fedpeft.training import predict
+
+        return predict(loaded, user.test, task, self.config)
+
     def local_train(self, train: Callable[..., dict[str, float]], phase: Phase) -> dict[str, float]:
         """One client's local work in a round. ``train(trainable=..., epochs=...)`` runs the loop."""
         return train(trainable=lambda k: not self.is_frozen(k, phase.name), epochs=phase.epochs)

@@ -137,3 +137,40 @@ def test_a_failing_user_is_reported_and_the_run_goes_on(tiny_bert, tmp_path, ray
     assert results["summary"]["n_failed"] == 1 and results["summary"]["n_evaluated"] == 5
     assert "user0004" in results["failed_users"]
     assert json.loads((run / "failures.json").read_text())[0]["user_id"] == "user0004"
+
+
+@pytest.mark.parametrize("name", sorted(__import__("strategies").STRATEGIES))
+def test_every_strategy_runs_through_the_entry_point(name, tiny_bert, tmp_path, ray_shutdown):
+    extra = ["strategy.fedper_layers=1", "strategy.oppu_task_rounds=1", "strategy.finetune_epochs=1"]
+    assert main(tiny_args(tiny_bert, tmp_path, name, "--strategy", name, *extra)) == 0
+    run = tmp_path / name
+    results = json.loads((run / "results.json").read_text())
+    assert results["summary"]["n_failed"] == 0 and results["summary"]["n_evaluated"] == 6
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rounds) == results["rounds"] >= 2
+    assert all(r["seconds"] > 0 and "bytes_up" in r and "bytes_down" in r for r in rounds)
+    shares = results["parameters"]["shared_params"] > 0
+    assert (results["communication"]["bytes_total"] > 0) == shares
+    assert (run / "shared_final.safetensors").is_file() == shares
+    assert results["parameters"]["trainable_params_per_user"] > 0
+    if name != "fedavg":  # everything but fedavg keeps something private on the client
+        assert results["private_bytes_per_user"]["mean"] > 0
+
+
+def test_compare_writes_table_per_user_table_and_plots(tiny_bert, tmp_path, ray_shutdown):
+    from fedpeft.compare import main as compare_main
+
+    out = tmp_path / "cmp"
+    args = ["--strategies", "fedsa", "--compare-out", str(out), *tiny_args(tiny_bert, tmp_path, "unused")]
+    args = [a for a in args if a not in ("--name", "unused")]
+    assert compare_main(args) == 0
+    with (out / "comparison.csv").open() as f:
+        rows = {r["strategy"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"local_only", "fedsa"}  # the baseline is added
+    assert float(rows["local_only"]["gain_vs_local_only"]) == 0.0
+    assert float(rows["fedsa"]["bytes_total"]) > 0 == float(rows["local_only"]["bytes_total"])
+    with (out / "per_user.csv").open() as f:
+        per_user = list(csv.DictReader(f))
+    assert len(per_user) == 6 and set(per_user[0]) == {"user_id", "local_only", "fedsa"}
+    for png in ("rounds.png", "distribution.png"):
+        assert (out / png).stat().st_size > 10_000

@@ -1,10 +1,11 @@
 """A synthetic personalization benchmark where sharing and personalization both matter.
 
-Users label texts from one shared pool. A text has a topic and a tone; a few latent personas
-each map every (topic, tone) cell to a label, and each user departs from its persona on a cell
-with probability ``data.noise``. So users disagree on the same inputs (one global model cannot
-fit them all), each user sees about one training example per cell (alone it has too little
-data), and users of the same persona could help each other. Everything is deterministic from
+Users label texts from one shared pool. A text has a topic and a tone; every (topic, tone) cell
+has a consensus label, each of a few latent personas departs from the consensus on a cell with
+probability ``data.persona_divergence``, and each user departs from its persona on a cell with
+probability ``data.noise``. So users disagree on the same inputs (one global model cannot fit
+them all), each user sees about one training example per cell (alone it has too little data),
+users of the same persona could help each other and all users share the consensus cells. Everything is deterministic from
 ``data.seed``; one user's data is built without building the others'.
 """
 
@@ -50,8 +51,11 @@ class SyntheticBenchmark(Benchmark):
         self.topics = list(TOPICS)
         self.tones = list(TONES)
         n_cells = len(self.topics) * len(self.tones)
+        consensus = rng.integers(0, data.num_labels, size=n_cells)
+        depart = rng.random((data.personas, n_cells)) < data.persona_divergence
+        shift = rng.integers(1, data.num_labels, size=(data.personas, n_cells))  # a different label
         # personas[p, cell] -> label index
-        self.personas = rng.integers(0, data.num_labels, size=(data.personas, n_cells))
+        self.personas = np.where(depart, (consensus + shift) % data.num_labels, consensus)
         self.pool = self._build_pool(rng, data.pool_size)
 
     def _build_pool(self, rng: np.random.Generator, size: int) -> list[tuple[str, str, int]]:

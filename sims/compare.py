@@ -1,0 +1,8 @@
+"""Compare strategies side by side on the same users and seeds: see fedpeft/compare.py."""
+
+import sys
+
+from fedpeft.compare import main
+
+if __name__ == "__main__":
+    sys.exit(main())
