@@ -28,7 +28,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    benchmark: str = field(default="synthetic", metadata={"help": "benchmark: synthetic (built in)"})
+    benchmark: str = field(default="synthetic", metadata={"help": "benchmark: synthetic (built in), peft-u/<task>, lamp/LaMP-<n>"})
+    path: str = field(default="", metadata={"help": "peft-u: prepared per-user JSON file (or its folder); lamp: folder of the official files"})
+    cache_dir: str = field(default="", metadata={"help": "where processed benchmark data is cached; '' = ~/.cache/fedpeft"})
+    lamp_split: str = field(default="user", metadata={"help": "lamp: 'user' (one question = one user) or 'time' (records carry user_id)"})
+    lamp_questions: str = field(default="dev", metadata={"help": "lamp: which questions are scored: dev (gold outputs available) or train"})
+    retrieval_k: int = field(default=0, metadata={"help": "lamp: BM25 top-k history items put before the input (0 = off)"})
     seed: int = field(default=0, metadata={"help": "data seed (users, splits, personas); separate from the model seed"})
     num_users: int = field(default=20, metadata={"help": "synthetic: number of users"})
     train_per_user: int = field(default=16, metadata={"help": "synthetic: training examples per user"})
@@ -163,6 +168,8 @@ FLAG_ALIASES: dict[str, str] = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.lamp_split": ("user", "time"),
+    "data.lamp_questions": ("dev", "train"),
     "peft.method": ("lora",),
     "train.lr_schedule": ("constant", "linear", "cosine"),
     "federation.server_optimizer": ("fedavg", "fedprox", "fedadam", "fedyogi"),
@@ -319,15 +326,14 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(config: Config) -> None:
     """Check values that types alone do not catch; names of registries are checked too."""
-    from fedpeft.data import BENCHMARKS  # late imports: registries import this module
+    from fedpeft.data import benchmark_family  # late imports: registries import this module
     from strategies import get_strategy_class
 
     flat = _flatten(config.to_dict())
     for key, allowed in CHOICES.items():
         _check(flat[key] in allowed, key, flat[key], ", ".join(allowed))
     get_strategy_class(config.federation.strategy)  # raises with the known names
-    bench = config.data.benchmark
-    _check(bench in BENCHMARKS, "data.benchmark", bench, ", ".join(sorted(BENCHMARKS)))
+    benchmark_family(config.data.benchmark)  # raises with the known benchmarks
     fed = config.federation
     _check(fed.rounds > 0, "federation.rounds", fed.rounds, "an integer >= 1")
     _check(0 < fed.cohort_fraction <= 1, "federation.cohort_fraction", fed.cohort_fraction, "a number in (0, 1]")
@@ -352,6 +358,7 @@ def validate(config: Config) -> None:
     for split in ("train_per_user", "val_per_user", "test_per_user"):
         _check(getattr(da, split) >= 1, f"data.{split}", getattr(da, split), "an integer >= 1")
     _check(da.max_length >= 8, "data.max_length", da.max_length, "an integer >= 8")
+    _check(da.retrieval_k >= 0, "data.retrieval_k", da.retrieval_k, "0 (off) or a positive count")
     _check(0 <= tr.lr_min_factor <= 1, "train.lr_min_factor", tr.lr_min_factor, "a number in [0, 1]")
     _check(fed.proximal_mu >= 0, "federation.proximal_mu", fed.proximal_mu, "a number >= 0")
     _check(fed.server_lr > 0, "federation.server_lr", fed.server_lr, "a number > 0")

@@ -2,6 +2,8 @@
 
 A benchmark lists its users cheaply (ids only) and loads one user's examples on demand, so a
 client holds only its own user. ``get_benchmark`` keeps one instance per process and config.
+Benchmarks are registered by family: ``synthetic``, ``peft-u/<task>``, ``lamp/LaMP-<n>``; the
+part after the slash reaches the class as ``self.task_name``.
 """
 
 from __future__ import annotations
@@ -29,20 +31,34 @@ class UserData:
     test: list[Example]
 
 
+TASK_KINDS = ("classification", "multilabel", "rating", "generation")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    kind: str  # "classification" | "multilabel"
+    """What a user's examples ask for and how predictions are scored.
+
+    kind: "classification" (one label), "multilabel" (a set of labels), "rating" (ordinal labels
+    that parse as numbers, scored by MAE/RMSE), "generation" (free text, scored by ROUGE).
+    """
+
+    kind: str
     labels: tuple[str, ...]
     metrics: tuple[str, ...] = field(default=("accuracy", "macro_f1"))
 
 
 class Benchmark:
-    """Base class: subclasses set ``name`` and implement the three methods."""
+    """Base class: subclasses set ``name`` (the family) and implement the three methods."""
 
     name: str = ""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.task_name = config.data.benchmark.partition("/")[2]
+
+    def skipped_users(self) -> dict[str, str]:
+        """Users left out while loading (user id -> why), reported in the run's summary."""
+        return {}
 
     def user_ids(self) -> list[str]:
         raise NotImplementedError
@@ -62,16 +78,23 @@ def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:
     return cls
 
 
+def benchmark_family(name: str) -> str:
+    """'peft-u/tweeteval' -> 'peft-u'; raises ConfigError for an unknown family."""
+    family = name.partition("/")[0]
+    if family not in BENCHMARKS:
+        known = ", ".join(f"{f}/<task>" if getattr(BENCHMARKS[f], "has_tasks", False) else f for f in sorted(BENCHMARKS))
+        raise ConfigError(f"Unknown benchmark '{name}'. Known benchmarks: {known}.")
+    return family
+
+
 @functools.lru_cache(maxsize=8)
-def _cached_benchmark(name: str, data_json: str) -> Benchmark:
-    return BENCHMARKS[name](Config.from_dict({"data": json.loads(data_json)}))
+def _cached_benchmark(family: str, data_json: str) -> Benchmark:
+    return BENCHMARKS[family](Config.from_dict({"data": json.loads(data_json)}))
 
 
 def get_benchmark(config: Config) -> Benchmark:
-    name = config.data.benchmark
-    if name not in BENCHMARKS:
-        raise ConfigError(f"Unknown benchmark '{name}'. Known benchmarks: {', '.join(sorted(BENCHMARKS))}.")
-    return _cached_benchmark(name, json.dumps(dataclasses.asdict(config.data), sort_keys=True))
+    family = benchmark_family(config.data.benchmark)
+    return _cached_benchmark(family, json.dumps(dataclasses.asdict(config.data), sort_keys=True))
 
 
 from fedpeft.data import synthetic  # noqa: E402,F401  (registers itself)
