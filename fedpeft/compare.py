@@ -3,9 +3,10 @@
     python sims/compare.py --strategies local_only,fedavg,fedsa [--config FILE] [KEY=VALUE ...]
 
 Writes into one folder: ``comparison.csv`` / ``comparison.md`` (per strategy: mean, median and
-10th-percentile per-user accuracy, share of users worse than under the baseline, mean per-user gain
-over it, bytes communicated, wall time, parameters), ``per_user.csv`` (one accuracy column per
-strategy), ``rounds.png`` and ``distribution.png``, and each strategy's own run folder.
+10th-percentile per-user score of the task's headline metric — accuracy for classification —,
+share of users worse than under the baseline, mean per-user gain over it, bytes communicated,
+wall time, parameters), ``per_user.csv`` (one score column per strategy), ``rounds.png`` and
+``distribution.png``, and each strategy's own run folder.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from fedpeft.cli import config_from_args
 from fedpeft.config import Config, ConfigError
+from fedpeft.metrics import LOWER_IS_BETTER, gain
 from strategies import STRATEGIES, get_strategy_class
 
 
@@ -45,21 +47,22 @@ def _rounds(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _per_user(run_dir: Path) -> dict[str, float]:
+def _per_user(run_dir: Path, metric: str) -> dict[str, float]:
     with (run_dir / "per_user.csv").open() as f:
-        return {row["user_id"]: float(row["accuracy"]) for row in csv.DictReader(f) if row["status"] == "ok"}
+        return {row["user_id"]: float(row[metric]) for row in csv.DictReader(f) if row["status"] == "ok"}
 
 
 def comparison_rows(results: dict[str, dict[str, Any]], per_user: dict[str, dict[str, float]], baseline: str) -> list[dict[str, Any]]:
     base = per_user[baseline]
     rows = []
     for name, res in results.items():
+        metric = res["metrics"][0]
         common = [u for u in per_user[name] if u in base]
-        gains = np.array([per_user[name][u] - base[u] for u in common])
+        gains = np.array([gain(metric, per_user[name][u], base[u]) for u in common])
         s = res["summary"]
         rows.append({
-            "strategy": name, "accuracy_mean": s["accuracy_mean"], "accuracy_median": s["accuracy_median"],
-            "accuracy_p10": s["accuracy_p10"], "macro_f1_mean": s["macro_f1_mean"],
+            "strategy": name, **{f"{metric}_{k}": s[f"{metric}_{k}"] for k in ("mean", "median", "p10")},
+            **{f"{m}_mean": s[f"{m}_mean"] for m in res["metrics"][1:]},
             f"worse_than_{baseline}": float(np.mean(gains < 0)) if len(gains) else float("nan"),
             f"gain_vs_{baseline}": float(gains.mean()) if len(gains) else float("nan"),
             "bytes_total": res["communication"]["bytes_total"], "wall_seconds": res["wall_seconds"],
@@ -84,21 +87,23 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(out: Path, rounds: dict[str, list[dict[str, Any]]], per_user: dict[str, dict[str, float]], baseline: str) -> None:
+def plot(out: Path, rounds: dict[str, list[dict[str, Any]]], per_user: dict[str, dict[str, float]], baseline: str,
+         metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = sorted(per_user, key=lambda n: -np.mean(list(per_user[n].values()) or [0]))
+    sign = -1 if metric in LOWER_IS_BETTER else 1
+    order = sorted(per_user, key=lambda n: -sign * np.mean(list(per_user[n].values()) or [0]))
     colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(sorted(per_user))}
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for name in order:
-        pts = [(r["round"], r["accuracy_mean"]) for r in rounds[name] if "accuracy_mean" in r]
+        pts = [(r["round"], r[f"{metric}_mean"]) for r in rounds[name] if f"{metric}_mean" in r]
         style = {"linewidth": 3, "color": "black"} if name == baseline else {"linewidth": 1.8, "color": colors[name]}
         ax.plot(*zip(*pts), marker="o", markersize=4, label=name, **style)
     ax.set_xlabel("round")
-    ax.set_ylabel("mean per-user test accuracy")
+    ax.set_ylabel(f"mean per-user test {metric}")
     ax.set_title("Score per round (each user scored with its own personalised model)")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -118,7 +123,7 @@ def plot(out: Path, rounds: dict[str, list[dict[str, Any]]], per_user: dict[str,
         ax.scatter(i + rng.uniform(-0.15, 0.15, len(values)), values, s=14, color="black", alpha=0.6, zorder=3)
     ax.set_xticks(range(1, len(order) + 1), order, rotation=20, ha="right")
     ax.axhline(np.mean(list(per_user[baseline].values())), color="black", linestyle="--", linewidth=1, label=f"{baseline} mean")
-    ax.set_ylabel("per-user test accuracy")
+    ax.set_ylabel(f"per-user test {metric}")
     ax.set_title("Per-user score distribution (box: quartiles, diamond: mean, dots: users)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower right")
@@ -141,7 +146,8 @@ def compare(names: list[str], baseline: str, config: Config, out: Path | None = 
         cfg.wandb.group = cfg.wandb.group or out.name
         print(f"=== {name} ===", flush=True)
         results[name] = run(cfg)
-    per_user = {n: _per_user(out / n) for n in names}
+    metric = results[baseline]["metrics"][0]
+    per_user = {n: _per_user(out / n, metric) for n in names}
     rounds = {n: _rounds(out / n) for n in names}
     rows = comparison_rows(results, per_user, baseline)
     with (out / "comparison.csv").open("w", newline="") as f:
@@ -155,7 +161,7 @@ def compare(names: list[str], baseline: str, config: Config, out: Path | None = 
         writer.writerow(["user_id", *names])
         for u in users:
             writer.writerow([u, *[per_user[n].get(u, "") for n in names]])
-    plot(out, rounds, per_user, baseline)
+    plot(out, rounds, per_user, baseline, metric)
     return out
 
 

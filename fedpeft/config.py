@@ -40,7 +40,7 @@ class DataConfig:
     val_per_user: int = field(default=8, metadata={"help": "synthetic: validation examples per user"})
     test_per_user: int = field(default=24, metadata={"help": "synthetic: test examples per user"})
     personas: int = field(default=4, metadata={"help": "synthetic: latent personas that decide most labels"})
-    persona_divergence: float = field(default=0.5, metadata={"help": "synthetic: chance that a persona departs from the consensus label of a (topic, tone) cell"})
+    persona_divergence: float = field(default=0.3, metadata={"help": "synthetic: chance that a persona departs from the consensus label of a (topic, tone) cell"})
     noise: float = field(default=0.1, metadata={"help": "synthetic: chance that a user departs from its persona on a (topic, tone) cell"})
     num_labels: int = field(default=3, metadata={"help": "synthetic: number of labels"})
     pool_size: int = field(default=400, metadata={"help": "synthetic: size of the shared pool of texts users label"})
@@ -77,7 +77,7 @@ class TrainConfig:
 @dataclass
 class FederationConfig:
     strategy: str = field(default="local_only", metadata={"help": "strategy (see strategies/): which adapter keys are shared"})
-    rounds: int = field(default=5, metadata={"help": "number of rounds"})
+    rounds: int = field(default=8, metadata={"help": "number of rounds (of the main phase)"})
     cohort_fraction: float = field(default=1.0, metadata={"help": "fraction of users sampled per round, in (0, 1]"})
     cohort_size: int = field(default=0, metadata={"help": "users sampled per round; > 0 replaces cohort_fraction"})
     eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds (the last round is always evaluated)"})

@@ -6,6 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+LOWER_IS_BETTER = frozenset({"mae", "rmse"})
+
+
+def gain(metric: str, value: float, baseline: float) -> float:
+    """How much better ``value`` is than ``baseline`` (positive = better) for ``metric``."""
+    return baseline - value if metric in LOWER_IS_BETTER else value - baseline
+
 
 def accuracy(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> float:
     """Share of examples whose prediction is in the gold label set (PEFT-U's rule)."""

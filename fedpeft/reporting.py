@@ -14,7 +14,9 @@ import yaml
 import fedpeft
 from fedpeft.config import Config
 
-PER_USER_COLUMNS = ["user_id", "partition_id", "status", "accuracy", "macro_f1", "n_test", "rounds_trained", "error"]
+
+def per_user_columns(metric_names: list[str]) -> list[str]:
+    return ["user_id", "partition_id", "status", *metric_names, "n_test", "rounds_trained", "error"]
 
 
 def git_commit() -> str:
@@ -56,9 +58,11 @@ class RunReporter:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=int(record["round"]))
 
-    def write_final(self, per_user: list[dict[str, Any]], results: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
+    def write_final(self, per_user: list[dict[str, Any]], results: dict[str, Any], predictions: list[dict[str, Any]],
+                    metric_names: list[str]) -> None:
+        columns = per_user_columns(metric_names)
         with (self.run_dir / "per_user.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=PER_USER_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(per_user)
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
@@ -70,7 +74,7 @@ class RunReporter:
         if self.wandb_run is not None:
             import wandb
 
-            table = wandb.Table(columns=PER_USER_COLUMNS, data=[[row.get(c, "") for c in PER_USER_COLUMNS] for row in per_user])
+            table = wandb.Table(columns=columns, data=[[row.get(c, "") for c in columns] for row in per_user])
             self.wandb_run.log({"per_user": table})
             for key, value in results["summary"].items():
                 self.wandb_run.summary[key] = value
@@ -87,10 +91,12 @@ def summary_table(results: dict[str, Any]) -> str:
     """A plain-text table of the summary over users, for the console."""
     summary = results["summary"]
     rows = [("strategy", results["strategy"]), ("users", results["num_users"]), ("rounds", results["rounds"])]
-    for metric in ("accuracy", "macro_f1"):
+    for metric in results["metrics"]:
         for stat in ("mean", "median", "p10", "min"):
             rows.append((f"{metric} {stat}", summary[f"{metric}_{stat}"]))
     rows += [("users evaluated", summary["n_evaluated"]), ("users failed", summary["n_failed"]),
+             ("bytes communicated", results["communication"]["bytes_total"]),
+             ("trainable params / user", results["parameters"]["trainable_params_per_user"]),
              ("wall time (s)", results["wall_seconds"]), ("run folder", results["run_dir"])]
     width = max(len(k) for k, _ in rows)
     lines = ["-" * (width + 30)] + [f"{k:<{width}}  {_fmt(v)}" for k, v in rows] + ["-" * (width + 30)]

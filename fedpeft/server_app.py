@@ -59,6 +59,7 @@ class FederatedRun:
         self.run_dir = run_dir
         self.strategy = make_strategy(config)
         self.user_ids = get_benchmark(config).user_ids()
+        self.metric_names = list(get_benchmark(config).task().metrics)  # the first one is the headline
         self.reporter = RunReporter(config, run_dir)
         self.failures: dict[int, str] = {}
         self.rounds_trained = np.zeros(len(self.user_ids), dtype=int)
@@ -151,17 +152,17 @@ class FederatedRun:
             totals["bytes_down"] += record["bytes_down"]
             totals["bytes_up"] += record["bytes_up"]
             if server_round % fed.eval_every == 0 or server_round == self.total_rounds:
-                evaluated = self.evaluate(server_round, shared, self.eval_users(server_round), phase.name)
-                accs = [r.content.metric_records["metrics"]["accuracy"] for r in evaluated]
-                f1s = [r.content.metric_records["metrics"]["macro_f1"] for r in evaluated]
-                record.update({f"accuracy_{k}": v for k, v in M.summarize(accs).items() if k not in ("n_failed",)})
-                record.update({"macro_f1_mean": M.summarize(f1s)["mean"]})
-                final = evaluated
+                final = self.evaluate(server_round, shared, self.eval_users(server_round), phase.name)
+                for name in self.metric_names:
+                    stats = M.summarize([r.content.metric_records["metrics"][name] for r in final])
+                    record.update({f"{name}_{k}": stats[k] for k in ("mean", "median", "p10", "min")})
+                record["n_evaluated"] = len(final)
             record.update({"round": server_round, "seconds": time.time() - round_start, "users_failed_total": len(self.failures),
                            "bytes_down_total": totals["bytes_down"], "bytes_up_total": totals["bytes_up"]})
             self.reporter.log_round(record)
+            headline = self.metric_names[0]
             self.bar.write(f"round {server_round} ({phase.name}): trained {record['trained']}/{record['cohort_size']}, "
-                           f"loss {record['train_loss']:.4f}, mean accuracy {record.get('accuracy_mean', float('nan')):.4f}")
+                           f"loss {record['train_loss']:.4f}, mean {headline} {record.get(f'{headline}_mean', float('nan')):.4f}")
         self.bar.close()
         return self.finish(final, shared, time.time() - started, totals)
 
@@ -177,18 +178,18 @@ class FederatedRun:
                 row.update(status="failed", error=reason.splitlines()[-1], traceback=reason)
             else:
                 m, info = scores[index].content.metric_records["metrics"], scores[index].content.config_records["info"]
-                row.update(status="ok", accuracy=m["accuracy"], macro_f1=m["macro_f1"], n_test=int(m["n_test"]), error="")
+                row.update(status="ok", n_test=int(m["n_test"]), error="", **{name: m[name] for name in self.metric_names})
                 predictions.append({"user_id": user_id, "sample_ids": list(info["sample_ids"]), "predictions": list(info["predictions"])})
             per_user.append(row)
         stored = [AdapterStore(self.config.output.store_dir).bytes_stored(u) for u in self.user_ids]
         ok = [row for row in per_user if row["status"] == "ok"]
         n_failed = len(per_user) - len(ok)
-        summary: dict[str, Any] = {}
-        for metric in ("accuracy", "macro_f1"):
-            stats = M.summarize([row[metric] for row in ok], num_failed=n_failed)
-            summary.update({f"{metric}_{k}": v for k, v in stats.items() if k in ("mean", "median", "p10", "min")})
-            summary.update(n_evaluated=stats["n_evaluated"], n_failed=n_failed)
+        summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed}
+        for name in self.metric_names:
+            stats = M.summarize([row[name] for row in ok], num_failed=n_failed)
+            summary.update({f"{name}_{k}": stats[k] for k in ("mean", "median", "p10", "min")})
         results = {
+            "metrics": self.metric_names,
             "strategy": self.config.federation.strategy, "benchmark": self.config.data.benchmark,
             "model": self.config.model.name, "num_users": len(self.user_ids), "rounds": self.total_rounds,
             "summary": summary, "wall_seconds": wall, "run_dir": str(self.run_dir),
@@ -198,7 +199,7 @@ class FederatedRun:
             "failed_users": {self.user_ids[i]: reason for i, reason in sorted(self.failures.items())},
             "workers": {str(pid): loads for pid, loads in sorted(self.worker_loads.items())},
         }
-        self.reporter.write_final(per_user, results, predictions)
+        self.reporter.write_final(per_user, results, predictions, self.metric_names)
         return results
 
 

@@ -70,7 +70,7 @@ def test_help_lists_every_key_with_default():
     for key in all_keys():
         assert key in text, key
     assert "(default: 'local_only')" in text
-    assert "(default: 5)" in text
+    assert "(default: 8)" in text
 
 
 def test_main_rejects_before_ray_starts(capsys):
