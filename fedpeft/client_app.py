@@ -18,11 +18,11 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpeft import metrics as M
 from fedpeft import models
 from fedpeft.config import Config
 from fedpeft.data import get_benchmark
 from fedpeft.messages import Request, make_reply, read_request
+from fedpeft.scoring import score
 from fedpeft.store import AdapterStore
 from fedpeft.training import call_seed, round_lr, train_user
 from strategies import make_strategy
@@ -86,9 +86,10 @@ def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], d
     user = bench.load_user(user_index)
     if not user.test:
         raise ValueError(f"user '{user_id}' has an empty test split")
-    preds = strategy.predict(loaded, user, bench.task())
-    golds = [ex.labels for ex in user.test]
-    scores = {"accuracy": M.accuracy(preds, golds), "macro_f1": M.macro_f1(preds, golds), "n_test": float(len(user.test))}
+    task = bench.task()
+    preds = strategy.predict(loaded, user, task)
+    scores = score(task.kind, preds, [list(ex.labels) for ex in user.test], labels=task.labels or None)
+    scores["n_test"] = float(len(user.test))
     return scores, {"sample_ids": [ex.id for ex in user.test], "predictions": preds}, user_id
 
 

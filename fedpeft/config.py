@@ -44,22 +44,33 @@ class DataConfig:
     noise: float = field(default=0.1, metadata={"help": "synthetic: chance that a user departs from its persona on a (topic, tone) cell"})
     num_labels: int = field(default=3, metadata={"help": "synthetic: number of labels"})
     pool_size: int = field(default=400, metadata={"help": "synthetic: size of the shared pool of texts users label"})
-    max_length: int = field(default=32, metadata={"help": "tokens per example (longer inputs are truncated)"})
+    max_length: int = field(default=0, metadata={"help": "tokens per input, longer ones truncated; 0 = the benchmark's default (synthetic 32, peft-u 128, lamp 512)"})
 
 
 @dataclass
 class ModelConfig:
     name: str = field(default="minilm", metadata={"help": "backbone: 'minilm' (embedded all-MiniLM-L6-v2), a Hugging Face name or a local path"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16, float16 (CPU always float32)"})
+    kind: str = field(default="auto", metadata={"help": "backbone kind: auto (from its config), encoder (classification head), seq2seq, causal"})
+    max_new_tokens: int = field(default=16, metadata={"help": "seq2seq/causal: tokens generated per answer (greedy)"})
 
 
 @dataclass
 class PeftConfig:
-    method: str = field(default="lora", metadata={"help": "PEFT method: lora"})
-    r: int = field(default=8, metadata={"help": "LoRA rank"})
-    alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    target_modules: list[str] = field(default_factory=list, metadata={"help": "modules to adapt (comma list); empty = the backbone family's default"})
+    method: str = field(default="lora", metadata={"help": "PEFT method: lora, dora, ia3, prompt_tuning, prefix_tuning, p_tuning, loha, lokr, vera, bottleneck, zero_shot, few_shot"})
+    r: int = field(default=8, metadata={"help": "rank (lora, dora, loha, lokr, vera)"})
+    alpha: int = field(default=16, metadata={"help": "scaling alpha (lora, dora, loha, lokr)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout (lora, dora; rank dropout for loha, lokr; vera)"})
+    target_modules: list[str] = field(default_factory=list, metadata={"help": "modules to adapt (comma list); empty = peft's default for the backbone family"})
+    feedforward_modules: list[str] = field(default_factory=list, metadata={"help": "ia3: which target modules are feed-forward (scaled on their input)"})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "prompt_tuning, prefix_tuning, p_tuning: virtual tokens"})
+    encoder_type: str = field(default="mlp", metadata={"help": "p_tuning: prompt encoder, mlp or lstm"})
+    encoder_hidden_size: int = field(default=128, metadata={"help": "p_tuning / prefix_tuning with projection: encoder hidden size"})
+    prefix_projection: bool = field(default=False, metadata={"help": "prefix_tuning: reparameterise the prefix with an MLP"})
+    adapter_type: str = field(default="pfeiffer", metadata={"help": "bottleneck: pfeiffer (after feed-forward) or houlsby (after attention and feed-forward)"})
+    reduction_factor: int = field(default=16, metadata={"help": "bottleneck: hidden size / bottleneck size"})
+    few_shot_k: int = field(default=4, metadata={"help": "few_shot: the user's own training examples put in the prompt"})
+    target_params: int = field(default=0, metadata={"help": "> 0: scale the method's size knob (rank, virtual tokens, reduction factor) to about this many trainable parameters"})
 
 
 @dataclass
@@ -162,6 +173,8 @@ FLAG_ALIASES: dict[str, str] = {
     "rounds": "federation.rounds",
     "seed": "seed",
     "wandb": "wandb.mode",
+    "peft": "peft.method",
+    "dtype": "model.dtype",
     "out": "output.dir",
     "name": "output.name",
 }
@@ -170,7 +183,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.lamp_split": ("user", "time"),
     "data.lamp_questions": ("dev", "train"),
-    "peft.method": ("lora",),
+    "peft.method": ("lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "loha", "lokr", "vera",
+                    "bottleneck", "zero_shot", "few_shot"),
+    "peft.encoder_type": ("mlp", "lstm"),
+    "peft.adapter_type": ("pfeiffer", "houlsby"),
+    "model.kind": ("auto", "encoder", "seq2seq", "causal"),
     "train.lr_schedule": ("constant", "linear", "cosine"),
     "federation.server_optimizer": ("fedavg", "fedprox", "fedadam", "fedyogi"),
     "strategy.feddpa_mode": ("fixed", "per_input"),
@@ -348,6 +365,11 @@ def validate(config: Config) -> None:
     _check(tr.eval_batch_size >= 1, "train.eval_batch_size", tr.eval_batch_size, "an integer >= 1")
     pe = config.peft
     _check(pe.r >= 1, "peft.r", pe.r, "an integer >= 1")
+    _check(pe.num_virtual_tokens >= 1, "peft.num_virtual_tokens", pe.num_virtual_tokens, "an integer >= 1")
+    _check(pe.reduction_factor >= 1, "peft.reduction_factor", pe.reduction_factor, "an integer >= 1")
+    _check(pe.few_shot_k >= 0, "peft.few_shot_k", pe.few_shot_k, "an integer >= 0")
+    _check(pe.target_params >= 0, "peft.target_params", pe.target_params, "0 (off) or a parameter count")
+    _check(config.model.max_new_tokens >= 1, "model.max_new_tokens", config.model.max_new_tokens, "an integer >= 1")
     _check(0 <= pe.dropout < 1, "peft.dropout", pe.dropout, "a number in [0, 1)")
     da = config.data
     _check(da.num_users >= 1, "data.num_users", da.num_users, "an integer >= 1")
@@ -357,7 +379,7 @@ def validate(config: Config) -> None:
     _check(0 <= da.persona_divergence <= 1, "data.persona_divergence", da.persona_divergence, "a number in [0, 1]")
     for split in ("train_per_user", "val_per_user", "test_per_user"):
         _check(getattr(da, split) >= 1, f"data.{split}", getattr(da, split), "an integer >= 1")
-    _check(da.max_length >= 8, "data.max_length", da.max_length, "an integer >= 8")
+    _check(da.max_length == 0 or da.max_length >= 8, "data.max_length", da.max_length, "0 (the benchmark's default) or an integer >= 8")
     _check(da.retrieval_k >= 0, "data.retrieval_k", da.retrieval_k, "0 (off) or a positive count")
     _check(0 <= tr.lr_min_factor <= 1, "train.lr_min_factor", tr.lr_min_factor, "a number in [0, 1]")
     _check(fed.proximal_mu >= 0, "federation.proximal_mu", fed.proximal_mu, "a number >= 0")

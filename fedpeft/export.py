@@ -3,7 +3,9 @@
     python -m fedpeft.export --run runs/local_only-... --user user0003 --out exported/user0003
 
 The folder loads with ``PeftModel.from_pretrained(base, folder)`` where ``base`` is the run's
-backbone with the task's number of labels (``fedpeft_task.json`` in the folder gives them).
+backbone (with the task's number of labels for an encoder; ``fedpeft_task.json`` in the folder
+gives them). For ``peft.method=bottleneck`` run ``import fedpeft.adapters`` first: it registers
+the bottleneck adapters with peft.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fedpeft.config import Config, ConfigError
-from fedpeft.data import get_benchmark
+from fedpeft.data import get_benchmark, input_length
 from fedpeft.models import build_model, load_adapter_state, resolve_model_path
 from fedpeft.store import AdapterStore
 
@@ -54,7 +56,7 @@ def export_user(run_dir: str | Path, user_id: str, out_dir: str | Path) -> Path:
     loaded.model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
     task = {"user_id": user_id, "labels": list(labels), "base_model": resolve_model_path(config.model.name),
-            "max_length": config.data.max_length}
+            "max_length": input_length(config), "kind": loaded.kind, "task_kind": bench.task().kind}
     (out / "fedpeft_task.json").write_text(json.dumps(task, indent=2))
     return out
 

@@ -7,9 +7,11 @@ weights in. ``BACKBONE_LOADS`` counts builds so tests can check that.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,19 +19,9 @@ from fedpeft.config import Config, ConfigError
 
 MINILM_ALIAS = "minilm"
 
-# Modules LoRA adapts by default, per model family (config.model_type).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "t5": ["q", "v"],
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-}
+# Model types loaded as encoders with a sequence-classification head (model.kind=auto).
+ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra",
+                           "albert", "mpnet", "camembert", "modernbert"})
 
 BACKBONE_LOADS = 0
 _CACHE: dict[str, LoadedModel] = {}
@@ -76,17 +68,6 @@ def check_model(config: Config) -> str:
     return model_config.model_type
 
 
-def target_modules(config: Config, model_type: str) -> list[str]:
-    if config.peft.target_modules:
-        return list(config.peft.target_modules)
-    if model_type not in DEFAULT_TARGET_MODULES:
-        raise ConfigError(
-            f"No default LoRA target modules for model type '{model_type}'. Set peft.target_modules, "
-            f"e.g. peft.target_modules=query,value. Families with defaults: {', '.join(sorted(DEFAULT_TARGET_MODULES))}."
-        )
-    return DEFAULT_TARGET_MODULES[model_type]
-
-
 def _dtype(config: Config) -> torch.dtype:
     if config.ray.client_gpus <= 0 or not torch.cuda.is_available():
         return torch.float32  # on CPU fedpeft always runs in float32
@@ -99,13 +80,15 @@ class LoadedModel:
 
     Adapter state dicts are keyed by parameter name (``...lora_A.default.weight``,
     ``...classifier.modules_to_save.default.weight``), so several adapters on one backbone
-    never collide; strategies split them with key filters.
+    never collide; strategies split them with key filters. ``kind`` is "encoder" (with a
+    classification head), "seq2seq" or "causal".
     """
 
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any
     init_state: dict[str, torch.Tensor]
     device: torch.device
+    kind: str = "encoder"
 
     @property
     def adapter_keys(self) -> list[str]:
@@ -115,41 +98,90 @@ class LoadedModel:
         return dict(self.model.named_parameters())
 
 
+def backbone_kind(config: Config, model_config: Any) -> str:
+    """encoder / seq2seq / causal: ``model.kind``, or read off the backbone's config."""
+    if config.model.kind != "auto":
+        return config.model.kind
+    if getattr(model_config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if model_config.model_type in ENCODER_TYPES:
+        return "encoder"
+    return "causal"
+
+
+def _load_backbone(config: Config, path: str, kind: str, num_labels: int) -> Any:
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
+
+    if kind == "encoder":  # the classification head is new: its size never matches a checkpoint's
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=_dtype(config),
+                                                                  ignore_mismatched_sizes=True)
+    cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=_dtype(config))
+
+
+def _prepare_tokenizer(tokenizer: Any, base: Any, kind: str) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if kind == "causal":
+        if tokenizer.eos_token is None:  # e.g. a BERT tokenizer on a small test decoder
+            tokenizer.eos_token = tokenizer.sep_token
+        tokenizer.padding_side = "left"  # generation continues the prompt
+        base.generation_config.eos_token_id = tokenizer.eos_token_id
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(base, "generation_config", None) is not None and base.generation_config.pad_token_id is None:
+        base.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def build_model(config: Config, num_labels: int, extra_adapters: tuple[str, ...] = ()) -> LoadedModel:
     """Load the backbone and attach fresh adapters; deterministic from ``config.seed``.
 
-    ``extra_adapters`` adds more LoRA adapters of the same shape (no head of their own), all
-    active together with the default one (e.g. a personal adapter on top of a task adapter).
+    ``extra_adapters`` adds more adapters of the same method and shape (no head of their own),
+    all active together with the default one (e.g. a personal adapter on a task adapter).
     """
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import peft
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    import fedpeft.adapters  # noqa: F401  (registers the bottleneck adapters as a peft method)
+    from fedpeft.peft_methods import NO_TRAINING, peft_config
 
     global BACKBONE_LOADS
     _quiet_transformers()
     path = resolve_model_path(config.model.name)
-    torch.manual_seed(config.seed)  # the classifier head and LoRA A are drawn from this
+    torch.manual_seed(config.seed)  # the classifier head and adapter inits are drawn from this
     tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, dtype=_dtype(config), ignore_mismatched_sizes=True  # the head is new
-    )
-    if base.config.pad_token_id is None and tokenizer.pad_token_id is not None:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    lora = dict(r=config.peft.r, lora_alpha=config.peft.alpha, lora_dropout=config.peft.dropout,
-                target_modules=target_modules(config, base.config.model_type))
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, **lora))
+    from transformers import AutoConfig
+
+    kind = backbone_kind(config, AutoConfig.from_pretrained(path))
+    base = _load_backbone(config, path, kind, num_labels)
+    _prepare_tokenizer(tokenizer, base, kind)
+    task_type = {"encoder": peft.TaskType.SEQ_CLS, "seq2seq": peft.TaskType.SEQ_2_SEQ_LM, "causal": peft.TaskType.CAUSAL_LM}[kind]
+    method_config = config
+    if config.peft.method in NO_TRAINING:  # an untouched LoRA adapter (B = 0) leaves the backbone as it is
+        method_config = copy.deepcopy(config)
+        method_config.peft.method = "lora"
+    model = get_peft_model(base, peft_config(method_config, base.config.model_type, task_type))
     for name in extra_adapters:
-        model.add_adapter(name, LoraConfig(**lora))
-    if extra_adapters:  # all LoRA adapters active together; the head stays the default one's
+        model.add_adapter(name, peft_config(method_config, base.config.model_type, None))
+    if extra_adapters:  # all adapters active together; the head stays the default one's
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         for module in model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.set_adapter(["default", *extra_adapters])
+    if config.peft.method in NO_TRAINING:
+        for param in model.parameters():
+            param.requires_grad_(False)
     device = torch.device("cuda" if config.ray.client_gpus > 0 and torch.cuda.is_available() else "cpu")
     model.to(device)
     init_state = {n: p.detach().clone().cpu() for n, p in model.named_parameters() if p.requires_grad}
     BACKBONE_LOADS += 1
-    return LoadedModel(model=model, tokenizer=tokenizer, init_state=init_state, device=device)
+    return LoadedModel(model=model, tokenizer=tokenizer, init_state=init_state, device=device, kind=kind)
 
 
 def _cache_key(config: Config, num_labels: int, extra_adapters: tuple[str, ...]) -> str:
@@ -191,3 +223,46 @@ def set_trainable(loaded: LoadedModel, predicate) -> list[torch.nn.Parameter]:
         if params[key].requires_grad:
             chosen.append(params[key])
     return chosen
+
+
+def fit_size_knob(config: Config, num_labels: int) -> tuple[str, int, int]:
+    """Set the method's size knob so trainable parameters come closest to ``peft.target_params``.
+
+    Returns (knob, chosen value, trainable parameters). LoRA-family ranks and virtual tokens grow
+    parameters linearly, so two probes give the value; bottleneck reduction factors are tried
+    among those that divide the hidden size.
+    """
+    import peft
+
+    import fedpeft.adapters  # noqa: F401
+    from fedpeft.peft_methods import SIZE_KNOBS, peft_config
+
+    method, target = config.peft.method, config.peft.target_params
+    knob = SIZE_KNOBS.get(method)
+    if knob is None:
+        raise ConfigError(f"peft.target_params is set but peft.method={method} has no size knob to scale. "
+                          f"Methods with one: {', '.join(m for m, k in SIZE_KNOBS.items() if k)}.")
+    path = resolve_model_path(config.model.name)
+    from transformers import AutoConfig
+
+    kind = backbone_kind(config, AutoConfig.from_pretrained(path))
+    base = _load_backbone(config, path, kind, num_labels)
+    task_type = {"encoder": peft.TaskType.SEQ_CLS, "seq2seq": peft.TaskType.SEQ_2_SEQ_LM, "causal": peft.TaskType.CAUSAL_LM}[kind]
+
+    def count(value: int) -> int:
+        probe = copy.deepcopy(config)
+        setattr(probe.peft, knob, value)
+        model = peft.get_peft_model(copy.deepcopy(base), peft_config(probe, base.config.model_type, task_type))
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    if knob == "reduction_factor":
+        hidden = base.config.hidden_size if hasattr(base.config, "hidden_size") else base.config.d_model
+        candidates = {v: count(v) for v in range(1, hidden + 1) if hidden % v == 0 and hidden // v >= 1 and v <= 256}
+    else:
+        one, two = count(1), count(2)
+        per_unit = max(1, two - one)
+        guess = max(1, round(1 + (target - one) / per_unit))
+        candidates = {v: count(v) for v in {max(1, guess - 1), guess, guess + 1}}
+    value = min(candidates, key=lambda v: (abs(candidates[v] - target), v))
+    setattr(config.peft, knob, value)
+    return knob, value, candidates[value]

@@ -21,7 +21,8 @@ import torch
 from fedpeft.cli import config_from_args
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark
-from fedpeft.models import adapter_state, build_model, check_model
+from fedpeft.models import adapter_state, build_model, check_model, fit_size_knob
+from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.reporting import summary_table
 from strategies import make_strategy
 
@@ -72,7 +73,15 @@ def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, 
     part, and count parameters (what each user trains, shares and keeps private)."""
     strategy = make_strategy(config)
     bench = get_benchmark(config)
-    loaded = build_model(config, len(bench.task().labels), strategy.extra_adapters)
+    num_labels = len(bench.task().labels)
+    if config.peft.target_params:
+        knob, value, count = fit_size_knob(config, num_labels)
+        print(f"peft.target_params={config.peft.target_params}: peft.{knob}={value} gives {count:,} trainable parameters")
+    loaded = build_model(config, num_labels, strategy.extra_adapters)
+    if loaded.kind == "encoder" and (config.peft.method in NO_TRAINING or bench.task().kind == "generation"):
+        why = f"peft.method={config.peft.method}" if config.peft.method in NO_TRAINING else f"'{config.data.benchmark}' is a generation task"
+        raise ConfigError(f"{why} needs a generative backbone (seq2seq such as google/flan-t5-base, or causal), "
+                          f"but '{config.model.name}' is an encoder with a classification head. Pick one with --model.")
     keys = loaded.adapter_keys
     strategy.check_compatible(keys)
     stats = strategy.pretrain(loaded, lambda: [bench.load_user(i) for i in range(len(bench.user_ids()))], bench.task())

@@ -123,10 +123,13 @@ class Strategy:
         """Adjust the freshly loaded user model before a client trains or scores it."""
 
     def predict(self, loaded: Any, user: Any, task: Any) -> list[str]:
-        """The user's predictions on its test split (strategies may score differently)."""
+        """The user's predictions on its test split (strategies may score differently).
+
+        With ``peft.method=few_shot`` the prompt starts with k of the user's own training examples."""
         from fedpeft.training import predict
 
-        return predict(loaded, user.test, task, self.config)
+        shots = user.train[: self.config.peft.few_shot_k] if self.config.peft.method == "few_shot" else None
+        return predict(loaded, user.test, task, self.config, shots=shots)
 
     def local_train(self, train: Callable[..., dict[str, float]], phase: Phase) -> dict[str, float]:
         """One client's local work in a round. ``train(trainable=..., epochs=...)`` runs the loop."""

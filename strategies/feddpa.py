@@ -69,9 +69,10 @@ class FedDPA(Strategy):
     def predict(self, loaded: Any, user: Any, task: Any) -> list[str]:
         if self.config.strategy.feddpa_mode == "fixed":
             return super().predict(loaded, user, task)
+        from fedpeft.data import input_length
         from fedpeft.training import predict
 
-        max_len = self.config.data.max_length
+        max_len = input_length(self.config)
         sims = embed(loaded, [ex.text for ex in user.test], max_len) @ embed(loaded, [ex.text for ex in user.train], max_len).T
         weights = sims.max(dim=1).values.clamp(0, 1).tolist()
         out = []

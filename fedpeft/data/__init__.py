@@ -51,6 +51,7 @@ class Benchmark:
     """Base class: subclasses set ``name`` (the family) and implement the three methods."""
 
     name: str = ""
+    default_max_length: int = 128  # tokens per input when data.max_length is 0
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -92,9 +93,14 @@ def _cached_benchmark(family: str, data_json: str) -> Benchmark:
     return BENCHMARKS[family](Config.from_dict({"data": json.loads(data_json)}))
 
 
+def input_length(config: Config) -> int:
+    """Tokens per input: data.max_length, or the benchmark's own default when that is 0."""
+    return config.data.max_length or get_benchmark(config).default_max_length
+
+
 def get_benchmark(config: Config) -> Benchmark:
     family = benchmark_family(config.data.benchmark)
     return _cached_benchmark(family, json.dumps(dataclasses.asdict(config.data), sort_keys=True))
 
 
-from fedpeft.data import synthetic  # noqa: E402,F401  (registers itself)
+from fedpeft.data import lamp, peft_u, synthetic  # noqa: E402,F401  (each registers itself)

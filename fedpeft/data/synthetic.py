@@ -42,6 +42,7 @@ TEMPLATES = [
 @register_benchmark
 class SyntheticBenchmark(Benchmark):
     name = "synthetic"
+    default_max_length = 32
 
     def __init__(self, config) -> None:
         super().__init__(config)

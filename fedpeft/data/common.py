@@ -1,0 +1,179 @@
+"""Helpers shared by the real-benchmark loaders: input errors, JSON reading and the disk cache.
+
+The cache turns a benchmark's source files into one small JSON file per user plus an
+``index.json`` (user ids, task spec, per-user counts, skipped users), so that a process lists
+users by reading the index only and loads one user by reading one small file. A cache folder is
+keyed by the source files (resolved path, size, mtime) and the options that change its content;
+editing a source file or an option gives a new folder. Every file is written to a temporary name
+and moved into place with ``os.replace``; the index is written last, so a folder without an
+index is incomplete and is (re)built. Builders take an exclusive ``flock`` on the folder's lock
+file where the file system supports it, so concurrent Ray workers build it once; where it does
+not, they build the same files and the atomic moves keep every file whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import Config, ConfigError
+
+
+class DataFormatError(ConfigError):
+    """A benchmark source file is malformed.
+
+    The message names the file, the record (row number / sample or question id) and the field,
+    says what was received and what is allowed, and how to fix it. A subclass of
+    :class:`fedpeft.config.ConfigError` (itself a ``ValueError``), so callers that report config
+    errors report these the same way.
+    """
+
+
+def format_error(file: str | Path, record: str, field: str, received: Any, allowed: str, fix: str) -> DataFormatError:
+    """Build a :class:`DataFormatError` with the standard message layout."""
+    got = received if isinstance(received, str) and received.startswith("<") else repr(received)
+    if len(got) > 200:
+        got = got[:200] + "..."
+    return DataFormatError(
+        f"{file}: {record}, field '{field}': got {got}; expected {allowed}. {fix}"
+    )
+
+
+def read_json(path: str | Path, hint: str = "") -> Any:
+    """``json.load`` with errors that name the file (and where in it the JSON breaks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"File '{path}' does not exist.{' ' + hint if hint else ''}")
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). "
+            f"Re-download or re-create the file.{' ' + hint if hint else ''}"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path}: not UTF-8 text ({err}). Re-download or re-create the file.") from None
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_CHUNKS = re.compile(r"(\d+)")
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key ordering embedded numbers numerically: 'worker_9' < 'worker_10'."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in _CHUNKS.split(text) if part)
+
+
+def cache_root(config: Config) -> Path:
+    """``data.cache_dir``, or ~/.cache/fedpeft when it is empty."""
+    return Path(config.data.cache_dir).expanduser() if config.data.cache_dir else Path.home() / ".cache" / "fedpeft"
+
+
+def source_fingerprint(paths: Iterable[str | Path]) -> list[list[Any]]:
+    """[resolved path, size, mtime_ns] of each source file."""
+    out = []
+    for p in paths:
+        st = Path(p).stat()
+        out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """flock(LOCK_EX) on ``path``; a no-op where flock is unavailable (e.g. some network FS)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class UserCache:
+    """One cache folder: ``index.json`` and ``users/<shard>/<index>.json``."""
+
+    def __init__(self, root: Path, family: str, task: str, key_material: dict[str, Any]) -> None:
+        digest = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:20]
+        safe_task = re.sub(r"[^A-Za-z0-9_.-]", "_", task) or "default"
+        self.dir = Path(root) / family / f"{safe_task}-{digest}"
+        self.key_material = key_material
+
+    @property
+    def index_path(self) -> Path:
+        return self.dir / "index.json"
+
+    def user_path(self, index: int, suffix: str = "") -> Path:
+        return self.dir / "users" / f"{index // 1000:04d}" / f"{index:07d}{suffix}.json"
+
+    def write_user(self, index: int, obj: Any, suffix: str = "") -> None:
+        atomic_write_json(self.user_path(index, suffix), obj)
+
+    def read_user(self, index: int, suffix: str = "") -> Any:
+        path = self.user_path(index, suffix)
+        try:
+            with path.open("r", encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            if suffix:
+                raise
+            raise ConfigError(
+                f"Cache file '{path}' is missing (the cache folder '{self.dir}' was changed while in "
+                "use). Delete that folder; it is rebuilt from the source files on the next run."
+            ) from None
+
+    def has_user(self, index: int, suffix: str = "") -> bool:
+        return self.user_path(index, suffix).is_file()
+
+    def load_index(self) -> dict[str, Any] | None:
+        try:
+            with self.index_path.open("r", encoding="utf-8") as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def get_or_build(self, build: Callable[[UserCache], dict[str, Any]]) -> dict[str, Any]:
+        """The index, building the folder with ``build(self)`` (which writes the user files and
+        returns the index) when no complete one exists."""
+        index = self.load_index()
+        if index is not None:
+            return index
+        with _exclusive_lock(self.dir.parent / f".{self.dir.name}.lock"):
+            index = self.load_index()  # another process may have built it while we waited
+            if index is not None:
+                return index
+            index = build(self)
+            index["cache_key"] = self.key_material
+            atomic_write_json(self.index_path, index)
+            return index

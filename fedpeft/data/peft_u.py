@@ -1,0 +1,511 @@
+"""PEFT-U (Clarke et al. 2024): converters from the raw files, PEFT-U's split, and the loader.
+
+``data.benchmark=peft-u/<task>`` reads PEFT-U's prepared per-user form from ``data.path`` (a
+``.json`` file, or a folder holding ``user_data_leaked.json`` directly or in ``<task>/``)::
+
+    {user_id: {"train"|"val"|"test": {sample_id: {"text": str, "label": [str, ...]}}}}
+
+Users are listed in the natural order of their ids (numbers compared as numbers, as PEFT-U's
+``sort_user_ids``). The label set is the sorted union over all users of the file; the task is "multilabel" when any
+example has more than one label, else "classification"; metrics accuracy and macro-F1 (scored by
+:func:`fedpeft.scoring.score`, where a prediction is correct when any predicted label is gold).
+``Example.text`` is the raw text; PEFT-U's instruction for the task is in :data:`INSTRUCTIONS`
+for backbones that want a prompt. A user whose train or test split is empty cannot be trained or
+scored: it is skipped with a warning and listed by ``skipped_users()``. Malformed input raises
+:class:`fedpeft.data.common.DataFormatError` naming the file, the record and the field.
+
+``python -m fedpeft.data prepare peft-u --task T --raw DIR --out DIR`` builds that form from the
+raw files (:func:`prepare`), following PEFT-U's code (ChrisIsKing/Parameter-Efficient-
+Personalization, ``peft_u/write_data/prepare_<task>.py`` and the latest
+``peft_u/preprocess/convert_data_format.py``, ``data2dataset_splits(leakage=True)``); see
+:func:`split_user` for the split and where it differs from the paper's one-line description.
+It writes ``OUT/user_data_leaked.json``, ``OUT/dropped_users.json`` (users with fewer than 10
+examples, id -> reason; PEFT-U drops them without a record) and PEFT-U's own
+``OUT/users-with-empty-dataset-splits.json`` (kept users with an empty split).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import logging
+import random
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import ConfigError
+from fedpeft.data import Benchmark, Example, TaskSpec, UserData, register_benchmark
+from fedpeft.data.common import (
+    UserCache,
+    atomic_write_json,
+    cache_root,
+    format_error,
+    natural_key,
+    read_json,
+    source_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+PREPARED_FILE = "user_data_leaked.json"
+DROPPED_FILE = "dropped_users.json"
+EMPTY_SPLITS_FILE = "users-with-empty-dataset-splits.json"
+SPLITS = ("train", "val", "test")
+
+# Raw formats (files as in PEFT-U's data/<task>/ folders).
+TWEETEVAL_FILE = "annotations_g3.csv"
+TWEETEVAL_LABELS = ("Hateful", "Non-hateful")
+STUDEMO_ANNOTATIONS = "annotation_data.csv"
+STUDEMO_TEXTS = "text_data.csv"
+# PEFT-U takes every column after text_id, annotator_id as a label, valence and arousal included;
+# a label counts where its intensity is >= 1 (so a negative valence is no label).
+STUDEMO_LABELS = ("joy", "trust", "anticipation", "surprise", "fear", "sadness", "disgust", "anger", "valence", "arousal")
+SUBJECTIVE_DISCOURSE_FILE = "with_features_annotated_questions_responses_gold.tsv"
+SD_RESPONSE_LABELS = ("answer", "answer_overans-sway", "cant-answer-lying", "cant-answer-sincere", "shift-correct", "shift-dodge")
+SD_SENTIMENTS = {  # raw spelling -> prepared spelling (PEFT-U's label_map)
+    "veryNegative": "very-negative", "somewhatNegative": "somewhat-negative", "negative": "negative",
+    "neutral": "neutral", "positive": "positive", "somewhatPositive": "somewhat-positive",
+    "veryPositive": "very-positive",
+}
+SD_TEXT_COLUMNS = ("q_speaker_detail", "q_text", "r_speaker_detail", "r_text")
+SD_TASK_COLUMN = {
+    "subjectivediscourse_response": "gold_coarse_labels",
+    "subjectivediscourse_question_sentiment": "gold_q_sentiments",
+    "subjectivediscourse_response_sentiment": "gold_sentiments",
+}
+PREPARE_TASKS = ("tweeteval", "studemo", *SD_TASK_COLUMN)
+
+# PEFT-U's instructions (peft_u/util/config.json) for the tasks with converters here.
+INSTRUCTIONS = {
+    "tweeteval": "Please review the following text and indicate if it has the presence of hate speech. "
+                 "Respond 'Hateful' if the text contains hate speech and 'Non-hateful' if the text does not "
+                 "contain hate speech.",
+    "studemo": "Please analyze the following text and assign one or more appropriate emotion labels. Emotion "
+               "labels include joy, trust, anticipation, surprise, fear, sadness, disgust, anger, valence, and "
+               "arousal. You can select one or multiple emotion labels that best capture the emotional content "
+               "of the text. Respond with the emotion labels separated by a comma.",
+    "subjectivediscourse_response": "Please analyze the following text and indicate how the witness responded "
+        "to the question. Respond with 'answer' if they answered the question reasonably, 'cant-answer-lying' "
+        "if they could not answer and are lying, 'can't answer-sincere' if they could not answer but are honest "
+        "about it, 'shift-dodge' if they shifted the topic with the intent of dodging the question, "
+        "'answer_overans-sway' if they over answered the question with the intention of swaying or "
+        "'shift-correct' if they shifted the topic with the intention of clarifying the question.",
+    "subjectivediscourse_question_sentiment": "Please analyze the following text and rate your sentiment towards "
+        "the questioners. Sentiment labels include 'somewhatPositive', 'positive', 'veryPositive', "
+        "'somewhatNegative', 'veryNegative', 'neutral' and 'negative'. Respond with the sentiment label that "
+        "best captures your sentiment towards the questioners.",
+    "subjectivediscourse_response_sentiment": "Please analyze the following text and rate your sentiment towards "
+        "the witness. Sentiment labels include 'somewhatPositive', 'positive', 'veryPositive', "
+        "'somewhatNegative', 'veryNegative', 'neutral' and 'negative'. Respond with the sentiment label that "
+        "best captures your sentiment towards the witness.",
+}
+
+# user_id -> sample_id -> {"text": str, "label": [str, ...]}  (PEFT-U's PersonalizedData)
+PersonalizedData = dict[str, dict[str, dict[str, Any]]]
+PREPARE_HINT = "Create it with `python -m fedpeft.data prepare peft-u --task <task> --raw <raw dir> --out <dir>`."
+
+
+# --------------------------------------------------------------------------------------------
+# Raw readers
+# --------------------------------------------------------------------------------------------
+
+def _raw_file(raw_dir: str | Path, name: str, task: str) -> Path:
+    path = Path(raw_dir) / name
+    if not path.is_file():
+        raise ConfigError(
+            f"PEFT-U {task}: raw file '{path}' does not exist. --raw must be the folder holding "
+            f"PEFT-U's data/{task.split('_')[0]}/ files ({name})."
+        )
+    return path
+
+
+def _iter_csv(path: Path, delimiter: str, required: tuple[str, ...]) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
+    """Header and an iterator of (line number, row) with checks for missing columns/cells."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    handle = path.open("r", encoding="utf-8", newline="")
+    reader = csv.reader(handle, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        handle.close()
+        raise format_error(path, "line 1 (header)", "<header>", "<empty file>", f"a header with columns {', '.join(required)}",
+                           "Use the file as distributed by PEFT-U.") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        handle.close()
+        raise format_error(path, "line 1 (header)", missing[0], header, f"a header with the columns {', '.join(required)} "
+                           f"(missing: {', '.join(missing)})", "Use the file as distributed by PEFT-U.")
+
+    def rows() -> Iterator[tuple[int, dict[str, str]]]:
+        with handle:
+            for cells in reader:
+                line = reader.line_num
+                if not cells:
+                    continue
+                if len(cells) != len(header):
+                    raise format_error(path, f"line {line}", "<row>", f"<{len(cells)} cells>",
+                                       f"{len(header)} cells, one per header column",
+                                       "Check the row for a broken quote or a missing/extra delimiter.")
+                yield line, dict(zip(header, cells))
+
+    return header, rows()
+
+
+def read_tweeteval(raw_dir: str | Path) -> PersonalizedData:
+    """``annotations_g3.csv``: ``id,text`` then one column per annotator (``label_M_1`` ...).
+
+    As PEFT-U (``prepare_tweeteval.py``): each annotator column is a user whose id is the column
+    name; every cell is one example ``{text, label: [cell]}``. An empty cell means the annotator
+    did not label that tweet and gives no example (PEFT-U would keep it as label '').
+    """
+    path = _raw_file(raw_dir, TWEETEVAL_FILE, "tweeteval")
+    header, rows = _iter_csv(path, ",", ("id", "text"))
+    users = [c for c in header if c not in ("id", "text")]
+    if not users:
+        raise format_error(path, "line 1 (header)", "<annotator columns>", header,
+                           "one column per annotator after id,text (label_M_1, ...)", "Use the file as distributed by PEFT-U.")
+    data: PersonalizedData = {u: {} for u in users}
+    for line, row in rows:
+        sid = row["id"]
+        for user in users:
+            value = row[user]
+            if value == "":
+                continue
+            if value not in TWEETEVAL_LABELS:
+                raise format_error(path, f"line {line} (id={sid})", user, value, f"one of {', '.join(TWEETEVAL_LABELS)} "
+                                   "(or empty for not annotated)", "Fix the cell.")
+            data[user][sid] = {"text": row["text"], "label": [value]}
+    return data
+
+
+def _intensity(path: Path, line: int, record: str, column: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise format_error(path, f"line {line} ({record})", column, value, "a number (annotation intensity, e.g. 0.0 or 2.0)",
+                           "Fix the cell.") from None
+
+
+def read_studemo(raw_dir: str | Path) -> PersonalizedData:
+    """``annotation_data.csv`` (text_id, annotator_id, one intensity column per emotion) and
+    ``text_data.csv`` (text_id, text).
+
+    As PEFT-U (``prepare_studemo.py``): every column after text_id, annotator_id is a label
+    (the 8 emotions, valence and arousal); a label counts where its intensity is >= 1; a
+    (user, text) pair keeps its first annotation; an annotation with no label gives no example.
+    """
+    ann_path = _raw_file(raw_dir, STUDEMO_ANNOTATIONS, "studemo")
+    txt_path = _raw_file(raw_dir, STUDEMO_TEXTS, "studemo")
+    _, text_rows = _iter_csv(txt_path, ",", ("text_id", "text"))
+    id2text = {row["text_id"]: row["text"] for _, row in text_rows}
+    header, rows = _iter_csv(ann_path, ",", ("text_id", "annotator_id", *STUDEMO_LABELS))
+    label_columns = [c for c in header if c not in ("text_id", "annotator_id")]
+    data: PersonalizedData = {}
+    for line, row in rows:
+        sid, uid = row["text_id"], row["annotator_id"]
+        record = f"text_id={sid}, annotator_id={uid}"
+        user = data.setdefault(uid, {})
+        if sid in user:
+            continue
+        labels = [c for c in label_columns if _intensity(ann_path, line, record, c, row[c]) >= 1]
+        if sid not in id2text:
+            raise format_error(ann_path, f"line {line} ({record})", "text_id", sid, f"a text_id listed in {txt_path}",
+                               "Use the annotation and text files of the same StudEmo release.")
+        if labels:
+            user[sid] = {"text": id2text[sid], "label": labels}
+    return data
+
+
+def _tuple_cell(path: Path, line: int, record: str, column: str, value: str) -> list[str]:
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = None
+    if not isinstance(parsed, (tuple, list)) or not all(isinstance(v, str) for v in parsed):
+        raise format_error(path, f"line {line} ({record})", column, value, "a Python tuple literal of strings, "
+                           "one entry per annotator, e.g. ('worker_1', 'worker_7')", "Fix the cell.")
+    return list(parsed)
+
+
+def read_subjectivediscourse(raw_dir: str | Path, task: str) -> PersonalizedData:
+    """``with_features_annotated_questions_responses_gold.tsv`` (header; first column unnamed).
+
+    As PEFT-U (``prepare_subjectivediscourse.py``): sample id = ``qa_index``; text =
+    q_speaker_detail, q_text, r_speaker_detail, r_text joined by ' \\n '; ``gold_workers`` lists
+    the annotators and the task's column (``gold_coarse_labels`` / ``gold_q_sentiments`` /
+    ``gold_sentiments``) their labels, position by position; sentiments are respelled
+    (veryNegative -> very-negative, ...). PEFT-U reads the columns by position (3, 5-8, 11, 17,
+    18, 21); here they are read by name.
+    """
+    path = _raw_file(raw_dir, SUBJECTIVE_DISCOURSE_FILE, "subjectivediscourse")
+    label_column = SD_TASK_COLUMN[task]
+    _, rows = _iter_csv(path, "\t", ("qa_index", *SD_TEXT_COLUMNS, "gold_workers", label_column))
+    allowed = SD_RESPONSE_LABELS if task == "subjectivediscourse_response" else tuple(SD_SENTIMENTS)
+    data: PersonalizedData = {}
+    for line, row in rows:
+        sid = row["qa_index"]
+        record = f"qa_index={sid}"
+        workers = _tuple_cell(path, line, record, "gold_workers", row["gold_workers"])
+        labels = _tuple_cell(path, line, record, label_column, row[label_column])
+        if len(labels) != len(workers):
+            raise format_error(path, f"line {line} ({record})", label_column, row[label_column],
+                               f"{len(workers)} entries, one per annotator in gold_workers", "Fix the cell.")
+        text = " \n ".join(row[c] for c in SD_TEXT_COLUMNS)
+        for worker, label in zip(workers, labels):
+            if label not in allowed:
+                raise format_error(path, f"line {line} ({record})", label_column, label, f"one of {', '.join(allowed)}",
+                                   "Fix the cell.")
+            data.setdefault(worker, {})[sid] = {"text": text, "label": [SD_SENTIMENTS.get(label, label)]}
+    return data
+
+
+def read_raw(task: str, raw_dir: str | Path) -> PersonalizedData:
+    """user -> sample -> {text, label} for one of :data:`PREPARE_TASKS`."""
+    if task == "tweeteval":
+        return read_tweeteval(raw_dir)
+    if task == "studemo":
+        return read_studemo(raw_dir)
+    if task in SD_TASK_COLUMN:
+        return read_subjectivediscourse(raw_dir, task)
+    raise ConfigError(f"No PEFT-U converter for task '{task}'. Converters exist for: {', '.join(PREPARE_TASKS)}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Split (PEFT-U's data2dataset_splits, leakage=True)
+# --------------------------------------------------------------------------------------------
+
+def _split_label(samples: list, seed: int, train_ratio: float) -> tuple[list, list, list]:
+    """PEFT-U's ``_split2train_val_test``: the generator is re-seeded for every call."""
+    samples = list(samples)
+    random.Random(seed).shuffle(samples)  # == random.seed(seed); random.shuffle(samples)
+    n_held = max(2, round((1 - train_ratio) * len(samples)))
+    train, held = samples[:-n_held], samples[-n_held:]
+    n_val = round(0.5 * n_held)
+    return train, held[:n_val], held[n_val:]
+
+
+def split_user(samples: dict[str, dict[str, Any]], seed: int = 42, train_ratio: float = 0.8) -> dict[str, dict[str, Any]]:
+    """One user's examples -> {"train", "val", "test"}, exactly as PEFT-U's latest code does.
+
+    For each label of the user (sorted), the user's examples carrying it (in input order) are
+    shuffled with ``random.seed(42)`` set anew for that label; the *last*
+    ``max(2, round(0.2 n))`` of them are held out, of which the first ``round(0.5 * held)`` go to
+    val and the rest to test (Python rounds halves to even: 3 held -> 2 val + 1 test, 5 -> 2 + 3);
+    the others go to train. A multi-label example goes to the split chosen for it by the first
+    of its labels that places it (train checked before test before val within a label), so it is
+    in one split only. Differences from the paper's one-line description ("80/10/10, at least 2
+    held-out per label"): the held-out pair is not guaranteed to be one val + one test for a label
+    with a single example (it lands in val, test stays empty), a multi-label example counted for
+    several labels can leave a label with fewer held-out examples, and the rounding is banker's.
+    """
+    labels = sorted(set().union(*[s["label"] for s in samples.values()])) if samples else []
+    train: dict[str, Any] = {}
+    val: dict[str, Any] = {}
+    test: dict[str, Any] = {}
+    for label in labels:
+        tr, vl, ts = _split_label([(sid, s) for sid, s in samples.items() if label in s["label"]], seed, train_ratio)
+        train.update({sid: s for sid, s in tr if sid not in val and sid not in test})
+        test.update({sid: s for sid, s in ts if sid not in train and sid not in val})
+        val.update({sid: s for sid, s in vl if sid not in train and sid not in test})
+    assert len(train) + len(val) + len(test) == len(samples)
+    return {"train": train, "val": val, "test": test}
+
+
+def split_users(
+    data: PersonalizedData, seed: int = 42, train_ratio: float = 0.8, drop_threshold: int = 10
+) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, str], dict[str, dict[str, int]]]:
+    """(prepared form, dropped users id -> reason, kept users with an empty split -> sizes).
+
+    Users are split in input order; a user with fewer than ``drop_threshold`` examples (counted
+    over all splits, after the split, as PEFT-U does) is dropped and listed with its count.
+    """
+    prepared: dict[str, dict[str, dict[str, Any]]] = {}
+    dropped: dict[str, str] = {}
+    empty: dict[str, dict[str, int]] = {}
+    for uid, samples in data.items():
+        if len(samples) < drop_threshold:
+            dropped[str(uid)] = f"{len(samples)} examples (< {drop_threshold})"
+            continue
+        prepared[str(uid)] = split_user(samples, seed=seed, train_ratio=train_ratio)
+        sizes = {k: len(v) for k, v in prepared[str(uid)].items()}
+        if any(n == 0 for n in sizes.values()):
+            empty[str(uid)] = sizes
+    return prepared, dropped, empty
+
+
+def label_meta(prepared: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """{"multi_label": bool, "label_options": sorted labels} (PEFT-U's data2label_meta)."""
+    labels = [s["label"] for u in prepared.values() for split in u.values() for s in split.values()]
+    return {"multi_label": any(len(lb) > 1 for lb in labels), "label_options": sorted(set().union(*labels)) if labels else []}
+
+
+def prepare(task: str, raw_dir: str | Path, out_dir: str | Path, seed: int = 42, train_ratio: float = 0.8,
+            drop_threshold: int = 10) -> dict[str, Any]:
+    """Convert raw files to ``OUT/user_data_leaked.json`` (+ dropped / empty-split lists); returns a summary."""
+    data = read_raw(task, raw_dir)
+    prepared, dropped, empty = split_users(data, seed=seed, train_ratio=train_ratio, drop_threshold=drop_threshold)
+    out = Path(out_dir)
+    atomic_write_json(out / PREPARED_FILE, prepared)
+    atomic_write_json(out / DROPPED_FILE, dropped)
+    atomic_write_json(out / EMPTY_SPLITS_FILE, {"leaked": empty})
+    meta = label_meta(prepared)
+    return {
+        "task": task,
+        "out": str(out / PREPARED_FILE),
+        "users_in": len(data),
+        "users_kept": len(prepared),
+        "users_dropped": dropped,
+        "users_with_empty_split": empty,
+        "examples": {s: sum(len(u[s]) for u in prepared.values()) for s in SPLITS},
+        "labels": meta["label_options"],
+        "kind": "multilabel" if meta["multi_label"] else "classification",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Loader
+# --------------------------------------------------------------------------------------------
+
+def resolve_prepared_path(path: str, task: str) -> Path:
+    """data.path -> the prepared JSON file (a file, DIR/user_data_leaked.json or DIR/<task>/...)."""
+    if not path:
+        raise ConfigError(
+            f"data.path is empty: set it to PEFT-U's prepared per-user file ({PREPARED_FILE}) for '{task}' or "
+            f"its folder, e.g. data.path=data/peft-u/{task}. {PREPARE_HINT}"
+        )
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for candidate in (p / PREPARED_FILE, p / task / PREPARED_FILE):
+            if candidate.is_file():
+                return candidate
+        raise ConfigError(f"data.path='{path}' is a folder without {PREPARED_FILE} (looked for {p / PREPARED_FILE} and "
+                          f"{p / task / PREPARED_FILE}). {PREPARE_HINT}")
+    raise ConfigError(f"data.path='{path}' does not exist. Give PEFT-U's prepared {PREPARED_FILE} or its folder. {PREPARE_HINT}")
+
+
+def _read_prepared(path: Path) -> Any:
+    return read_json(path, hint=PREPARE_HINT)
+
+
+def _check_split(path: Path, uid: str, split: str, samples: Any) -> list[list[Any]]:
+    """Validated [[sample_id, text, [labels]], ...] of one split."""
+    fix = f"Each sample must be {{\"text\": str, \"label\": [str, ...]}}. {PREPARE_HINT}"
+    if not isinstance(samples, dict):
+        raise format_error(path, f"user '{uid}'", split, type(samples).__name__, "an object {sample_id: {text, label}}", fix)
+    rows = []
+    for sid, sample in samples.items():
+        record = f"user '{uid}', {split} sample '{sid}'"
+        if not isinstance(sample, dict):
+            raise format_error(path, record, "<sample>", type(sample).__name__, "an object with 'text' and 'label'", fix)
+        for key in ("text", "label"):
+            if key not in sample:
+                raise format_error(path, record, key, f"<missing; keys: {sorted(sample)}>", "an object with 'text' and 'label'", fix)
+        if not isinstance(sample["text"], str):
+            raise format_error(path, record, "text", sample["text"], "a string", fix)
+        label = sample["label"]
+        if not isinstance(label, list) or not label or not all(isinstance(x, str) and x for x in label):
+            raise format_error(path, record, "label", label, "a non-empty list of non-empty strings, e.g. [\"Hateful\"]", fix)
+        rows.append([str(sid), sample["text"], list(label)])
+    return rows
+
+
+@register_benchmark
+class PeftUBenchmark(Benchmark):
+    """``peft-u/<task>``: PEFT-U's prepared per-user file, cached one file per user."""
+
+    name = "peft-u"
+    has_tasks = True
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        if not self.task_name:
+            raise ConfigError("data.benchmark='peft-u' needs a task: peft-u/<task>, e.g. peft-u/tweeteval.")
+        self.path = resolve_prepared_path(config.data.path, self.task_name)
+        self.cache = UserCache(cache_root(config), self.name, self.task_name, {
+            "version": CACHE_VERSION, "family": self.name, "task": self.task_name,
+            "sources": source_fingerprint([self.path]),
+        })
+        self._index: dict[str, Any] | None = None
+
+    # The index (ids, labels, counts, skipped) is read on first use, never the users' texts.
+    def index(self) -> dict[str, Any]:
+        if self._index is None:
+            self._index = self.cache.get_or_build(self._build)
+        return self._index
+
+    def _build(self, cache: UserCache) -> dict[str, Any]:
+        path = self.path
+        data = _read_prepared(path)
+        if not isinstance(data, dict):
+            raise format_error(path, "top level", "<root>", type(data).__name__,
+                               "an object {user_id: {train|val|test: {sample_id: {text, label}}}}", PREPARE_HINT)
+        labels: set[str] = set()
+        multi = False
+        users: list[str] = []
+        counts: list[list[int]] = []
+        skipped: dict[str, str] = {}
+        for uid in sorted(data, key=lambda u: natural_key(str(u))):
+            record = data[uid]
+            if not isinstance(record, dict):
+                raise format_error(path, f"user '{uid}'", "<user>", type(record).__name__, "an object with train, val, test", PREPARE_HINT)
+            for split in SPLITS:
+                if split not in record:
+                    raise format_error(path, f"user '{uid}'", split, f"<missing; keys: {sorted(record)}>",
+                                       "an object with the keys train, val and test (each possibly empty {})", PREPARE_HINT)
+            splits = {s: _check_split(path, str(uid), s, record[s]) for s in SPLITS}
+            for rows in splits.values():
+                for _, _, lb in rows:
+                    labels.update(lb)
+                    multi = multi or len(lb) > 1
+            seen: dict[str, str] = {}
+            clash = None
+            for s in SPLITS:
+                for sid, _, _ in splits[s]:
+                    if sid in seen and clash is None:
+                        clash = f"sample '{sid}' is in both {seen[sid]} and {s}"
+                    seen.setdefault(sid, s)
+            if not splits["train"] or not splits["test"]:
+                empty = " and ".join(s for s in ("train", "test") if not splits[s])
+                skipped[str(uid)] = f"empty {empty} split"
+                continue
+            if clash:
+                skipped[str(uid)] = clash
+                continue
+            cache.write_user(len(users), {"user_id": str(uid), **splits})
+            users.append(str(uid))
+            counts.append([len(splits[s]) for s in SPLITS])
+        if skipped:
+            shown = ", ".join(f"{u} ({r})" for u, r in list(skipped.items())[:10])
+            more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+            warnings.warn(f"PEFT-U {self.task_name}: skipped {len(skipped)} user(s) of {path}: {shown}{more}.", stacklevel=2)
+        if not users:
+            raise ConfigError(f"PEFT-U {self.task_name}: no usable user in {path} (every user has an empty train or test split).")
+        return {
+            "version": CACHE_VERSION, "family": self.name, "task": self.task_name, "source": str(path),
+            "kind": "multilabel" if multi else "classification", "labels": sorted(labels),
+            "metrics": ["accuracy", "macro_f1"], "users": users, "counts": counts, "skipped": skipped,
+        }
+
+    def user_ids(self) -> list[str]:
+        return list(self.index()["users"])
+
+    def task(self) -> TaskSpec:
+        idx = self.index()
+        return TaskSpec(kind=idx["kind"], labels=tuple(idx["labels"]), metrics=tuple(idx["metrics"]))
+
+    def skipped_users(self) -> dict[str, str]:
+        return dict(self.index()["skipped"])
+
+    def load_user(self, index: int) -> UserData:
+        users = self.index()["users"]
+        if not 0 <= index < len(users):
+            raise IndexError(f"user index {index} outside 0..{len(users) - 1}")
+        rec = self.cache.read_user(index)
+        split = {s: [Example(id=sid, text=text, labels=tuple(lb)) for sid, text, lb in rec[s]] for s in SPLITS}
+        return UserData(rec["user_id"], split["train"], split["val"], split["test"])
