@@ -165,7 +165,13 @@ def build_model(config: Config, num_labels: int, extra_adapters: tuple[str, ...]
     if config.peft.method in NO_TRAINING:  # an untouched LoRA adapter (B = 0) leaves the backbone as it is
         method_config = copy.deepcopy(config)
         method_config.peft.method = "lora"
-    model = get_peft_model(base, peft_config(method_config, base.config.model_type, task_type))
+    try:
+        model = get_peft_model(base, peft_config(method_config, base.config.model_type, task_type))
+    except (TypeError, ValueError) as err:  # e.g. LoHa/LoKr on GPT-2's Conv1D layers
+        raise ConfigError(
+            f"peft.method={config.peft.method} cannot adapt '{config.model.name}' ({base.config.model_type}): {err}. "
+            "Set peft.target_modules to layers the method supports, or pick another method (lora, dora, ia3 fit every backbone)."
+        ) from None
     for name in extra_adapters:
         model.add_adapter(name, peft_config(method_config, base.config.model_type, None))
     if extra_adapters:  # all adapters active together; the head stays the default one's

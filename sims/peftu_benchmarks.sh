@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Benchmark runs on the real PEFT-U tasks in ../shared/data/peft-u (tweeteval, studemo):
+# prepare with PEFT-U's split protocol, a majority-label-per-user baseline, then the strategies
+# side by side with the MiniLM backbone. Usage: bash sims/peftu_benchmarks.sh [OUT] [KEY=VALUE ...]
+set -euo pipefail
+OUT=${1:-runs/peftu}; shift || true
+RAW=${FEDPEFT_PEFTU_RAW:-../shared/data/peft-u}
+STRATEGIES=${STRATEGIES:-local_only,fedavg,fedavg_ft,fedper,fedrep,fedsa}
+for task in tweeteval studemo; do
+  python -m fedpeft.data prepare peft-u --task "$task" --raw "$RAW/$task" --out "$OUT/data/$task"
+  python sims/majority_baseline.py --benchmark "peft-u/$task" "data.path=$OUT/data/$task" --json-out "$OUT/$task-majority.json" "$@"
+  python sims/compare.py --strategies "$STRATEGIES" --benchmark "peft-u/$task" "data.path=$OUT/data/$task" \
+    --compare-out "$OUT/$task" output.progress=false "$@"
+done
