@@ -174,3 +174,67 @@ def test_compare_writes_table_per_user_table_and_plots(tiny_bert, tmp_path, ray_
     assert len(per_user) == 6 and set(per_user[0]) == {"user_id", "local_only", "fedsa"}
     for png in ("rounds.png", "distribution.png"):
         assert (out / png).stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("model, method, strategy", [("tiny_t5", "lora", "local_only"), ("tiny_gpt2", "prefix_tuning", "fedavg"),
+                                                     ("tiny_t5", "few_shot", "local_only")])
+def test_generative_backbones_run_through_the_entry_point(model, method, strategy, request, tmp_path, ray_shutdown):
+    path = request.getfixturevalue(model)
+    name = f"{model}-{method}"
+    args = tiny_args(path, tmp_path, name, "--strategy", strategy, "--peft", method, "peft.num_virtual_tokens=4",
+                     "model.max_new_tokens=4")
+    assert main(args) == 0
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    assert results["summary"]["n_evaluated"] == 6 and results["summary"]["n_failed"] == 0
+    assert (results["parameters"]["trainable_params_per_user"] > 0) == (method != "few_shot")
+    rows = [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(r["predictions"]) == 6 for r in rows)
+
+
+def test_peft_u_multilabel_task_runs_through_the_entry_point(tiny_bert, tmp_path, ray_shutdown):
+    """A prepared PEFT-U file with multi-label users: BCE training and PEFT-U scoring inside Ray."""
+    labels = ["joy", "anger", "fear"]
+    users = {}
+    for u in range(3):
+        samples = {f"s{u}{i}": {"text": f"text number {i} from user {u}", "label": [labels[i % 3], labels[(i + u) % 3]]}
+                   for i in range(12)}
+        ids = list(samples)
+        users[f"annotator{u}"] = {"train": {k: samples[k] for k in ids[:8]}, "val": {k: samples[k] for k in ids[8:10]},
+                                  "test": {k: samples[k] for k in ids[10:]}}
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "user_data_leaked.json").write_text(json.dumps(users))
+    args = tiny_args(tiny_bert, tmp_path, "peftu", "--benchmark", "peft-u/studemo", f"data.path={data}",
+                     f"data.cache_dir={tmp_path / 'cache'}", "--strategy", "fedsa")
+    assert main(args) == 0
+    results = json.loads((tmp_path / "peftu" / "results.json").read_text())
+    assert results["num_users"] == 3 and results["summary"]["n_evaluated"] == 3
+    assert results["metrics"] == ["accuracy", "macro_f1"]
+    preds = [json.loads(line) for line in (tmp_path / "peftu" / "predictions.jsonl").read_text().splitlines()]
+    assert all(set(p.split(", ")) <= set(labels) for row in preds for p in row["predictions"])
+
+
+@pytest.mark.parametrize("task, model, metric", [(2, "tiny_bert", "accuracy"), (3, "tiny_bert", "mae"), (4, "tiny_t5", "rouge1")])
+def test_lamp_tasks_run_through_the_entry_point(task, model, metric, request, tmp_path, ray_shutdown):
+    from tests.test_lamp import simple_questions, write_lamp
+
+    folder = write_lamp(tmp_path, task, simple_questions(task, n_users=3, n_items=6))
+    args = tiny_args(request.getfixturevalue(model), tmp_path, f"lamp{task}", "--benchmark", f"lamp/LaMP-{task}",
+                     f"data.path={folder}", f"data.cache_dir={tmp_path / 'cache'}", "data.retrieval_k=1",
+                     "data.max_length=64", "model.max_new_tokens=4")
+    assert main(args) == 0
+    results = json.loads((tmp_path / f"lamp{task}" / "results.json").read_text())
+    assert results["metrics"][0] == metric and results["summary"]["n_evaluated"] == 3
+    assert results["summary"][f"{metric}_mean"] >= 0
+
+
+def test_generation_task_with_an_encoder_is_refused_before_ray(tiny_bert, tmp_path, capsys):
+    import ray
+
+    from tests.test_lamp import simple_questions, write_lamp
+
+    folder = write_lamp(tmp_path, 5, simple_questions(5))
+    assert main(tiny_args(tiny_bert, tmp_path, "l5", "--benchmark", "lamp/LaMP-5", f"data.path={folder}",
+                          f"data.cache_dir={tmp_path / 'cache'}")) == 2
+    assert "generative backbone" in capsys.readouterr().err
+    assert not ray.is_initialized()
