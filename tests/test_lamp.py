@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedpeft.config import Config, ConfigError
-from fedpeft.data import lamp
+from fedpeft.data import lamp, lamp_download
 from fedpeft.data.__main__ import main as data_main
 from fedpeft.data.common import DataFormatError, UserCache
 from fedpeft.data.lamp import LampBenchmark
@@ -354,13 +354,13 @@ def test_listing_users_reads_no_user_file(tmp_path, monkeypatch):
 
 
 def test_official_urls():
-    urls = lamp.lamp_urls("LaMP-2", "user")
+    urls = lamp_download.lamp_urls("LaMP-2", "user")
     assert urls["dev_questions.json"] == "https://ciir.cs.umass.edu/downloads/LaMP/LaMP_2/new/dev/dev_questions.json"
     assert "test_outputs.json" not in urls and len(urls) == 5
-    assert lamp.lamp_urls("LaMP-3", "time", ("train",))["train_outputs.json"] == \
+    assert lamp_download.lamp_urls("LaMP-3", "time", ("train",))["train_outputs.json"] == \
         "https://ciir.cs.umass.edu/downloads/LaMP/time/LaMP_3/train/train_outputs.json"
-    with pytest.raises(lamp.DownloadError, match="Avocado"):
-        lamp.lamp_urls("LaMP-6", "user")
+    with pytest.raises(lamp_download.DownloadError, match="Avocado"):
+        lamp_download.lamp_urls("LaMP-6", "user")
 
 
 @pytest.fixture
@@ -398,16 +398,16 @@ def test_download_errors(tmp_path, file_server, capsys):
     root, url = file_server
     (root / "time" / "LaMP_4" / "dev").mkdir(parents=True)
     (root / "time" / "LaMP_4" / "dev" / "dev_questions.json").write_text("<html><body>error</body></html>")
-    with pytest.raises(lamp.DownloadError, match="not JSON"):
-        lamp.download("LaMP-4", "time", tmp_path / "o", base_url=url, sets=("dev",), progress=False)
+    with pytest.raises(lamp_download.DownloadError, match="not JSON"):
+        lamp_download.download("LaMP-4", "time", tmp_path / "o", base_url=url, sets=("dev",), progress=False)
     assert not (tmp_path / "o" / "dev_questions.json").exists()
-    with pytest.raises(lamp.DownloadError, match="HTTP 404"):
-        lamp.download("LaMP-5", "user", tmp_path / "o", base_url=url, sets=("dev",), progress=False)
+    with pytest.raises(lamp_download.DownloadError, match="HTTP 404"):
+        lamp_download.download("LaMP-5", "user", tmp_path / "o", base_url=url, sets=("dev",), progress=False)
     with socket.socket() as s:  # a port on loopback that nobody listens on
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    with pytest.raises(lamp.DownloadError, match="could not reach .*offline"):
-        lamp.download("LaMP-5", "user", tmp_path / "o", base_url=f"http://127.0.0.1:{closed}", sets=("dev",), progress=False,
+    with pytest.raises(lamp_download.DownloadError, match="could not reach .*offline"):
+        lamp_download.download("LaMP-5", "user", tmp_path / "o", base_url=f"http://127.0.0.1:{closed}", sets=("dev",), progress=False,
                       timeout=5)
     assert data_main(["download", "lamp", "--task", "LaMP-5", "--out", str(tmp_path / "o"),
                       "--base-url", f"http://127.0.0.1:{closed}", "--no-progress"]) == 2

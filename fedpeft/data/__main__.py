@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download official benchmark files")
     dl_sub = dl.add_subparsers(dest="family", required=True)
     lp = dl_sub.add_parser("lamp", help="LaMP: {train,dev}_{questions,outputs}.json and test_questions.json")
-    from fedpeft.data.lamp import BASE_URL
+    from fedpeft.data.lamp_download import BASE_URL
 
     lp.add_argument("--task", required=True, help="LaMP-1 .. LaMP-7 (LaMP-6 is not distributed)")
     lp.add_argument("--split", default="user", choices=("user", "time"), help="user-based or time-based split")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{json.dumps(summary['users_with_empty_split'])}")
             print(f"wrote {summary['out']}; set data.path={args.out}")
         else:
-            from fedpeft.data.lamp import download
+            from fedpeft.data.lamp_download import download
 
             sets = tuple(s.strip() for s in args.sets.split(",") if s.strip())
             sizes = download(args.task, args.split, args.out, base_url=args.base_url, sets=sets, timeout=args.timeout,

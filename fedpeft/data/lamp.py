@@ -49,16 +49,12 @@ from __future__ import annotations
 import logging
 import random
 import re
-import sys
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rank_bm25 import BM25Okapi
 
 from fedpeft.config import ConfigError
 from fedpeft.data import Benchmark, Example, TaskSpec, UserData, register_benchmark
@@ -70,6 +66,7 @@ from fedpeft.data.common import (
     read_json,
     source_fingerprint,
 )
+from fedpeft.data.retrieval import PrefixBM25, bm25_top, chronological  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -178,78 +175,6 @@ def parse_task(name: str) -> LampTask:
 def first_words(text: str, k: int) -> str:
     """OPPU's get_first_k_tokens: the first k whitespace tokens, joined by single spaces."""
     return " ".join(text.split()[:k])
-
-
-def _date_key(date: Any) -> tuple[int, ...] | None:
-    if date is None:
-        return None
-    try:
-        return tuple(int(p) for p in str(date).strip().split("-"))
-    except ValueError:
-        return None
-
-
-def chronological(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Items sorted by date (stable), or in list order when any item has no parseable date."""
-    keys = [_date_key(it.get("date")) for it in items]
-    if any(k is None for k in keys):
-        return list(items)
-    order = sorted(range(len(items)), key=lambda i: keys[i])
-    return [items[i] for i in order]
-
-
-def bm25_top(query: str, docs: list[str], k: int) -> list[str]:
-    """The k docs BM25Okapi ranks highest for ``query`` (rank_bm25's get_top_n)."""
-    if k <= 0 or not docs:
-        return []
-    corpus = [d.split() for d in docs]
-    if not any(corpus):
-        return []
-    return BM25Okapi(corpus).get_top_n(query.split(), docs, n=min(k, len(docs)))
-
-
-class PrefixBM25:
-    """rank_bm25's BM25Okapi over the growing prefixes ``docs[:p]`` of one tokenized corpus.
-
-    ``model(p)`` equals ``BM25Okapi(docs[:p])`` (same term counts, document lengths, average
-    length and vocabulary order, so bit-identical idf and scores; a test checks this) but is
-    built incrementally: each document's term counts are computed once and rank_bm25's own
-    ``_calc_idf`` runs on the prefix's document frequencies. Scoring is rank_bm25's
-    ``get_scores``/``get_top_n``. This turns a user's O(n^2) re-indexing into O(n * vocabulary).
-    Prefixes must be asked for in increasing order (else it falls back to a fresh BM25Okapi).
-    """
-
-    def __init__(self, docs: list[list[str]]) -> None:
-        self.docs = docs
-        self.full = BM25Okapi(docs) if docs else None
-        self._nd: dict[str, int] = {}
-        self._upto = 0
-        self._words = 0
-
-    def model(self, p: int) -> BM25Okapi | None:
-        """BM25Okapi over docs[:p]; None when those documents hold no token at all."""
-        if p <= 0 or self.full is None:
-            return None
-        if p < self._upto:
-            prefix = self.docs[:p]
-            return BM25Okapi(prefix) if any(prefix) else None
-        for i in range(self._upto, p):
-            self._words += self.full.doc_len[i]
-            for word in self.full.doc_freqs[i]:
-                self._nd[word] = self._nd.get(word, 0) + 1
-        self._upto = p
-        if self._words == 0:
-            return None
-        model = object.__new__(BM25Okapi)
-        model.k1, model.b, model.epsilon = self.full.k1, self.full.b, self.full.epsilon
-        model.tokenizer = None
-        model.corpus_size = p
-        model.doc_freqs = self.full.doc_freqs[:p]
-        model.doc_len = self.full.doc_len[:p]
-        model.avgdl = self._words / p
-        model.idf = {}
-        model._calc_idf(self._nd)
-        return model
 
 
 def _fill(template: str, item: dict[str, Any], words: int) -> str:
@@ -586,82 +511,3 @@ class LampBenchmark(Benchmark):
             self.cache.write_user(index, rec, suffix)
         split = {s: [Example(id=i, text=t, labels=tuple(g)) for i, t, g in rec[s]] for s in ("train", "val", "test")}
         return UserData(rec["user_id"], split["train"], split["val"], split["test"])
-
-
-# --------------------------------------------------------------------------------------------
-# Download
-# --------------------------------------------------------------------------------------------
-
-BASE_URL = "https://ciir.cs.umass.edu/downloads/LaMP"
-
-
-class DownloadError(RuntimeError):
-    """A LaMP file could not be fetched (offline, HTTP error, or an HTML page instead of JSON)."""
-
-
-def lamp_urls(task: str, split: str, sets: tuple[str, ...] = ("train", "dev", "test"), base_url: str = BASE_URL) -> dict[str, str]:
-    """file name -> official URL. User split: BASE/LaMP_<n>/<set>/; time split: BASE/time/LaMP_<n>/<set>/;
-    LaMP-2 (movie tagging since 2024) lives under LaMP_2/new/ (LaMP_2/ serves the old news task)."""
-    spec = parse_task(task)
-    if spec.number == 6:
-        raise DownloadError("LaMP-6 (Avocado emails) is not distributed by LaMP: the Avocado corpus is licensed (LDC2015T03). "
-                            "Build it with LaMP's data/avocado/create_avocado_dataset.py and set data.path to its folder.")
-    if split not in ("user", "time"):
-        raise DownloadError(f"--split {split!r}: use 'user' or 'time'.")
-    bad = [s for s in sets if s not in ("train", "dev", "test")]
-    if bad:
-        raise DownloadError(f"unknown set(s) {bad}: use train, dev, test.")
-    folder = f"LaMP_{spec.number}" + ("/new" if spec.number == 2 else "")
-    if split == "time":
-        folder = "time/" + folder
-    base = base_url.rstrip("/")
-    urls = {}
-    for s in sets:
-        for kind in ("questions", "outputs") if s != "test" else ("questions",):  # test golds are withheld
-            urls[f"{s}_{kind}.json"] = f"{base}/{folder}/{s}/{s}_{kind}.json"
-    return urls
-
-
-def _fetch(url: str, dest: Path, timeout: float, progress: bool) -> int:
-    from tqdm import tqdm
-
-    tmp = dest.with_name(f".{dest.name}.part")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            size = 0
-            head = b""
-            with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
-                                               disable=not progress, file=sys.stderr) as bar:
-                while chunk := resp.read(1 << 16):
-                    if len(head) < 64:
-                        head += chunk[:64]
-                    out.write(chunk)
-                    size += len(chunk)
-                    bar.update(len(chunk))
-        start = head.lstrip()[:1]
-        if start not in (b"{", b"["):
-            raise DownloadError(f"{url} returned {head[:40]!r}..., not JSON (a wrong path often gives an HTML page). "
-                                "Check --task/--split and --base-url.")
-        tmp.replace(dest)
-        return size
-    except urllib.error.HTTPError as err:
-        raise DownloadError(f"{url}: HTTP {err.code} {err.reason}. Check --task/--split and --base-url.") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-        reason = getattr(err, "reason", err)
-        raise DownloadError(
-            f"could not reach {url} ({reason}). You seem to be offline or the server is down: download the files "
-            f"on a machine with internet access and copy them into {dest.parent}, or pass --base-url of a mirror."
-        ) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def download(task: str, split: str, out: str | Path, base_url: str = BASE_URL, sets: tuple[str, ...] = ("train", "dev", "test"),
-             timeout: float = 60.0, progress: bool = True) -> dict[str, int]:
-    """Fetch LaMP's official files of ``task``/``split`` into ``out``; returns file name -> bytes."""
-    urls = lamp_urls(task, split, sets, base_url)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return {name: _fetch(url, out / name, timeout, progress) for name, url in urls.items()}
