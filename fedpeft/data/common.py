@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import Config, ConfigError
+from fedpeft.data import Benchmark, Example, TaskSpec, UserData
 
 
 class DataFormatError(ConfigError):
@@ -177,3 +178,42 @@ class UserCache:
             index["cache_key"] = self.key_material
             atomic_write_json(self.index_path, index)
             return index
+
+
+class CachedBenchmark(Benchmark):
+    """A benchmark whose index (ids, kind, labels, metrics, skipped users) and per-user files
+    live in a :class:`UserCache`. Subclasses set ``self.cache`` and implement ``_build(cache)``,
+    which writes every user's file and returns the index."""
+
+    cache: UserCache
+    _index: dict[str, Any] | None = None
+
+    def _build(self, cache: UserCache) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def index(self) -> dict[str, Any]:
+        """Read (or build once) the index; never the users' texts."""
+        if self._index is None:
+            self._index = self.cache.get_or_build(self._build)
+        return self._index
+
+    def user_ids(self) -> list[str]:
+        return list(self.index()["users"])
+
+    def task(self) -> TaskSpec:
+        idx = self.index()
+        return TaskSpec(kind=idx["kind"], labels=tuple(idx["labels"]), metrics=tuple(idx["metrics"]))
+
+    def skipped_users(self) -> dict[str, str]:
+        return dict(self.index()["skipped"])
+
+    def check_index(self, index: int) -> None:
+        users = self.index()["users"]
+        if not 0 <= index < len(users):
+            raise IndexError(f"user index {index} outside 0..{len(users) - 1}")
+
+    @staticmethod
+    def user_data(record: dict[str, Any]) -> UserData:
+        """A cached user record ({"user_id", "train"|"val"|"test": [[id, text, labels], ...]})."""
+        split = {s: [Example(id=i, text=t, labels=tuple(g)) for i, t, g in record[s]] for s in ("train", "val", "test")}
+        return UserData(record["user_id"], split["train"], split["val"], split["test"])

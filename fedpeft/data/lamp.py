@@ -57,8 +57,9 @@ from typing import Any
 import numpy as np
 
 from fedpeft.config import ConfigError
-from fedpeft.data import Benchmark, Example, TaskSpec, UserData, register_benchmark
+from fedpeft.data import UserData, register_benchmark
 from fedpeft.data.common import (
+    CachedBenchmark,
     DataFormatError,
     UserCache,
     cache_root,
@@ -405,7 +406,7 @@ def resolve_folder(path: str, task: LampTask) -> Path:
 
 
 @register_benchmark
-class LampBenchmark(Benchmark):
+class LampBenchmark(CachedBenchmark):
     """``lamp/LaMP-<n>``: users from LaMP's questions, cached one file per user."""
 
     name = "lamp"
@@ -431,12 +432,7 @@ class LampBenchmark(Benchmark):
             "version": CACHE_VERSION, "family": self.name, "task": self.spec.number, "split": self.split,
             "questions": self.which, "sources": source_fingerprint([self.questions_path, self.outputs_path]),
         })
-        self._index: dict[str, Any] | None = None
 
-    def index(self) -> dict[str, Any]:
-        if self._index is None:
-            self._index = self.cache.get_or_build(self._build)
-        return self._index
 
     def _build(self, cache: UserCache) -> dict[str, Any]:
         task = self.spec
@@ -488,20 +484,8 @@ class LampBenchmark(Benchmark):
             "users": users, "counts": counts, "skipped": skipped,
         }
 
-    def user_ids(self) -> list[str]:
-        return list(self.index()["users"])
-
-    def task(self) -> TaskSpec:
-        idx = self.index()
-        return TaskSpec(kind=idx["kind"], labels=tuple(idx["labels"]), metrics=tuple(idx["metrics"]))
-
-    def skipped_users(self) -> dict[str, str]:
-        return dict(self.index()["skipped"])
-
     def load_user(self, index: int) -> UserData:
-        users = self.index()["users"]
-        if not 0 <= index < len(users):
-            raise IndexError(f"user index {index} outside 0..{len(users) - 1}")
+        self.check_index(index)
         k, seed = self.config.data.retrieval_k, self.config.data.seed
         suffix = f".k{k}.s{seed}"  # examples depend on retrieval_k (and, LaMP-1, on the seed)
         if self.cache.has_user(index, suffix):
@@ -509,5 +493,4 @@ class LampBenchmark(Benchmark):
         else:
             rec = build_user_examples(self.spec, self.cache.read_user(index), k, seed)
             self.cache.write_user(index, rec, suffix)
-        split = {s: [Example(id=i, text=t, labels=tuple(g)) for i, t, g in rec[s]] for s in ("train", "val", "test")}
-        return UserData(rec["user_id"], split["train"], split["val"], split["test"])
+        return self.user_data(rec)

@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import ConfigError
-from fedpeft.data import Benchmark, Example, TaskSpec, UserData, register_benchmark
+from fedpeft.data import UserData, register_benchmark
 from fedpeft.data.common import (
+    CachedBenchmark,
     UserCache,
     atomic_write_json,
     cache_root,
@@ -416,7 +417,7 @@ def _check_split(path: Path, uid: str, split: str, samples: Any) -> list[list[An
 
 
 @register_benchmark
-class PeftUBenchmark(Benchmark):
+class PeftUBenchmark(CachedBenchmark):
     """``peft-u/<task>``: PEFT-U's prepared per-user file, cached one file per user."""
 
     name = "peft-u"
@@ -431,13 +432,7 @@ class PeftUBenchmark(Benchmark):
             "version": CACHE_VERSION, "family": self.name, "task": self.task_name,
             "sources": source_fingerprint([self.path]),
         })
-        self._index: dict[str, Any] | None = None
 
-    # The index (ids, labels, counts, skipped) is read on first use, never the users' texts.
-    def index(self) -> dict[str, Any]:
-        if self._index is None:
-            self._index = self.cache.get_or_build(self._build)
-        return self._index
 
     def _build(self, cache: UserCache) -> dict[str, Any]:
         path = self.path
@@ -492,20 +487,7 @@ class PeftUBenchmark(Benchmark):
             "metrics": ["accuracy", "macro_f1"], "users": users, "counts": counts, "skipped": skipped,
         }
 
-    def user_ids(self) -> list[str]:
-        return list(self.index()["users"])
-
-    def task(self) -> TaskSpec:
-        idx = self.index()
-        return TaskSpec(kind=idx["kind"], labels=tuple(idx["labels"]), metrics=tuple(idx["metrics"]))
-
-    def skipped_users(self) -> dict[str, str]:
-        return dict(self.index()["skipped"])
-
     def load_user(self, index: int) -> UserData:
-        users = self.index()["users"]
-        if not 0 <= index < len(users):
-            raise IndexError(f"user index {index} outside 0..{len(users) - 1}")
+        self.check_index(index)
         rec = self.cache.read_user(index)
-        split = {s: [Example(id=sid, text=text, labels=tuple(lb)) for sid, text, lb in rec[s]] for s in SPLITS}
-        return UserData(rec["user_id"], split["train"], split["val"], split["test"])
+        return self.user_data(rec)
