@@ -101,10 +101,11 @@ def plot(out: Path, rounds: dict[str, list[dict[str, Any]]], per_user: dict[str,
     for name in order:
         pts = [(r["round"], r[f"{metric}_mean"]) for r in rounds[name] if f"{metric}_mean" in r]
         style = {"linewidth": 3, "color": "black"} if name == baseline else {"linewidth": 1.8, "color": colors[name]}
-        ax.plot(*zip(*pts), marker="o", markersize=4, label=name, **style)
+        ax.plot(*zip(*pts), marker="o", markersize=4, label=f"{name} (final {pts[-1][1]:.3f})" if pts else name, **style)
     ax.set_xlabel("round")
     ax.set_ylabel(f"mean per-user test {metric}")
-    ax.set_title("Score per round (each user scored with its own personalised model)")
+    ax.set_title("Score per round (each user scored with its own personalised model)\n"
+                 "rounds run on through a strategy's phases, e.g. oppu's task then personal rounds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()

@@ -95,6 +95,7 @@ def summary_table(results: dict[str, Any]) -> str:
         for stat in ("mean", "median", "p10", "min"):
             rows.append((f"{metric} {stat}", summary[f"{metric}_{stat}"]))
     rows += [("users evaluated", summary["n_evaluated"]), ("users failed", summary["n_failed"]),
+             ("users skipped (unusable data)", summary["n_skipped"]),
              ("bytes communicated", results["communication"]["bytes_total"]),
              ("trainable params / user", results["parameters"]["trainable_params_per_user"]),
              ("wall time (s)", results["wall_seconds"]), ("run folder", results["run_dir"])]
@@ -102,4 +103,6 @@ def summary_table(results: dict[str, Any]) -> str:
     lines = ["-" * (width + 30)] + [f"{k:<{width}}  {_fmt(v)}" for k, v in rows] + ["-" * (width + 30)]
     if summary["n_failed"]:
         lines.append(f"{summary['n_failed']} user(s) failed: reasons in {results['run_dir']}/failures.json")
+    if summary["n_skipped"]:
+        lines.append(f"{summary['n_skipped']} user(s) skipped while loading the benchmark: reasons in results.json (skipped_users)")
     return "\n".join(lines)

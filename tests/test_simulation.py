@@ -201,6 +201,7 @@ def test_peft_u_multilabel_task_runs_through_the_entry_point(tiny_bert, tmp_path
         ids = list(samples)
         users[f"annotator{u}"] = {"train": {k: samples[k] for k in ids[:8]}, "val": {k: samples[k] for k in ids[8:10]},
                                   "test": {k: samples[k] for k in ids[10:]}}
+    users["annotator9"] = {"train": users["annotator0"]["train"], "val": {}, "test": {}}  # unusable: no test split
     data = tmp_path / "prepared"
     data.mkdir()
     (data / "user_data_leaked.json").write_text(json.dumps(users))
@@ -209,6 +210,7 @@ def test_peft_u_multilabel_task_runs_through_the_entry_point(tiny_bert, tmp_path
     assert main(args) == 0
     results = json.loads((tmp_path / "peftu" / "results.json").read_text())
     assert results["num_users"] == 3 and results["summary"]["n_evaluated"] == 3
+    assert results["summary"]["n_skipped"] == 1 and "annotator9" in results["skipped_users"]
     assert results["metrics"] == ["accuracy", "macro_f1"]
     preds = [json.loads(line) for line in (tmp_path / "peftu" / "predictions.jsonl").read_text().splitlines()]
     assert all(set(p.split(", ")) <= set(labels) for row in preds for p in row["predictions"])
