@@ -192,3 +192,23 @@ def test_incompatible_split_is_refused_with_the_strategies_that_fit(tiny_bert, t
         with pytest.raises(ConfigError, match="LoRA") as err:
             make_strategy(cfg).check_compatible(no_lora)
         assert "local_only" in str(err.value)
+
+
+def test_fedprox_term_keeps_the_update_closer_to_the_global_state(tiny_bert, tmp_path):
+    from fedpeft.data import get_benchmark
+    from fedpeft.models import build_model, load_adapter_state
+    from fedpeft.training import train_user
+
+    cfg = tiny_config(tiny_bert, tmp_path, "fedavg")
+    cfg.train.steps, cfg.train.lr = 6, 0.05
+    bench = get_benchmark(cfg)
+    loaded = build_model(cfg, 3)
+    anchor = dict(loaded.init_state)
+
+    def distance(mu: float) -> float:
+        load_adapter_state(loaded, anchor)
+        train_user(loaded, bench.load_user(0).train, bench.task(), cfg, seed=1, anchor=anchor, mu=mu)
+        state = adapter_state(loaded)
+        return float(sum(((state[k] - anchor[k]) ** 2).sum() for k in anchor))
+
+    assert distance(mu=50.0) < distance(mu=0.0)
