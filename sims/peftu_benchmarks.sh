@@ -6,9 +6,12 @@ set -euo pipefail
 OUT=${1:-runs/peftu}; shift || true
 RAW=${FEDPEFT_PEFTU_RAW:-../shared/data/peft-u}
 STRATEGIES=${STRATEGIES:-local_only,fedavg,fedavg_ft,fedper,fedrep,fedsa}
+STUDEMO_STRATEGIES=${STUDEMO_STRATEGIES:-local_only,fedavg,fedper}  # studemo has 30x more examples per user
 for task in tweeteval studemo; do
+  strategies=$STRATEGIES
+  [ "$task" = studemo ] && strategies=$STUDEMO_STRATEGIES
   python -m fedpeft.data prepare peft-u --task "$task" --raw "$RAW/$task" --out "$OUT/data/$task"
   python sims/majority_baseline.py --benchmark "peft-u/$task" "data.path=$OUT/data/$task" --json-out "$OUT/$task-majority.json" "$@"
-  python sims/compare.py --strategies "$STRATEGIES" --benchmark "peft-u/$task" "data.path=$OUT/data/$task" \
+  python sims/compare.py --strategies "$strategies" --benchmark "peft-u/$task" "data.path=$OUT/data/$task" \
     --compare-out "$OUT/$task" output.progress=false "$@"
 done
