@@ -84,7 +84,6 @@ class FederatedRun:
         msgs = [Message(content=make_content(self.config_json, server_round, shared, phase), dst_node_id=self.nodes[u],
                         message_type=kind) for u in users]
         down = sum(array_bytes(m.content) for m in msgs)
-        self.bar.total += len(msgs)
         self.bar.set_description(f"round {server_round}/{self.total_rounds} {phase} {kind}")
         self.bar.refresh()
         replies = exchange(self.grid, msgs, on_reply=lambda _: self.bar.update(1))
@@ -146,6 +145,10 @@ class FederatedRun:
         fed = self.config.federation
         final: list[Message] = []
         totals = {"bytes_down": 0, "bytes_up": 0}
+        users = list(range(len(self.user_ids)))
+        self.bar.total = sum(len(self.strategy.sample_cohort(users, r, phase)) for r, phase in self.schedule()) + sum(
+            len(self.eval_users(r)) for r, _ in self.schedule() if r % fed.eval_every == 0 or r == self.total_rounds)
+        self.bar.refresh()
         for server_round, phase in self.schedule():
             round_start = time.time()
             shared, record = self.train_round(server_round, phase, shared)
