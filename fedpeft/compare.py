@@ -29,18 +29,23 @@ from strategies import STRATEGIES, get_strategy_class
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], str, Path | None, Config]:
+    """``--strategies``, ``--baseline`` and ``--compare-out`` stand for the ``compare.*`` keys;
+    everything else is an argument of ``python -m fedpeft.sim``."""
     parser = argparse.ArgumentParser(prog="python sims/compare.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      epilog="Other arguments are those of python -m fedpeft.sim (flags, --config, KEY=VALUE).")
-    parser.add_argument("--strategies", default="all", help=f"comma list or 'all' ({', '.join(sorted(STRATEGIES))})")
-    parser.add_argument("--baseline", default="local_only", help="strategy the gains are measured against (default: local_only)")
-    parser.add_argument("--compare-out", default=None, help="comparison folder (default: <output.dir>/compare-<time>)")
+    parser.add_argument("--strategies", help=f"comma list or 'all' [compare.strategies] ({', '.join(sorted(STRATEGIES))})")
+    parser.add_argument("--baseline", help="strategy the gains are measured against [compare.baseline] (default: local_only)")
+    parser.add_argument("--compare-out", help="comparison folder [compare.out] (default: <output.dir>/compare-<time>)")
     args, rest = parser.parse_known_args(argv)
-    names = sorted(STRATEGIES) if args.strategies == "all" else [s.strip() for s in args.strategies.split(",") if s.strip()]
-    for name in names + [args.baseline]:
+    aliases = {"strategies": args.strategies if args.strategies != "all" else "", "baseline": args.baseline, "out": args.compare_out}
+    config = config_from_args(rest + [f"compare.{k}={v}" for k, v in aliases.items() if v is not None])
+    names = list(config.compare.strategies) or sorted(STRATEGIES)
+    baseline = config.compare.baseline
+    for name in names + [baseline]:
         get_strategy_class(name)  # unknown names: an error listing the known ones
-    if args.baseline not in names:
-        names.insert(0, args.baseline)
-    return names, args.baseline, Path(args.compare_out) if args.compare_out else None, config_from_args(rest)
+    if baseline not in names:
+        names.insert(0, baseline)
+    return names, baseline, Path(config.compare.out) if config.compare.out else None, config
 
 
 def _rounds(run_dir: Path) -> list[dict[str, Any]]:

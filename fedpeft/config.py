@@ -114,6 +114,13 @@ class StrategyConfig:
 
 
 @dataclass
+class CompareConfig:
+    strategies: list[str] = field(default_factory=list, metadata={"help": "sims/compare.py: strategies side by side (comma list); empty = all"})
+    baseline: str = field(default="local_only", metadata={"help": "sims/compare.py: strategy gains are measured against"})
+    out: str = field(default="", metadata={"help": "sims/compare.py: comparison folder; '' = <output.dir>/compare-<time>"})
+
+
+@dataclass
 class RayConfig:
     address: str = field(default="", metadata={"help": "'' starts a local Ray; 'auto' or HOST:PORT joins a running cluster"})
     num_cpus: int = field(default=0, metadata={"help": "CPUs of the local Ray (0 = all cores); ignored on a cluster"})
@@ -148,6 +155,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
