@@ -63,8 +63,8 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
     fedprox = config.federation.server_optimizer == "fedprox"
     lr = round_lr(config, request.server_round, sum(p.rounds for p in phases))
 
-    def train(trainable=lambda key: True, epochs=None, examples=None):
-        return train_user(loaded, user.train if examples is None else examples, bench.task(), config,
+    def train(trainable=lambda key: True, epochs=None):
+        return train_user(loaded, user.train, bench.task(), config,
                           call_seed(config, user_index, request.server_round), trainable=trainable, epochs=epochs,
                           lr=lr, anchor=shared if fedprox else None, mu=config.federation.proximal_mu if fedprox else 0.0)
 
