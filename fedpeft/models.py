@@ -109,6 +109,17 @@ def backbone_kind(config: Config, model_config: Any) -> str:
     return "causal"
 
 
+def load_backbone(config: Config, num_labels: int) -> tuple[Any, str, Any]:
+    """(frozen backbone, its kind, the peft task type) for ``model.name``."""
+    import peft
+    from transformers import AutoConfig
+
+    path = resolve_model_path(config.model.name)
+    kind = backbone_kind(config, AutoConfig.from_pretrained(path))
+    task_type = {"encoder": peft.TaskType.SEQ_CLS, "seq2seq": peft.TaskType.SEQ_2_SEQ_LM, "causal": peft.TaskType.CAUSAL_LM}[kind]
+    return _load_backbone(config, path, kind, num_labels), kind, task_type
+
+
 def _load_backbone(config: Config, path: str, kind: str, num_labels: int) -> Any:
     from transformers import (
         AutoModelForCausalLM,
@@ -143,7 +154,6 @@ def build_model(config: Config, num_labels: int, extra_adapters: tuple[str, ...]
     ``extra_adapters`` adds more adapters of the same method and shape (no head of their own),
     all active together with the default one (e.g. a personal adapter on a task adapter).
     """
-    import peft
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
@@ -152,15 +162,10 @@ def build_model(config: Config, num_labels: int, extra_adapters: tuple[str, ...]
 
     global BACKBONE_LOADS
     _quiet_transformers()
-    path = resolve_model_path(config.model.name)
     torch.manual_seed(config.seed)  # the classifier head and adapter inits are drawn from this
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    from transformers import AutoConfig
-
-    kind = backbone_kind(config, AutoConfig.from_pretrained(path))
-    base = _load_backbone(config, path, kind, num_labels)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model.name))
+    base, kind, task_type = load_backbone(config, num_labels)
     _prepare_tokenizer(tokenizer, base, kind)
-    task_type = {"encoder": peft.TaskType.SEQ_CLS, "seq2seq": peft.TaskType.SEQ_2_SEQ_LM, "causal": peft.TaskType.CAUSAL_LM}[kind]
     method_config = config
     if config.peft.method in NO_TRAINING:  # an untouched LoRA adapter (B = 0) leaves the backbone as it is
         method_config = copy.deepcopy(config)
@@ -248,12 +253,7 @@ def fit_size_knob(config: Config, num_labels: int) -> tuple[str, int, int]:
     if knob is None:
         raise ConfigError(f"peft.target_params is set but peft.method={method} has no size knob to scale. "
                           f"Methods with one: {', '.join(m for m, k in SIZE_KNOBS.items() if k)}.")
-    path = resolve_model_path(config.model.name)
-    from transformers import AutoConfig
-
-    kind = backbone_kind(config, AutoConfig.from_pretrained(path))
-    base = _load_backbone(config, path, kind, num_labels)
-    task_type = {"encoder": peft.TaskType.SEQ_CLS, "seq2seq": peft.TaskType.SEQ_2_SEQ_LM, "causal": peft.TaskType.CAUSAL_LM}[kind]
+    base, _, task_type = load_backbone(config, num_labels)
 
     def count(value: int) -> int:
         probe = copy.deepcopy(config)

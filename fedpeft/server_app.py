@@ -187,8 +187,8 @@ class FederatedRun:
         stored = [AdapterStore(self.config.output.store_dir).bytes_stored(u) for u in self.user_ids]
         ok = [row for row in per_user if row["status"] == "ok"]
         n_failed = len(per_user) - len(ok)
-        summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed,
-                                   "n_skipped": len(get_benchmark(self.config).skipped_users())}
+        skipped = get_benchmark(self.config).skipped_users()
+        summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed, "n_skipped": len(skipped)}
         for name in self.metric_names:
             stats = M.summarize([row[name] for row in ok], num_failed=n_failed)
             summary.update({f"{name}_{k}": stats[k] for k in ("mean", "median", "p10", "min")})
@@ -201,7 +201,7 @@ class FederatedRun:
             "parameters": self.accounting,
             "private_bytes_per_user": {"mean": float(np.mean(stored)) if stored else 0.0, "max": int(max(stored, default=0))},
             "failed_users": {self.user_ids[i]: reason for i, reason in sorted(self.failures.items())},
-            "skipped_users": get_benchmark(self.config).skipped_users(),
+            "skipped_users": skipped,
             "workers": {str(pid): loads for pid, loads in sorted(self.worker_loads.items())},
         }
         self.reporter.write_final(per_user, results, predictions, self.metric_names)

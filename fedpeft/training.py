@@ -19,9 +19,8 @@ import torch
 from fedpeft.config import Config
 from fedpeft.data import Example, TaskSpec, input_length
 from fedpeft.models import LoadedModel, set_trainable
+from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.scoring import peft_u_parse
-
-NO_TRAINING = ("zero_shot", "few_shot")
 
 
 def call_seed(config: Config, user_index: int, server_round: int) -> int:

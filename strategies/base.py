@@ -103,6 +103,11 @@ class Strategy:
         """Why this strategy cannot split an adapter with these keys, or None if it can."""
         return None
 
+    @staticmethod
+    def needs_lora(keys: list[str], what: str) -> str | None:
+        """The refusal reason for a strategy that splits or stacks LoRA matrices, or None."""
+        return None if any(is_lora_a(k) for k in keys) else f"{what} (needs peft.method=lora or dora)"
+
     def check_compatible(self, keys: list[str]) -> None:
         """Refuse, before anything starts, an adapter this strategy cannot split."""
         why = self.incompatibility(keys)

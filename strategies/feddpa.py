@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from strategies import register_strategy
-from strategies.base import Phase, Strategy, is_head, is_lora_a
+from strategies.base import Phase, Strategy, is_head
 
 GLOBAL, LOCAL = "default", "local"
 
@@ -54,9 +54,7 @@ class FedDPA(Strategy):
         return f".{GLOBAL}." in key and not is_head(key)
 
     def incompatibility(self, keys: list[str]) -> str | None:
-        if not any(is_lora_a(k) for k in keys):
-            return "feddpa mixes two LoRA adapters (needs peft.method=lora)"
-        return None
+        return self.needs_lora(keys, "feddpa mixes two LoRA adapters")
 
     def configure_model(self, loaded: Any, phase: str) -> None:
         set_mix(loaded, self.config.strategy.feddpa_mix)

@@ -18,6 +18,4 @@ class FedSA(Strategy):
         return is_lora_a(key)
 
     def incompatibility(self, keys: list[str]) -> str | None:
-        if not any(is_lora_a(k) for k in keys):
-            return "the adapter has no LoRA A/B matrices (fedsa needs peft.method=lora)"
-        return None
+        return self.needs_lora(keys, "the adapter has no LoRA A/B matrices to split")

@@ -22,6 +22,4 @@ class FFA(Strategy):
         return is_lora_a(key)
 
     def incompatibility(self, keys: list[str]) -> str | None:
-        if not any(is_lora_a(k) for k in keys):
-            return "the adapter has no LoRA A/B matrices (ffa needs peft.method=lora)"
-        return None
+        return self.needs_lora(keys, "the adapter has no LoRA A matrix to freeze")

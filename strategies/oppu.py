@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from strategies import register_strategy
-from strategies.base import Phase, Strategy, is_head, is_lora_a
+from strategies.base import Phase, Strategy, is_head
 
 TASK, PERSONAL = "default", "personal"
 
@@ -45,9 +45,7 @@ class OPPU(Strategy):
         return [k for k in keys if self.is_shared(k, "task")]
 
     def incompatibility(self, keys: list[str]) -> str | None:
-        if not any(is_lora_a(k) for k in keys):
-            return "oppu stacks a personal LoRA adapter on a task LoRA adapter (needs peft.method=lora)"
-        return None
+        return self.needs_lora(keys, "oppu stacks a personal LoRA adapter on a task LoRA adapter")
 
     def pretrain(self, loaded: Any, load_users: Callable[[], list[Any]], task: Any) -> dict[str, float] | None:
         """Pooled mode: train the task adapter and head on all users' training data at once."""
