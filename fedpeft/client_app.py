@@ -45,8 +45,7 @@ def user_model(config: Config, user_index: int, shared: dict[str, torch.Tensor])
     bench = get_benchmark(config)
     loaded = models.get_model(config, len(bench.task().labels), make_strategy(config).extra_adapters)
     user_id = bench.user_ids()[user_index]
-    state = {**loaded.init_state, **shared, **(AdapterStore(config.output.store_dir).load(user_id) or {})}
-    models.load_adapter_state(loaded, state)
+    models.compose_user_model(loaded, shared, AdapterStore(config.output.store_dir).load(user_id))
     return loaded, user_id
 
 

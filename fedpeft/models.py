@@ -220,6 +220,13 @@ def load_adapter_state(loaded: LoadedModel, state: dict[str, torch.Tensor]) -> N
             params[key].copy_(value.to(params[key].device, params[key].dtype))
 
 
+def compose_user_model(loaded: LoadedModel, shared: dict[str, torch.Tensor], private: dict[str, torch.Tensor] | None) -> None:
+    """Load one user's model into ``loaded``: common init, then the current shared part, then the
+    user's private part (later ones win). The one place a user's model is composed: the client,
+    export and the tests' reference all call it."""
+    load_adapter_state(loaded, {**loaded.init_state, **shared, **(private or {})})
+
+
 def adapter_state(loaded: LoadedModel) -> dict[str, torch.Tensor]:
     params = loaded.parameters_by_name()
     return {k: params[k].detach().clone().cpu() for k in loaded.init_state}

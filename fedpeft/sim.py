@@ -101,6 +101,17 @@ def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, 
     return {k: state[k] for k in shared}, accounting
 
 
+def prepare_run(config: Config) -> tuple[Path, dict[str, torch.Tensor], dict[str, int]]:
+    """Everything before the simulation starts: the model check, the adapter (initial shared part
+    and parameter accounting), the run folder and the adapter store. Sets ``output.store_dir``."""
+    check_model(config)
+    initial_shared, accounting = prepare_adapter(config)
+    run_dir = make_run_dir(config)
+    config.output.store_dir = str(Path(config.output.store_dir or run_dir / "adapters").resolve())
+    Path(config.output.store_dir).mkdir(parents=True, exist_ok=True)
+    return run_dir, initial_shared, accounting
+
+
 def run(config: Config) -> dict[str, Any]:
     """Run one simulation for a validated config; returns the results written to results.json."""
     import ray
@@ -109,13 +120,9 @@ def run(config: Config) -> dict[str, Any]:
     from fedpeft.client_app import app as client_app
     from fedpeft.server_app import make_server_app
 
-    check_model(config)
     check_ray_address(config.ray.address)
-    initial_shared, accounting = prepare_adapter(config)
+    run_dir, initial_shared, accounting = prepare_run(config)
     num_users = len(get_benchmark(config).user_ids())
-    run_dir = make_run_dir(config)
-    config.output.store_dir = str(Path(config.output.store_dir or run_dir / "adapters").resolve())
-    Path(config.output.store_dir).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     results: dict[str, Any] = {}
