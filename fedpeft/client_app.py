@@ -59,15 +59,22 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
     strategy.configure_model(loaded, phase.name)
     bench = get_benchmark(config)
     user = bench.load_user(user_index)
-    fedprox = config.federation.server_optimizer == "fedprox"
     lr = round_lr(config, request.server_round, sum(p.rounds for p in phases))
+    # FedProx anchors the keys shared in this phase only: a private key is the user's own
+    anchor = {k: v for k, v in shared.items() if strategy.is_shared(k, phase.name)}
+    mu = config.federation.proximal_mu if config.federation.server_optimizer == "fedprox" else 0.0
+    processed = 0.0
 
     def train(trainable=lambda key: True, epochs=None):
-        return train_user(loaded, user.train, bench.task(), config,
-                          call_seed(config, user_index, request.server_round), trainable=trainable, epochs=epochs,
-                          lr=lr, anchor=shared if fedprox else None, mu=config.federation.proximal_mu if fedprox else 0.0)
+        nonlocal processed
+        result = train_user(loaded, user.train, bench.task(), config,
+                            call_seed(config, user_index, request.server_round), trainable=trainable, epochs=epochs,
+                            lr=lr, anchor=anchor if mu > 0 else None, mu=mu)
+        processed += result["examples"]
+        return result
 
     stats = strategy.local_train(train, phase)
+    stats["examples_processed"] = processed  # forward + backward passes over examples, all passes of the call
     new_shared, private = strategy.split(models.adapter_state(loaded), phase.name)
     store = AdapterStore(config.output.store_dir)
     store.save(user_id, private, metadata={"round": str(request.server_round), "phase": phase.name})

@@ -11,17 +11,26 @@ the bottleneck adapters with peft.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark, input_length
-from fedpeft.models import build_model, load_adapter_state, resolve_model_path
+from fedpeft.models import (
+    LoadedModel,
+    build_model,
+    compose_user_model,
+    load_adapter_state,
+    resolve_model_path,
+)
 from fedpeft.store import AdapterStore
+from strategies import make_strategy
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -34,29 +43,63 @@ def load_run_config(run_dir: str | Path) -> Config:
     return Config.from_dict(data)
 
 
+def merged_lora(config: Config, loaded: LoadedModel, num_labels: int) -> LoadedModel:
+    """One LoRA adapter equal to the sum of the model's active LoRA adapters, each at its current
+    scaling: A stacked, B stacked with the scalings folded in (rank = the sum of the ranks,
+    alpha = rank, so peft's own scaling is 1). Exact: (B_1 s_1) A_1 + (B_2 s_2) A_2 = [B_1 s_1, B_2 s_2] [A_1; A_2].
+    The head and every other key come over unchanged from the ``default`` adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    if config.peft.method != "lora":
+        raise ConfigError(f"Exporting a two-adapter strategy needs peft.method=lora (this run used {config.peft.method}): "
+                          "its adapters are merged into one LoRA adapter, which only plain LoRA allows.")
+    stacked: dict[str, torch.Tensor] = {}
+    for name, module in loaded.model.named_modules():
+        if isinstance(module, LoraLayer):
+            names = [n for n in module.active_adapters if n in module.lora_A]
+            stacked[f"{name}.lora_A.default.weight"] = torch.cat([module.lora_A[n].weight for n in names], dim=0)
+            stacked[f"{name}.lora_B.default.weight"] = torch.cat([module.lora_B[n].weight * module.scaling[n] for n in names], dim=1)
+    merged_config = copy.deepcopy(config)
+    rank = next(iter(stacked.values())).shape[0]
+    merged_config.peft.r, merged_config.peft.alpha = rank, rank
+    merged = build_model(merged_config, num_labels)
+    params = loaded.parameters_by_name()
+    state = {k: stacked[k] if k in stacked else params[k] for k in merged.init_state}
+    load_adapter_state(merged, state)
+    return merged
+
+
 def export_user(run_dir: str | Path, user_id: str, out_dir: str | Path) -> Path:
-    """Write ``user_id``'s personalised adapter (private + final shared part) to ``out_dir``."""
+    """Write ``user_id``'s personalised model, composed exactly as the client scores it (common
+    init < final shared part < the user's private part), as a peft folder in ``out_dir``.
+
+    Strategies with a second LoRA adapter (oppu's ``personal`` on the frozen task adapter,
+    feddpa's ``local`` beside the global one) are exported as ONE LoRA adapter equal to their
+    sum as the user is scored (see :func:`merged_lora`), so every export loads the same way."""
     config = load_run_config(run_dir)
     bench = get_benchmark(config)
     users = bench.user_ids()
     if user_id not in users:
         raise ConfigError(f"User '{user_id}' is not in this run's benchmark; users are e.g. {', '.join(users[:5])}.")
     labels = bench.task().labels
-    loaded = build_model(config, num_labels=len(labels))
-    state = dict(loaded.init_state)
+    strategy = make_strategy(config)
     private = AdapterStore(config.output.store_dir).load(user_id)
     if private is None:
         raise ConfigError(f"User '{user_id}' has no stored adapter in {config.output.store_dir}: it never trained in this run.")
-    state.update(private)
     shared_path = Path(run_dir) / "shared_final.safetensors"
-    if shared_path.is_file():
-        state.update(load_file(shared_path))
-    load_adapter_state(loaded, state)
+    shared = load_file(shared_path) if shared_path.is_file() else {}
+    loaded = build_model(config, num_labels=len(labels), extra_adapters=strategy.extra_adapters)
+    compose_user_model(loaded, shared, private)
+    strategy.prepare_export(loaded)
+    strategy.configure_model(loaded, strategy.phases()[-1].name)  # as the client scores the user
+    if strategy.extra_adapters:
+        loaded = merged_lora(config, loaded, len(labels))
     out = Path(out_dir)
     loaded.model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
     task = {"user_id": user_id, "labels": list(labels), "base_model": resolve_model_path(config.model.name),
-            "max_length": input_length(config), "kind": loaded.kind, "task_kind": bench.task().kind}
+            "max_length": input_length(config), "kind": loaded.kind, "task_kind": bench.task().kind,
+            "merged_adapters": ["default", *strategy.extra_adapters] if strategy.extra_adapters else []}
     (out / "fedpeft_task.json").write_text(json.dumps(task, indent=2))
     return out
 

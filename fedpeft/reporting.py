@@ -16,7 +16,8 @@ from fedpeft.config import Config
 
 
 def per_user_columns(metric_names: list[str]) -> list[str]:
-    return ["user_id", "partition_id", "status", *metric_names, "n_test", "rounds_trained", "error"]
+    return ["user_id", "partition_id", "status", *metric_names, "n_test", "rounds_trained", "examples_processed",
+            "failed_calls", "error"]
 
 
 def git_commit() -> str:
@@ -59,7 +60,9 @@ class RunReporter:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=int(record["round"]))
 
     def write_final(self, per_user: list[dict[str, Any]], results: dict[str, Any], predictions: list[dict[str, Any]],
-                    metric_names: list[str]) -> None:
+                    metric_names: list[str], failures: list[dict[str, Any]]) -> None:
+        """The run's final files; ``failures.json`` is the history of failed calls (round, call,
+        user, reason), a user's final status is in ``per_user.csv``."""
         columns = per_user_columns(metric_names)
         with (self.run_dir / "per_user.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -69,7 +72,6 @@ class RunReporter:
         with (self.run_dir / "predictions.jsonl").open("w") as f:
             for row in predictions:
                 f.write(json.dumps(row) + "\n")
-        failures = [row for row in per_user if row["status"] != "ok"]
         (self.run_dir / "failures.json").write_text(json.dumps(failures, indent=2))
         if self.wandb_run is not None:
             import wandb
@@ -98,11 +100,16 @@ def summary_table(results: dict[str, Any]) -> str:
              ("users skipped (unusable data)", summary["n_skipped"]),
              ("bytes communicated", results["communication"]["bytes_total"]),
              ("trainable params / user", results["parameters"]["trainable_params_per_user"]),
+             ("examples processed / user", results["compute"]["examples_processed_per_user_mean"]),
              ("wall time (s)", results["wall_seconds"]), ("run folder", results["run_dir"])]
     width = max(len(k) for k, _ in rows)
     lines = ["-" * (width + 30)] + [f"{k:<{width}}  {_fmt(v)}" for k, v in rows] + ["-" * (width + 30)]
     if summary["n_failed"]:
-        lines.append(f"{summary['n_failed']} user(s) failed: reasons in {results['run_dir']}/failures.json")
+        lines.append(f"{summary['n_failed']} user(s) have no final score: reasons in {results['run_dir']}/per_user.csv "
+                     "(error column) and the history of failed calls in failures.json")
+    elif results.get("failed_calls"):
+        lines.append(f"{results['failed_calls']} call(s) failed during the run, but every user was scored at the end: "
+                     f"see {results['run_dir']}/failures.json")
     if summary["n_skipped"]:
         lines.append(f"{summary['n_skipped']} user(s) skipped while loading the benchmark: reasons in results.json (skipped_users)")
     return "\n".join(lines)

@@ -61,8 +61,9 @@ class FederatedRun:
         self.user_ids = get_benchmark(config).user_ids()
         self.metric_names = list(get_benchmark(config).task().metrics)  # the first one is the headline
         self.reporter = RunReporter(config, run_dir)
-        self.failures: dict[int, str] = {}
+        self.failures: list[dict[str, Any]] = []  # one record per failed call: round, call, user, reason
         self.rounds_trained = np.zeros(len(self.user_ids), dtype=int)
+        self.examples_processed = np.zeros(len(self.user_ids), dtype=np.int64)
         self.worker_loads: dict[int, int] = {}
         self.total_rounds = sum(p.rounds for p in self.strategy.phases())
         self.bar = tqdm(total=0, unit="user", disable=not config.output.progress, dynamic_ncols=True)
@@ -80,7 +81,8 @@ class FederatedRun:
                 for r in exchange(self.grid, msgs)}
 
     def call(self, users: list[int], kind: str, server_round: int, shared: dict[str, torch.Tensor], phase: str) -> tuple[list[Message], int]:
-        """Send one message per user; returns the replies and the bytes sent down."""
+        """Send one message per user; returns the replies, in partition order (never arrival order,
+        so that aggregation and every sum over replies is deterministic), and the bytes sent down."""
         msgs = [Message(content=make_content(self.config_json, server_round, shared, phase), dst_node_id=self.nodes[u],
                         message_type=kind) for u in users]
         down = sum(array_bytes(m.content) for m in msgs)
@@ -88,17 +90,19 @@ class FederatedRun:
         self.bar.refresh()
         replies = exchange(self.grid, msgs, on_reply=lambda _: self.bar.update(1))
         for reply in replies:
-            self._note_reply(reply)
-        return replies, down
+            self._note_reply(reply, kind, server_round, phase)
+        return sorted(replies, key=partition_id), down
 
-    def _note_reply(self, reply: Message) -> None:
+    def _note_reply(self, reply: Message, kind: str, server_round: int, phase: str) -> None:
         if reply.has_error():
             raise RuntimeError(f"a ClientApp crashed outside fedpeft's handlers: {reply.error.reason}")
         m = reply.content.metric_records["metrics"]
         self.worker_loads[int(m["pid"])] = max(self.worker_loads.get(int(m["pid"]), 0), int(m["backbone_loads"]))
         if m["failed"]:
-            user = int(m["partition_id"])
-            self.failures.setdefault(user, str(reply.content.config_records["info"]["error"]))
+            user = partition_id(reply)
+            reason = str(reply.content.config_records["info"]["error"]).strip()
+            self.failures.append({"round": server_round, "phase": phase, "call": kind, "user_id": self.user_ids[user],
+                                  "partition_id": user, "error": reason.splitlines()[-1] if reason else "", "traceback": reason})
 
     # ---- the run ------------------------------------------------------------------------
     def train_round(self, server_round: int, phase: Phase, shared: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -106,7 +110,8 @@ class FederatedRun:
         replies, down = self.call(cohort, TRAIN, server_round, shared, phase.name)
         ok = [r for r in replies if not r.content.metric_records["metrics"]["failed"]]
         for reply in ok:
-            self.rounds_trained[int(reply.content.metric_records["metrics"]["partition_id"])] += 1
+            self.rounds_trained[partition_id(reply)] += 1
+            self.examples_processed[partition_id(reply)] += int(reply.content.metric_records["metrics"]["examples_processed"])
             sent = set(reply.content.array_records["shared"].keys())
             private = {k for k in sent if not self.strategy.is_shared(k, phase.name)}
             if private:  # the privacy invariant: refuse loudly rather than aggregate a private key
@@ -160,7 +165,8 @@ class FederatedRun:
                     stats = M.summarize([r.content.metric_records["metrics"][name] for r in final])
                     record.update({f"{name}_{k}": stats[k] for k in ("mean", "median", "p10", "min")})
                 record["n_evaluated"] = len(final)
-            record.update({"round": server_round, "seconds": time.time() - round_start, "users_failed_total": len(self.failures),
+            record.update({"round": server_round, "seconds": time.time() - round_start,
+                           "failed_calls_total": len(self.failures),
                            "bytes_down_total": totals["bytes_down"], "bytes_up_total": totals["bytes_up"]})
             self.reporter.log_round(record)
             headline = self.metric_names[0]
@@ -172,13 +178,16 @@ class FederatedRun:
     def finish(self, final: list[Message], shared: dict[str, torch.Tensor], wall: float, totals: dict[str, int]) -> dict[str, Any]:
         if shared:
             save_file({k: v.contiguous() for k, v in shared.items()}, str(self.run_dir / "shared_final.safetensors"))
-        scores = {int(r.content.metric_records["metrics"]["partition_id"]): r for r in final}
+        scores = {partition_id(r): r for r in final}
+        last_failure = {f["partition_id"]: f for f in self.failures}  # the latest failure of each user
         per_user, predictions = [], []
         for index, user_id in enumerate(self.user_ids):
-            row: dict[str, Any] = {"user_id": user_id, "partition_id": index, "rounds_trained": int(self.rounds_trained[index])}
-            if index in self.failures or index not in scores:
-                reason = self.failures.get(index, "no evaluation reply").strip()
-                row.update(status="failed", error=reason.splitlines()[-1], traceback=reason)
+            row: dict[str, Any] = {"user_id": user_id, "partition_id": index, "rounds_trained": int(self.rounds_trained[index]),
+                                   "examples_processed": int(self.examples_processed[index]),
+                                   "failed_calls": sum(f["partition_id"] == index for f in self.failures)}
+            if index not in scores:  # a user scored at the end counts as scored, whatever failed before
+                failure = last_failure.get(index, {"error": "no evaluation reply", "traceback": ""})
+                row.update(status="failed", error=failure["error"], traceback=failure["traceback"])
             else:
                 m, info = scores[index].content.metric_records["metrics"], scores[index].content.config_records["info"]
                 row.update(status="ok", n_test=int(m["n_test"]), error="", **{name: m[name] for name in self.metric_names})
@@ -198,14 +207,22 @@ class FederatedRun:
             "model": self.config.model.name, "num_users": len(self.user_ids), "rounds": self.total_rounds,
             "summary": summary, "wall_seconds": wall, "run_dir": str(self.run_dir),
             "communication": {**totals, "bytes_total": totals["bytes_down"] + totals["bytes_up"]},
-            "parameters": self.accounting,
+            "parameters": {k: v for k, v in self.accounting.items() if k != "pretrain_examples"},
             "private_bytes_per_user": {"mean": float(np.mean(stored)) if stored else 0.0, "max": int(max(stored, default=0))},
-            "failed_users": {self.user_ids[i]: reason for i, reason in sorted(self.failures.items())},
+            "failed_users": {row["user_id"]: row["error"] for row in per_user if row["status"] != "ok"},
+            "failed_calls": len(self.failures),
+            "compute": {"examples_processed_per_user_mean": float(self.examples_processed.mean()) if len(self.user_ids) else 0.0,
+                        "examples_processed_total": int(self.examples_processed.sum()),
+                        "driver_pretrain_examples": int(self.accounting.get("pretrain_examples", 0))},
             "skipped_users": skipped,
             "workers": {str(pid): loads for pid, loads in sorted(self.worker_loads.items())},
         }
-        self.reporter.write_final(per_user, results, predictions, self.metric_names)
+        self.reporter.write_final(per_user, results, predictions, self.metric_names, self.failures)
         return results
+
+
+def partition_id(reply: Message) -> int:
+    return int(reply.content.metric_records["metrics"]["partition_id"])
 
 
 def make_server_app(config: Config, run_dir: Path, results: dict[str, Any], initial_shared: dict[str, torch.Tensor],

@@ -91,13 +91,15 @@ def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, 
     phases = [p.name for p in strategy.phases()]
     shared = strategy.shared_keys(keys)
     trainable = [k for k in keys if not all(strategy.is_frozen(k, p) for p in phases)]
-    private = [k for k in trainable if any(not strategy.is_shared(k, p) for p in phases)]
+    # private: trained in some phase that does not send it (a frozen key is never private)
+    private = [k for k in keys if any(not strategy.is_frozen(k, p) and not strategy.is_shared(k, p) for p in phases)]
 
     def numel(subset: list[str]) -> int:
         return int(sum(state[k].numel() for k in subset))
 
     accounting = {"adapter_params": numel(keys), "trainable_params_per_user": numel(trainable),
-                  "shared_params": numel(shared), "private_params": numel(private)}
+                  "shared_params": numel(shared), "private_params": numel(private),
+                  "pretrain_examples": int(stats["examples"]) if stats else 0}
     return {k: state[k] for k in shared}, accounting
 
 

@@ -6,6 +6,7 @@ one file per user, in a folder that every Ray node can reach.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -23,7 +24,10 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, user_id: str) -> Path:
-        return self.root / f"{_SAFE.sub('_', user_id)}.safetensors"
+        """One file per user: a readable part plus a hash of the exact id, so that distinct ids
+        ('a/b', 'a_b', 'A_b' on a case-insensitive file system) never share a file."""
+        digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
+        return self.root / f"{_SAFE.sub('_', user_id)[:80]}-{digest}.safetensors"
 
     def exists(self, user_id: str) -> bool:
         return self.path(user_id).is_file()

@@ -116,11 +116,14 @@ def train_user(
 ) -> dict[str, float]:
     """Train the adapter keys for which ``trainable`` holds on ``examples``.
 
-    ``epochs`` replaces ``train.epochs`` (``train.steps`` > 0 wins over both); with ``mu`` > 0
-    a FedProx term mu/2 * ||w - anchor||^2 pulls the keys of ``anchor`` towards it.
+    The budget: ``epochs`` when given (a strategy's own epoch budget, e.g. fedrep's head epochs,
+    fedavg_ft's fine-tune, pooled oppu's task epochs: always epochs); otherwise ``train.steps``
+    steps when > 0, else ``train.epochs`` epochs. With ``mu`` > 0 a FedProx term
+    mu/2 * ||w - anchor||^2 pulls the keys of ``anchor`` towards it. Returns the mean loss, the
+    steps taken and ``examples``: examples processed (forward + backward), for compute accounting.
     """
     if config.peft.method in NO_TRAINING:
-        return {"train_loss": float("nan"), "steps": 0.0}
+        return {"train_loss": float("nan"), "steps": 0.0, "examples": 0.0}
     if not examples:
         raise ValueError("this user has no training examples")
     if loaded.kind == "encoder" and task.kind == "generation":
@@ -131,13 +134,18 @@ def train_user(
     rng = np.random.default_rng(seed)
     params = set_trainable(loaded, trainable)
     if not params:
-        return {"train_loss": float("nan"), "steps": 0.0}
+        return {"train_loss": float("nan"), "steps": 0.0, "examples": 0.0}
     optimizer = torch.optim.AdamW(params, lr=lr or tr.lr, weight_decay=tr.weight_decay)
     by_name = loaded.parameters_by_name()
     prox = [(by_name[k], v.to(loaded.device)) for k, v in (anchor or {}).items() if by_name[k].requires_grad] if mu > 0 else []
     loss_fn = encoder_loss if loaded.kind == "encoder" else text_to_text_loss
     n = len(examples)
-    total_steps = tr.steps if tr.steps > 0 else (epochs or tr.epochs) * max(1, -(-n // tr.batch_size))
+    batches_per_epoch = max(1, -(-n // tr.batch_size))
+    if epochs is not None:
+        total_steps = epochs * batches_per_epoch
+    else:
+        total_steps = tr.steps if tr.steps > 0 else tr.epochs * batches_per_epoch
+    processed = 0
     loaded.model.train()
     losses: list[float] = []
     order: list[int] = []
@@ -145,6 +153,7 @@ def train_user(
         if not order:
             order = rng.permutation(n).tolist()
         idx, order = order[: tr.batch_size], order[tr.batch_size :]
+        processed += len(idx)
         loss = loss_fn(loaded, [examples[i] for i in idx], task, config)
         losses.append(float(loss.detach()))
         if prox:
@@ -153,7 +162,8 @@ def train_user(
         loss.backward()
         optimizer.step()
     loaded.model.eval()
-    return {"train_loss": float(np.mean(losses)), "steps": float(total_steps)}
+    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(total_steps),
+            "examples": float(processed)}
 
 
 # ---- prediction -------------------------------------------------------------------------------

@@ -127,6 +127,10 @@ class Strategy:
     def configure_model(self, loaded: Any, phase: str) -> None:
         """Adjust the freshly loaded user model before a client trains or scores it."""
 
+    def prepare_export(self, loaded: Any) -> None:
+        """Make the user's model, about to be saved as a peft folder, load back as it is scored
+        (e.g. mixing weights written into the adapters' configs); refuse what a folder cannot hold."""
+
     def predict(self, loaded: Any, user: Any, task: Any) -> list[str]:
         """The user's predictions on its test split (strategies may score differently).
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fedpeft.sim import main
+from fedpeft.store import AdapterStore
 from tests.conftest import tiny_args
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def test_local_only_equals_training_each_user_alone(runs, tiny_bert):
         for server_round in (1, 2):
             train_user(loaded, bench.load_user(index).train, bench.task(), config, call_seed(config, index, server_round))
         alone = adapter_state(loaded)
-        simulated = load_file(Path(config.output.store_dir) / f"{user_id}.safetensors")
+        simulated = AdapterStore(config.output.store_dir).load(user_id)
         assert simulated.keys() == alone.keys()
         for key in alone:
             torch.testing.assert_close(simulated[key], alone[key], rtol=1e-5, atol=1e-6, msg=f"{user_id} {key}")
@@ -127,7 +127,7 @@ def test_exported_adapter_loads_with_peft_and_predicts_the_same(runs, tmp_path):
 def test_a_failing_user_is_reported_and_the_run_goes_on(tiny_bert, tmp_path, ray_shutdown):
     store = tmp_path / "store"
     store.mkdir()
-    (store / "user0004.safetensors").write_bytes(b"this is not a safetensors file")
+    AdapterStore(store).path("user0004").write_bytes(b"this is not a safetensors file")
     assert main(tiny_args(tiny_bert, tmp_path, "fail", f"output.store_dir={store}")) == 0
     run = tmp_path / "fail"
     rows = {r["user_id"]: r for r in _per_user(run)}

@@ -13,9 +13,21 @@ def test_store_round_trip_and_atomic(tmp_path):
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
     assert store.load("someone-else") is None
-    assert [p.name for p in tmp_path.iterdir()] == ["user_01.safetensors"]  # no temp files left
+    assert [p.name for p in tmp_path.iterdir()] == [store.path("user/01").name]  # no temp files left
     store.save("user/01", {"x": torch.zeros(2)})
     assert list(store.load("user/01")) == ["x"]
+
+
+def test_distinct_users_get_distinct_files(tmp_path):
+    """'a/b' and 'a_b' (and ids differing only in case) once mapped to one file: one user read the other's adapter."""
+    store = AdapterStore(tmp_path)
+    ids = ["a/b", "a_b", "a b", "A_b", "a:b", ".", "..", "ü/x", "x" * 300]
+    for i, user in enumerate(ids):
+        store.save(user, {"w": torch.full((2,), float(i))})
+    assert len({store.path(u).name.lower() for u in ids}) == len(ids)
+    for i, user in enumerate(ids):
+        assert store.load(user)["w"][0].item() == i, user
+    assert all(store.path(u).parent == tmp_path for u in ids)
 
 
 def test_accuracy_counts_prediction_in_gold_set():
