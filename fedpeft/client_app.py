@@ -8,6 +8,7 @@ with the shared part only. An exception marks this user failed in the reply; the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -82,7 +83,7 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
     return new_shared, stats, user_id
 
 
-def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], dict[str, list[str]], str]:
+def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], dict[str, list[str] | str], str]:
     """Score one user's personalised model (private + current shared) on its own test split."""
     config = request.config
     strategy = make_strategy(config)
@@ -96,7 +97,9 @@ def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], d
     preds = strategy.predict(loaded, user, task)
     scores = score(task.kind, preds, [list(ex.labels) for ex in user.test], labels=task.labels or None)
     scores["n_test"] = float(len(user.test))
-    return scores, {"sample_ids": [ex.id for ex in user.test], "predictions": preds}, user_id
+    outputs = {"sample_ids": [ex.id for ex in user.test], "predictions": preds,
+               "golds": json.dumps([list(ex.labels) for ex in user.test])}
+    return scores, outputs, user_id
 
 
 def _handle(message: Message, context: Context, work) -> Message:

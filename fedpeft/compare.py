@@ -4,8 +4,10 @@
 
 Writes into one folder: ``comparison.csv`` / ``comparison.md`` (per strategy: mean, median and
 10th-percentile per-user score of the task's headline metric — accuracy for classification —,
-share of users worse than under the baseline, mean per-user gain over it, bytes communicated,
-wall time, parameters), ``per_user.csv`` (one score column per strategy), ``rounds.png`` and
+share of users worse than under the baseline, mean per-user gain over it, local compute as
+examples processed per user (forward + backward passes, every pass of every round: fedrep's head
+epochs and feddpa's two passes count) and examples processed centrally before the simulation
+(pooled oppu), bytes communicated, wall time, parameters), ``per_user.csv`` (one score column per strategy), ``rounds.png`` and
 ``distribution.png``, and each strategy's own run folder.
 """
 
@@ -66,10 +68,12 @@ def comparison_rows(results: dict[str, dict[str, Any]], per_user: dict[str, dict
         gains = np.array([gain(metric, per_user[name][u], base[u]) for u in common])
         s = res["summary"]
         rows.append({
-            "strategy": name, **{f"{metric}_{k}": s[f"{metric}_{k}"] for k in ("mean", "median", "p10")},
-            **{f"{m}_mean": s[f"{m}_mean"] for m in res["metrics"][1:]},
+            "strategy": name, metric: s[metric], **{f"{metric}_{k}": s[f"{metric}_{k}"] for k in ("median", "p10")},
+            **{m: s[m] for m in res["metrics"][1:]},
             f"worse_than_{baseline}": float(np.mean(gains < 0)) if len(gains) else float("nan"),
             f"gain_vs_{baseline}": float(gains.mean()) if len(gains) else float("nan"),
+            "examples_per_user": res["compute"]["examples_processed_per_user_mean"],
+            "pretrain_examples": res["compute"]["driver_pretrain_examples"],
             "bytes_total": res["communication"]["bytes_total"], "wall_seconds": res["wall_seconds"],
             "trainable_params_per_user": res["parameters"]["trainable_params_per_user"],
             "shared_params": res["parameters"]["shared_params"], "users_failed": s["n_failed"],
@@ -104,11 +108,11 @@ def plot(out: Path, rounds: dict[str, list[dict[str, Any]]], per_user: dict[str,
     colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(sorted(per_user))}
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for name in order:
-        pts = [(r["round"], r[f"{metric}_mean"]) for r in rounds[name] if f"{metric}_mean" in r]
+        pts = [(r["round"], r[metric]) for r in rounds[name] if metric in r]
         style = {"linewidth": 3, "color": "black"} if name == baseline else {"linewidth": 1.8, "color": colors[name]}
         ax.plot(*zip(*pts), marker="o", markersize=4, label=f"{name} (final {pts[-1][1]:.3f})" if pts else name, **style)
     ax.set_xlabel("round")
-    ax.set_ylabel(f"mean per-user test {metric}")
+    ax.set_ylabel(f"test {metric} (mean over users; LaMP: over all questions)")
     ax.set_title("Score per round (each user scored with its own personalised model)\n"
                  "rounds run on through a strategy's phases, e.g. oppu's task then personal rounds", fontsize=10)
     ax.grid(alpha=0.3)

@@ -44,7 +44,7 @@ class DataConfig:
     noise: float = field(default=0.1, metadata={"help": "synthetic: chance that a user departs from its persona on a (topic, tone) cell"})
     num_labels: int = field(default=3, metadata={"help": "synthetic: number of labels"})
     pool_size: int = field(default=400, metadata={"help": "synthetic: size of the shared pool of texts users label"})
-    max_length: int = field(default=0, metadata={"help": "tokens per input, longer ones truncated; 0 = the benchmark's default (synthetic 32, peft-u 128, lamp 512)"})
+    max_length: int = field(default=0, metadata={"help": "tokens per model input; retrieved history is cut first, the question last (in its middle); 0 = the benchmark's default (synthetic 32, peft-u 128, lamp 512)"})
 
 
 @dataclass
@@ -76,8 +76,8 @@ class PeftConfig:
 @dataclass
 class TrainConfig:
     lr: float = field(default=5e-3, metadata={"help": "client learning rate (AdamW)"})
-    epochs: int = field(default=2, metadata={"help": "local epochs per round"})
-    steps: int = field(default=0, metadata={"help": "local steps per round; > 0 replaces epochs"})
+    epochs: int = field(default=2, metadata={"help": "local epochs per round (a strategy's own epoch budgets are separate keys)"})
+    steps: int = field(default=0, metadata={"help": "local steps per round; > 0 replaces train.epochs only, never a strategy's epoch budget (strategy.fedrep_head_epochs, strategy.finetune_epochs, pooled strategy.oppu_task_rounds)"})
     batch_size: int = field(default=8, metadata={"help": "client batch size"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     eval_batch_size: int = field(default=32, metadata={"help": "batch size for evaluation"})
@@ -105,11 +105,11 @@ class FederationConfig:
 class StrategyConfig:
     fedper_layers: int = field(default=3, metadata={"help": "fedper: adapter keys of layers below this index are shared"})
     fedper_pattern: str = field(default="", metadata={"help": "fedper: regex; if set, adapter keys matching it are shared (replaces fedper_layers)"})
-    fedrep_head_epochs: int = field(default=1, metadata={"help": "fedrep: head-only epochs before the body epochs (train.epochs) each round"})
-    finetune_epochs: int = field(default=2, metadata={"help": "fedavg_ft: local fine-tune epochs after the federated rounds"})
-    feddpa_mix: float = field(default=0.5, metadata={"help": "feddpa: weight of the local adapter against the global one, in [0, 1]"})
+    fedrep_head_epochs: int = field(default=1, metadata={"help": "fedrep: head-only epochs (always epochs) before the body's train.epochs / train.steps each round"})
+    finetune_epochs: int = field(default=2, metadata={"help": "fedavg_ft: local fine-tune epochs (always epochs) after the federated rounds"})
+    feddpa_mix: float = field(default=0.5, metadata={"help": "feddpa: weight of the local adapter against the global one, in [0, 1] (per_input: the largest weight, scaled by each input's similarity)"})
     feddpa_mode: str = field(default="fixed", metadata={"help": "feddpa: mixing weight 'fixed' or 'per_input' (similarity to the user's data)"})
-    oppu_task_rounds: int = field(default=3, metadata={"help": "oppu: rounds (or pooled epochs) training the task adapter before personal adapters"})
+    oppu_task_rounds: int = field(default=3, metadata={"help": "oppu: federated rounds (each train.epochs / train.steps), or with oppu_task_mode=pooled epochs over all users' data, training the task adapter before personal adapters"})
     oppu_task_mode: str = field(default="federated", metadata={"help": "oppu: task adapter trained 'federated' or 'pooled' on all users' data as in the paper"})
 
 

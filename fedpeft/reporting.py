@@ -94,8 +94,10 @@ def summary_table(results: dict[str, Any]) -> str:
     summary = results["summary"]
     rows = [("strategy", results["strategy"]), ("users", results["num_users"]), ("rounds", results["rounds"])]
     for metric in results["metrics"]:
+        if results.get("headline") == "corpus":  # LaMP: the benchmark's own score over all questions
+            rows.append((f"{metric} (all questions)", summary[metric]))
         for stat in ("mean", "median", "p10", "min"):
-            rows.append((f"{metric} {stat}", summary[f"{metric}_{stat}"]))
+            rows.append((f"{metric} {stat} over users", summary[f"{metric}_{stat}"]))
     rows += [("users evaluated", summary["n_evaluated"]), ("users failed", summary["n_failed"]),
              ("users skipped (unusable data)", summary["n_skipped"]),
              ("bytes communicated", results["communication"]["bytes_total"]),

@@ -26,14 +26,24 @@ generation (LaMP-4..7)
     ``evaluate``'s "rouge" that LaMP calls; several golds per example -> the best, as
     ``score_multi``). ``evaluate`` aggregates with a bootstrap and reports its median ("mid");
     the plain mean here is what that bootstrap estimates, equal for one example.
+
+Corpus-level scores (:func:`corpus_scores`): LaMP reports its metrics over all questions pooled
+(accuracy and its full-label-list F1, MAE and RMSE over all errors, mean ROUGE over all
+questions), not as a mean over users; ``TaskSpec.corpus_metrics`` says when these are the
+benchmark's headline. With one question per user the mean over users of per-user "RMSE" is the
+MAE, and the mean of per-user F1s is not LaMP's F1.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from fedpeft import metrics as M
+
+if TYPE_CHECKING:
+    from fedpeft.data import TaskSpec
 
 KIND_METRICS = {
     "classification": ("accuracy", "macro_f1"),
@@ -157,3 +167,27 @@ def lamp_macro_f1(predictions: Sequence[str], golds: Sequence[str], labels: Sequ
         fn = sum(a != i and b == i for a, b in zip(p, g))
         scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return sum(scores) / len(scores) if scores else 0.0
+
+
+def corpus_scores(task: TaskSpec, predictions: Sequence[Prediction], golds: Sequence[str | Sequence[str]]) -> dict[str, float]:
+    """The task's metrics (``task.metrics``) over all questions pooled, as LaMP reports them.
+
+    ``predictions`` and ``golds`` are every evaluated user's predictions and golds concatenated
+    (users in any order; ``golds[i]`` is the gold list of ``predictions[i]``). Classification: accuracy (gold-set rule, exact
+    match for LaMP's one gold) and :func:`lamp_macro_f1` over the full label list ``task.labels``
+    against the first gold; rating: MAE and RMSE over all errors; generation (and multilabel): the
+    per-example scores of :func:`score` averaged over all examples.
+    """
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} golds; pass one gold list per "
+                         "prediction, pooled over users in the same order")
+    if not predictions:
+        raise ValueError("corpus scores of zero questions are undefined; pass every evaluated user's predictions")
+    pooled = score(task.kind, predictions, golds, labels=task.labels or None)
+    if task.kind == "classification" and task.labels:
+        flat = [p if isinstance(p, str) else ",".join(p) for p in predictions]
+        pooled["macro_f1"] = lamp_macro_f1(flat, [g[0] for g in _golds(golds)], task.labels)
+    missing = [m for m in task.metrics if m not in pooled]
+    if missing:
+        raise ValueError(f"task metrics {missing} have no corpus-level form; known for kind '{task.kind}': {sorted(pooled)}")
+    return {m: float(pooled[m]) for m in task.metrics}

@@ -6,6 +6,7 @@ adapter store. A reply that reports a failure marks its user failed; the run goe
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from fedpeft.config import Config
 from fedpeft.data import get_benchmark
 from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
 from fedpeft.reporting import RunReporter
+from fedpeft.scoring import corpus_scores
 from fedpeft.store import AdapterStore
 from strategies import make_strategy
 from strategies.base import Phase
@@ -59,7 +61,8 @@ class FederatedRun:
         self.run_dir = run_dir
         self.strategy = make_strategy(config)
         self.user_ids = get_benchmark(config).user_ids()
-        self.metric_names = list(get_benchmark(config).task().metrics)  # the first one is the headline
+        self.task = get_benchmark(config).task()
+        self.metric_names = list(self.task.metrics)  # the first one is the headline
         self.reporter = RunReporter(config, run_dir)
         self.failures: list[dict[str, Any]] = []  # one record per failed call: round, call, user, reason
         self.rounds_trained = np.zeros(len(self.user_ids), dtype=int)
@@ -161,9 +164,7 @@ class FederatedRun:
             totals["bytes_up"] += record["bytes_up"]
             if server_round % fed.eval_every == 0 or server_round == self.total_rounds:
                 final = self.evaluate(server_round, shared, self.eval_users(server_round), phase.name)
-                for name in self.metric_names:
-                    stats = M.summarize([r.content.metric_records["metrics"][name] for r in final])
-                    record.update({f"{name}_{k}": stats[k] for k in ("mean", "median", "p10", "min")})
+                record.update(self.scores(final))
                 record["n_evaluated"] = len(final)
             record.update({"round": server_round, "seconds": time.time() - round_start,
                            "failed_calls_total": len(self.failures),
@@ -171,9 +172,25 @@ class FederatedRun:
             self.reporter.log_round(record)
             headline = self.metric_names[0]
             self.bar.write(f"round {server_round} ({phase.name}): trained {record['trained']}/{record['cohort_size']}, "
-                           f"loss {record['train_loss']:.4f}, mean {headline} {record.get(f'{headline}_mean', float('nan')):.4f}")
+                           f"loss {record['train_loss']:.4f}, {headline} {record.get(headline, float('nan')):.4f}")
         self.bar.close()
         return self.finish(final, shared, time.time() - started, totals)
+
+    def scores(self, replies: list[Message]) -> dict[str, float]:
+        """Each metric's headline value under its plain name (LaMP: the benchmark's own corpus-level
+        score over all questions; PEFT-U and synthetic: the unweighted mean over users of per-user
+        scores) and its per-user distribution (``_mean``, ``_median``, ``_p10``, ``_min``)."""
+        out: dict[str, float] = {}
+        for name in self.metric_names:
+            stats = M.summarize([r.content.metric_records["metrics"][name] for r in replies])
+            out.update({f"{name}_{k}": stats[k] for k in ("mean", "median", "p10", "min")})
+            out[name] = stats["mean"]
+        if self.task.corpus_metrics and replies:
+            infos = [r.content.config_records["info"] for r in replies]
+            predictions = [p for info in infos for p in info["predictions"]]
+            golds = [g for info in infos for g in json.loads(str(info["golds"]))]
+            out.update(corpus_scores(self.task, predictions, golds))
+        return out
 
     def finish(self, final: list[Message], shared: dict[str, torch.Tensor], wall: float, totals: dict[str, int]) -> dict[str, Any]:
         if shared:
@@ -197,12 +214,11 @@ class FederatedRun:
         ok = [row for row in per_user if row["status"] == "ok"]
         n_failed = len(per_user) - len(ok)
         skipped = get_benchmark(self.config).skipped_users()
-        summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed, "n_skipped": len(skipped)}
-        for name in self.metric_names:
-            stats = M.summarize([row[name] for row in ok], num_failed=n_failed)
-            summary.update({f"{name}_{k}": stats[k] for k in ("mean", "median", "p10", "min")})
+        summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed, "n_skipped": len(skipped),
+                                   **self.scores([scores[row["partition_id"]] for row in ok])}
         results = {
             "metrics": self.metric_names,
+            "headline": "corpus" if self.task.corpus_metrics else "mean over users",
             "strategy": self.config.federation.strategy, "benchmark": self.config.data.benchmark,
             "model": self.config.model.name, "num_users": len(self.user_ids), "rounds": self.total_rounds,
             "summary": summary, "wall_seconds": wall, "run_dir": str(self.run_dir),

@@ -10,14 +10,19 @@ Two paths, chosen by the backbone's kind:
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedpeft.config import Config
 from fedpeft.data import Example, TaskSpec, input_length
+from fedpeft.data.retrieval import Layout, fit_prompt, with_history
 from fedpeft.models import LoadedModel, set_trainable
 from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.scoring import peft_u_parse
@@ -40,6 +45,31 @@ def round_lr(config: Config, server_round: int, total_rounds: int) -> float:
     return low + (tr.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# ---- batch listeners -------------------------------------------------------------------------
+
+BatchListener = Callable[[list[Example], list[int]], None]
+_LISTENERS: ContextVar[tuple[BatchListener, ...]] = ContextVar("fedpeft_batch_listeners", default=())
+
+
+@contextmanager
+def batch_listener(listener: BatchListener) -> Iterator[None]:
+    """While active, :func:`train_user` and :func:`predict` call ``listener(examples, rows)``
+    before each forward pass: the examples they were given and the indices of this batch's rows,
+    in row order (feddpa sets per-input mixing weights with it). A context rather than a keyword,
+    so that it reaches through callers that do not pass keywords on (a strategy's ``local_train``
+    gets the client's ``train`` closure); listeners nest and are all called, outermost first."""
+    token = _LISTENERS.set((*_LISTENERS.get(), listener))
+    try:
+        yield
+    finally:
+        _LISTENERS.reset(token)
+
+
+def announce_batch(examples: list[Example], rows: list[int]) -> None:
+    for listener in _LISTENERS.get():
+        listener(examples, rows)
+
+
 # ---- batches ---------------------------------------------------------------------------------
 
 def target_text(example: Example, task: TaskSpec) -> str:
@@ -55,15 +85,61 @@ def _check_labels(task: TaskSpec, examples: list[Example]) -> None:
         raise ValueError(f"Example '{bad[0]}' has label '{bad[1]}', not in the task's labels {list(task.labels)}")
 
 
-def _encode(loaded: LoadedModel, texts: list[str], config: Config, **kwargs) -> dict[str, torch.Tensor]:
-    extra = {} if loaded.kind == "encoder" else {"return_token_type_ids": False}
-    batch = loaded.tokenizer(texts, padding=True, truncation=True, max_length=input_length(config),
-                             return_tensors="pt", **extra, **kwargs)
+def _token_counter(tokenizer: Any, kind: str) -> Callable[[str], int]:
+    """Tokens the model reads for a text, counted as :func:`_encode` tokenizes it."""
+    if kind == "causal":  # a causal prompt is the text and a newline, without special tokens
+        return lambda text: len(tokenizer(text + "\n", add_special_tokens=False)["input_ids"])
+    extra = {} if kind == "encoder" else {"return_token_type_ids": False}
+    return lambda text: len(tokenizer(text, **extra)["input_ids"])
+
+
+def model_text(loaded: LoadedModel, example: Example, config: Config, demos: list[str] | None = None) -> str:
+    """What the model reads for ``example``, built one way for training and prediction alike.
+
+    The question (``example.text``) stays whole; its history items (and, for few-shot
+    prediction, the ``demos``) go before it as far as ``input_length(config)`` tokens allow:
+    :func:`fedpeft.data.retrieval.fit_prompt` cuts them first (and the question only when it is
+    over the budget on its own). A causal backbone reads this text and a newline.
+    """
+    return _fitted_text(loaded.tokenizer, loaded.kind, input_length(config), example.text, example.history,
+                        tuple(demos or ()))
+
+
+@functools.lru_cache(maxsize=8192)  # an example is fitted once, not once per epoch
+def _fitted_text(tokenizer: Any, kind: str, budget: int, question: str, history: tuple[str, ...],
+                 demos: tuple[str, ...]) -> str:
+    count = _token_counter(tokenizer, kind)
+    if not demos:
+        return fit_prompt(question, history, count, budget)
+    pieces = [*history, *demos]  # the last demonstration is dropped first
+    return fit_prompt(question, pieces, count, budget, few_shot_layout(len(history)))
+
+
+def _causal_prompt_ids(loaded: LoadedModel, example: Example, config: Config, demos: list[str] | None = None) -> list[int]:
+    text = model_text(loaded, example, config, demos)
+    return loaded.tokenizer(text + "\n", add_special_tokens=False)["input_ids"][: input_length(config)]
+
+
+def _left_padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    return {"input_ids": torch.tensor([[pad_id] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+
+
+def _encode(loaded: LoadedModel, examples: list[Example], config: Config, demos: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The model's input batch for ``examples`` (:func:`model_text`); causal prompts are left-padded
+    for generation."""
+    if loaded.kind == "causal":
+        batch = _left_padded([_causal_prompt_ids(loaded, ex, config, demos) for ex in examples], loaded.tokenizer.pad_token_id)
+    else:
+        extra = {} if loaded.kind == "encoder" else {"return_token_type_ids": False}
+        batch = loaded.tokenizer([model_text(loaded, ex, config, demos) for ex in examples], padding=True, truncation=True,
+                                 max_length=input_length(config), return_tensors="pt", **extra)
     return {k: v.to(loaded.device) for k, v in batch.items()}
 
 
 def encoder_loss(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config: Config) -> torch.Tensor:
-    logits = loaded.model(**_encode(loaded, [ex.text for ex in examples], config)).logits.float()
+    logits = loaded.model(**_encode(loaded, examples, config)).logits.float()
     index = {label: i for i, label in enumerate(task.labels)}
     if task.kind == "multilabel":
         target = torch.zeros_like(logits)
@@ -76,10 +152,9 @@ def encoder_loss(loaded: LoadedModel, examples: list[Example], task: TaskSpec, c
 
 def text_to_text_loss(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config: Config) -> torch.Tensor:
     tok = loaded.tokenizer
-    prompts = [ex.text for ex in examples]
     targets = [target_text(ex, task) for ex in examples]
     if loaded.kind == "seq2seq":
-        batch = _encode(loaded, prompts, config)
+        batch = _encode(loaded, examples, config)
         labels = tok(text_target=targets, padding=True, truncation=True, max_length=config.model.max_new_tokens * 4,
                      return_tensors="pt", return_token_type_ids=False)["input_ids"].to(loaded.device)
         labels[labels == tok.pad_token_id] = -100
@@ -87,8 +162,8 @@ def text_to_text_loss(loaded: LoadedModel, examples: list[Example], task: TaskSp
     # causal: prompt + answer + eos, loss on the answer tokens only
     max_len = input_length(config) + config.model.max_new_tokens
     ids, labels = [], []
-    for prompt, target in zip(prompts, targets):
-        p = tok(prompt + "\n", add_special_tokens=False)["input_ids"][-input_length(config):]
+    for example, target in zip(examples, targets):
+        p = _causal_prompt_ids(loaded, example, config)  # the same prompt tokens as predict's
         a = tok(" " + target, add_special_tokens=False)["input_ids"][: config.model.max_new_tokens - 1] + [tok.eos_token_id]
         ids.append((p + a)[:max_len])
         labels.append(([-100] * len(p) + a)[:max_len])
@@ -154,6 +229,7 @@ def train_user(
             order = rng.permutation(n).tolist()
         idx, order = order[: tr.batch_size], order[tr.batch_size :]
         processed += len(idx)
+        announce_batch(examples, idx)
         loss = loss_fn(loaded, [examples[i] for i in idx], task, config)
         losses.append(float(loss.detach()))
         if prox:
@@ -183,10 +259,17 @@ def to_label(decoded: str, task: TaskSpec) -> str:
     return containing[0] if len(containing) == 1 else clean
 
 
-def few_shot_prompt(example: Example, shots: list[Example], task: TaskSpec) -> str:
-    """k of the user's own training examples before the input, as PEFT-U's few-shot baseline."""
-    demos = "".join(f"{shot.text}\nAnswer: {target_text(shot, task)}\n\n" for shot in shots)
-    return f"{demos}{example.text}\nAnswer:"
+def few_shot_demo(shot: Example, task: TaskSpec) -> str:
+    """One of the user's own training examples with its answer, as PEFT-U's few-shot baseline."""
+    return f"{shot.text}\nAnswer: {target_text(shot, task)}\n\n"
+
+
+def few_shot_layout(n_history: int) -> Layout:
+    """The few-shot prompt: demonstrations, then the example (its history, the question), then
+    'Answer:'; the kept pieces are the first ``n_history`` history items, then demonstrations."""
+    def layout(question: str, kept: list[str]) -> str:
+        return "".join(kept[n_history:]) + with_history(question, kept[:n_history]) + "\nAnswer:"
+    return layout
 
 
 @torch.no_grad()
@@ -199,18 +282,16 @@ def predict(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config
     bs = config.train.eval_batch_size
     for start in range(0, len(examples), bs):
         chunk = examples[start : start + bs]
+        announce_batch(examples, list(range(start, start + len(chunk))))
         if loaded.kind == "encoder":
-            logits = model(**_encode(loaded, [ex.text for ex in chunk], config)).logits.float()
+            logits = model(**_encode(loaded, chunk, config)).logits.float()
             if task.kind == "multilabel":
                 chosen = [(row > 0).nonzero().flatten().tolist() or [int(row.argmax())] for row in logits]
                 out += [", ".join(task.labels[i] for i in ids) for ids in chosen]
             else:
                 out += [task.labels[i] for i in logits.argmax(-1).tolist()]
             continue
-        prompts = [few_shot_prompt(ex, shots, task) if shots else ex.text for ex in chunk]
-        if loaded.kind == "causal":
-            prompts = [p + "\n" for p in prompts]
-        batch = _encode(loaded, prompts, config)
+        batch = _encode(loaded, chunk, config, [few_shot_demo(shot, task) for shot in shots or []])
         generated = model.generate(**batch, max_new_tokens=config.model.max_new_tokens, do_sample=False, num_beams=1,
                                    pad_token_id=loaded.tokenizer.pad_token_id)
         if loaded.kind == "causal":

@@ -83,6 +83,7 @@ def test_each_task_builds_train_and_test_in_task_format(tmp_path, task):
     assert spec.kind == {1: "classification", 2: "classification", 3: "rating"}.get(task, "generation")
     assert spec.labels == {1: ("[1]", "[2]"), 2: lamp.LAMP2_TAGS, 3: ("1", "2", "3", "4", "5")}.get(task, ())
     assert spec.metrics == {1: ("accuracy", "macro_f1"), 2: ("accuracy", "macro_f1"), 3: ("mae", "rmse")}.get(task, ("rouge1", "rougeL"))
+    assert spec.corpus_metrics is True  # LaMP scores all questions pooled
     u = b.load_user(1)
     assert u.user_id == "q1" and u.val == []
     assert [(e.id, e.labels) for e in u.test] == [("q1", (GOLDS[task],))]
@@ -184,10 +185,6 @@ def test_train_questions_are_selected_by_config(tmp_path):
 # ----------------------------------------------------------------------------- retrieval
 
 
-def _prefix(text: str, marker: str) -> str:
-    return text[: text.index(marker)]
-
-
 def test_training_examples_retrieve_only_earlier_items(tmp_path):
     # every item looks alike; listed in reverse time order, so "earlier" must come from the dates
     items = [item(2, j, f"2021-03-{10 - j:02d}", "shared movie plot") for j in range(6)]  # p5 oldest ... p0 newest
@@ -196,17 +193,15 @@ def test_training_examples_retrieve_only_earlier_items(tmp_path):
     chrono = [f"p{j}" for j in range(5, -1, -1)]
     assert [e.id for e in u.train] == chrono
     for pos, ex in enumerate(u.train):
-        prefix = _prefix(ex.text, "Which tag does")
-        seen = set(re.findall(r"token(\d)", prefix))
+        assert ex.text.startswith("Which tag does")              # the input alone; history apart
+        seen = set(re.findall(r"token(\d)", "".join(ex.history)))
         earlier = {c[1:] for c in chrono[:pos]}
         assert seen <= earlier, (ex.id, seen, earlier)           # never itself or a later item
-        assert len(seen) == min(3, pos)                           # and it does retrieve when it may
-        if pos == 0:
-            assert prefix == ""
-        else:
-            assert prefix.endswith("\n\n") and prefix.count("description: ") == min(3, pos)
+        assert len(seen) == len(ex.history) == min(3, pos)       # and it does retrieve when it may
+        assert all(h.startswith("description: ") and h.endswith("\n") for h in ex.history)
     # the test question retrieves from the whole profile, best match first
-    assert _prefix(u.test[0].text, "Which tag does").startswith("description: common words token2 ")
+    assert u.test[0].text.startswith("Which tag does")
+    assert u.test[0].history[0].startswith("description: common words token2 ")
 
 
 def test_undated_items_use_list_order(tmp_path):
@@ -215,15 +210,16 @@ def test_undated_items_use_list_order(tmp_path):
     qs = [{"id": "q0", "input": INPUTS[4]("common words"), "profile": [items[2], items[0], items[1]]}]
     u = LampBenchmark(config(write_lamp(tmp_path, 4, qs), tmp_path, 4, retrieval_k=5)).load_user(0)
     assert [e.id for e in u.train] == ["p2", "p0", "p1"]
-    assert set(re.findall(r"token(\d)", _prefix(u.train[1].text, "Generate a headline"))) == {"2"}
+    assert set(re.findall(r"token(\d)", "".join(u.train[1].history))) == {"2"}
 
 
 def test_retrieval_off_and_lamp7_training_without_retrieval(tmp_path):
     u = LampBenchmark(config(write_lamp(tmp_path, 4, simple_questions(4, 1)), tmp_path, 4)).load_user(0)
-    assert all(e.text.startswith("Generate a headline") for e in u.train + u.test)
+    assert all(e.text.startswith("Generate a headline") and e.history == () for e in u.train + u.test)
     u7 = LampBenchmark(config(write_lamp(tmp_path, 7, simple_questions(7, 1)), tmp_path, 7, retrieval_k=2)).load_user(0)
-    assert all(e.text == "tweet:" for e in u7.train)
-    assert u7.test[0].text.startswith("tweet: common words") and u7.test[0].text.count("tweet: ") == 2
+    assert all(e.text == "tweet:" and e.history == () for e in u7.train)
+    assert u7.test[0].text.startswith("Paraphrase the following text into tweet")
+    assert [h.startswith("tweet: common words") for h in u7.test[0].history] == [True, True]
 
 
 def test_prefix_bm25_equals_a_fresh_bm25okapi_on_each_prefix():
@@ -251,6 +247,100 @@ def test_bm25_top_is_rank_bm25():
     assert lamp.bm25_top("pear", docs, 1) == ["green pear"]
     assert set(lamp.bm25_top("pear sky", docs, 2)) == {"green pear", "blue sky"}
     assert lamp.bm25_top("apple", [], 2) == [] and lamp.bm25_top("apple", docs, 0) == []
+
+
+# ----------------------------------------------------------------------------- what the model reads
+
+
+def test_fit_prompt_cuts_history_first_and_never_the_question():
+    from fedpeft.data.retrieval import fit_prompt, middle_cut
+
+    def count(text: str) -> int:  # one token per whitespace word
+        return len(text.split())
+
+    q = "q1 q2 q3 q4"
+    items = ["a1 a2 a3\n", "b1 b2 b3 b4 b5 b6 b7 b8 b9 b10\n", "c1\n"]
+    assert fit_prompt(q, items, count, 100) == "a1 a2 a3\nb1 b2 b3 b4 b5 b6 b7 b8 b9 b10\nc1\n\nq1 q2 q3 q4"
+    # 4 question words + 3 of a leave 5 for b: 4 of its words and the elision mark; c dropped
+    assert fit_prompt(q, items, count, 12) == "a1 a2 a3\nb1 b2 ... b9 b10\n\nq1 q2 q3 q4"
+    assert fit_prompt(q, items, count, 9) == "a1 a2 a3\nb1 ...\n\nq1 q2 q3 q4"
+    assert fit_prompt(q, items, count, 8) == "a1 a2 a3\n\nq1 q2 q3 q4"          # no word of b fits
+    assert fit_prompt(q, items, count, 4) == "q1 q2 q3 q4"                        # no history at all
+    # the question alone over the budget: no history; its start and end are kept
+    assert fit_prompt(q, items, count, 3) == "q1 ... q4"
+    assert fit_prompt("q1 q2 q3 q4 q5 q6", [], count, 5) == "q1 q2 ... q5 q6"
+    assert fit_prompt(q, items, count, 1) == q  # not even one word fits: left to the tokenizer's cap
+    assert middle_cut("description: w1 w2 w3 w4 w5 tag: comedy\n", 5) == "description: w1 w2 ... tag: comedy\n"
+    assert middle_cut("Say it.\n article: a b c d e f headline:", 6) == "Say it.\n article: ... e f headline:"  # kept as they were
+
+
+LONG_TEXT = " ".join(f"long{i}" for i in range(400))
+
+
+def _long_history_user(tmp_path: Path, backbone: Path) -> tuple[Config, object]:
+    """LaMP-3 user whose oldest item (p0) is far longer than data.max_length=64 tokens; the
+    question names words of p0 only, so BM25 retrieves p0 for it; so does p1 (p0 is all it has)."""
+    items = [item(3, 0, "2020-01-01", LONG_TEXT), item(3, 1, "2020-01-02"), item(3, 2, "2020-01-03")]
+    qs = [{"id": "q0", "input": INPUTS[3]("long5 long6 a great blender"), "profile": items}]
+    cfg = config(write_lamp(tmp_path, 3, qs), tmp_path, 3, retrieval_k=1, max_length=64)
+    cfg.model.name, cfg.model.max_new_tokens, cfg.train.eval_batch_size = str(backbone), 3, 1
+    return cfg, LampBenchmark(cfg).load_user(0)
+
+
+def _first_input_ids(loaded, run) -> list[int]:
+    """Token ids the input embedding receives first while ``run()`` runs: the encoder's input
+    (seq2seq), the whole prompt (a generation's first step), the batch (training)."""
+    seen: list[list[int]] = []
+
+    def record(module, args):
+        if not seen:
+            seen.append(args[0][0].tolist())
+
+    base = loaded.model.get_base_model()
+    embedding = base.get_encoder().get_input_embeddings() if loaded.kind == "seq2seq" else base.get_input_embeddings()
+    handle = embedding.register_forward_pre_hook(record)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _contains(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i : i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+@pytest.mark.parametrize("backbone", ["tiny_bert", "tiny_t5", "tiny_gpt2"])
+def test_long_history_never_pushes_the_question_out_and_training_reads_what_prediction_reads(backbone, request, tmp_path):
+    from fedpeft.models import build_model
+    from fedpeft.training import encoder_loss, predict, text_to_text_loss
+
+    cfg, user = _long_history_user(tmp_path, request.getfixturevalue(backbone))
+    task = LampBenchmark(cfg).task()
+    loaded = build_model(cfg, len(task.labels))
+    tok = loaded.tokenizer
+    loss = encoder_loss if loaded.kind == "encoder" else text_to_text_loss
+    spec = lamp.TASKS[3]
+    cases = {  # the example and its question, rebuilt from the fixture
+        "training example p1": (user.train[1], spec.train_template.format(**item(3, 1, "2020-01-02"))),
+        "test question": (user.test[0], spec.test_template.format(text="long5 long6 a great blender")),
+    }
+    for name, (ex, question) in cases.items():
+        assert "long0 long1 long2" in ex.text + "".join(getattr(ex, "history", ())), name  # p0 retrieved
+        trained = _first_input_ids(loaded, lambda ex=ex: loss(loaded, [ex], task, cfg))
+        predicted = _first_input_ids(loaded, lambda ex=ex: predict(loaded, [ex], task, cfg))
+        q_ids = tok(question, add_special_tokens=False)["input_ids"]
+        assert _contains(predicted, q_ids), (name, "prediction lost question tokens", tok.decode(predicted))
+        assert _contains(trained, q_ids), (name, "training lost question tokens", tok.decode(trained))
+        if loaded.kind == "causal":  # training reads the prompt, then the answer
+            assert trained[: len(predicted)] == predicted, name
+            assert tok.decode(trained[len(predicted):], skip_special_tokens=True).strip() == ex.labels[0]
+        else:
+            assert trained == predicted, name
+        assert len(predicted) <= 64
+        # the long item was cut to fit, not dropped: its start and its target field are there
+        assert _contains(predicted, tok("review: common words token0", add_special_tokens=False)["input_ids"]), name
+        assert _contains(predicted, tok("score: 1", add_special_tokens=False)["input_ids"]), name
 
 
 # ----------------------------------------------------------------------------- malformed input

@@ -1,4 +1,4 @@
-"""Per-user metrics of every task kind, against hand-computed values."""
+"""Per-user and corpus-level metrics of every task kind, against hand-computed values."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from fedpeft.scoring import lamp_macro_f1, lamp_rating, peft_u_parse, reduce_prediction, score
+from fedpeft.data import TaskSpec
+from fedpeft.scoring import (
+    corpus_scores,
+    lamp_macro_f1,
+    lamp_rating,
+    peft_u_parse,
+    reduce_prediction,
+    score,
+)
 
 STUDEMO = ("anger", "anticipation", "arousal", "disgust", "fear", "joy", "sadness", "surprise", "trust", "valence")
 
@@ -81,3 +89,62 @@ def test_errors():
         score("classification", ["a", "b"], ["a"])
     with pytest.raises(ValueError, match="zero examples"):
         score("generation", [], [])
+
+
+# ----------------------------------------------------------------------------- corpus-level (LaMP)
+
+
+def _per_user_mean(kind: str, users: list[tuple[list[str], list[str]]], metric: str) -> float:
+    return sum(score(kind, p, g)[metric] for p, g in users) / len(users)
+
+
+def _pool(users: list[tuple[list[str], list[str]]]) -> tuple[list[str], list[list[str]]]:
+    return [p for preds, _ in users for p in preds], [[g] for _, golds in users for g in golds]
+
+
+def test_corpus_rating_pools_errors_over_all_questions():
+    task = TaskSpec("rating", ("1", "2", "3", "4", "5"), ("mae", "rmse"), corpus_metrics=True)
+    users = [(["5", "1"], ["1", "1"]), (["3"], ["3"]), (["x"], ["4"])]
+    # errors 4, 0 | 0 | 'x' vs 4 -> 1 (|1-4| > |5-4|) -> 3
+    out = corpus_scores(task, *_pool(users))
+    assert list(out) == ["mae", "rmse"]
+    assert out["mae"] == pytest.approx(7 / 4) and out["rmse"] == pytest.approx(math.sqrt(25 / 4))
+    # per-user RMSEs sqrt(8), 0, 3: their mean is not the corpus RMSE
+    assert _per_user_mean("rating", users, "rmse") == pytest.approx((math.sqrt(8) + 3) / 3)
+    one_each = [(["5"], ["1"]), (["3"], ["3"]), (["2"], ["4"])]  # the user split: one question per user
+    assert corpus_scores(task, *_pool(one_each))["rmse"] == pytest.approx(math.sqrt(20 / 3))
+    assert _per_user_mean("rating", one_each, "rmse") == pytest.approx(2.0) == corpus_scores(task, *_pool(one_each))["mae"]
+
+
+def test_corpus_classification_f1_over_the_full_label_list():
+    task = TaskSpec("classification", ("a", "b", "c", "d"), ("accuracy", "macro_f1"), corpus_metrics=True)
+    users = [(["a", " b"], ["a", "a"]), (["c"], ["c"]), (["zzz"], ["b"])]
+    # pooled: a tp1 fn1 -> 2/3; b fp1 fn1 -> 0; c tp1 -> 1; d never predicted nor gold -> 0
+    out = corpus_scores(task, *_pool(users))
+    assert out == pytest.approx({"accuracy": 0.5, "macro_f1": (2 / 3 + 1) / 4})
+    assert _per_user_mean("classification", users, "macro_f1") == pytest.approx((1 / 3 + 1 + 0) / 3)
+
+
+def test_corpus_generation_averages_over_questions_not_users():
+    task = TaskSpec("generation", (), ("rouge1", "rougeL"), corpus_metrics=True)
+    users = [(["a b", "x"], ["a b", "y"]), (["c d"], ["c d"])]
+    assert corpus_scores(task, *_pool(users)) == pytest.approx({"rouge1": 2 / 3, "rougeL": 2 / 3})
+    assert _per_user_mean("generation", users, "rouge1") == pytest.approx(0.75)
+
+
+def test_corpus_scores_errors():
+    task = TaskSpec("rating", ("1", "2"), ("mae", "rmse"))
+    with pytest.raises(ValueError, match="2 predictions for 1 golds.*one gold list per prediction"):
+        corpus_scores(task, ["1", "2"], [["1"]])
+    with pytest.raises(ValueError, match="zero questions"):
+        corpus_scores(task, [], [])
+    with pytest.raises(ValueError, match=r"\['accuracy'\] have no corpus-level form.*'mae', 'rmse'"):
+        corpus_scores(TaskSpec("rating", ("1",), ("mae", "accuracy")), ["1"], [["1"]])
+
+
+def test_only_lamp_headlines_are_corpus_level():
+    from fedpeft.config import Config
+    from fedpeft.data import get_benchmark
+
+    assert TaskSpec("classification", ("a",)).corpus_metrics is False
+    assert get_benchmark(Config()).task().corpus_metrics is False  # the synthetic benchmark

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,7 +221,9 @@ def test_peft_u_multilabel_task_runs_through_the_entry_point(tiny_bert, tmp_path
 def test_lamp_tasks_run_through_the_entry_point(task, model, metric, request, tmp_path, ray_shutdown):
     from tests.test_lamp import simple_questions, write_lamp
 
-    folder = write_lamp(tmp_path, task, simple_questions(task, n_users=3, n_items=6))
+    questions = simple_questions(task, n_users=3, n_items=6)
+    golds = {q["id"]: str(1 + 2 * i) for i, q in enumerate(questions)} if task == 3 else None  # ratings 1, 3, 5
+    folder = write_lamp(tmp_path, task, questions, golds)
     args = tiny_args(request.getfixturevalue(model), tmp_path, f"lamp{task}", "--benchmark", f"lamp/LaMP-{task}",
                      f"data.path={folder}", f"data.cache_dir={tmp_path / 'cache'}", "data.retrieval_k=1",
                      "data.max_length=64", "model.max_new_tokens=4")
@@ -228,6 +231,19 @@ def test_lamp_tasks_run_through_the_entry_point(task, model, metric, request, tm
     results = json.loads((tmp_path / f"lamp{task}" / "results.json").read_text())
     assert results["metrics"][0] == metric and results["summary"]["n_evaluated"] == 3
     assert results["summary"][f"{metric}_mean"] >= 0
+    if task == 3:  # LaMP's own RMSE over all questions, not a mean of per-user RMSEs (which is the MAE here)
+        predicted = {row["sample_ids"][0]: row["predictions"][0] for row in
+                     map(json.loads, (tmp_path / "lamp3" / "predictions.jsonl").read_text().splitlines())}
+        errors = []
+        for qid, gold in golds.items():
+            try:
+                value = float(predicted[qid])
+            except ValueError:  # LaMP: an unparsable answer is the rating farthest from the gold
+                value = 1.0 if abs(1 - float(gold)) > abs(5 - float(gold)) else 5.0
+            errors.append(value - float(gold))
+        assert results["headline"] == "corpus"
+        assert results["summary"]["rmse"] == pytest.approx(float(np.sqrt(np.mean(np.square(errors)))))
+        assert results["summary"]["mae"] == pytest.approx(float(np.mean(np.abs(errors))))
 
 
 def test_generation_task_with_an_encoder_is_refused_before_ray(tiny_bert, tmp_path, capsys):

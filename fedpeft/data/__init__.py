@@ -18,9 +18,16 @@ from fedpeft.config import Config, ConfigError
 
 @dataclass(frozen=True)
 class Example:
+    """One example. ``text`` is the user's input (the question), never cut to make room for
+    anything else; ``history`` holds context items put before it (LaMP's retrieved profile
+    items, most relevant first), which give way first when the input is over the token budget.
+    :func:`fedpeft.training.model_text` builds what the model reads from both, the same way for
+    training and prediction (see :func:`fedpeft.data.retrieval.fit_prompt`)."""
+
     id: str
     text: str
     labels: tuple[str, ...]
+    history: tuple[str, ...] = ()
 
 
 @dataclass
@@ -40,11 +47,15 @@ class TaskSpec:
 
     kind: "classification" (one label), "multilabel" (a set of labels), "rating" (ordinal labels
     that parse as numbers, scored by MAE/RMSE), "generation" (free text, scored by ROUGE).
+    corpus_metrics: whether the benchmark's headline scores are corpus-level, computed over all
+    questions pooled (LaMP: :func:`fedpeft.scoring.corpus_scores`), rather than the unweighted
+    mean over users of per-user scores (PEFT-U, synthetic).
     """
 
     kind: str
     labels: tuple[str, ...]
     metrics: tuple[str, ...] = field(default=("accuracy", "macro_f1"))
+    corpus_metrics: bool = False
 
 
 class Benchmark:

@@ -29,8 +29,14 @@ items have too few earlier items and give no example; a user with fewer than 3 i
 
 Retrieval (``data.retrieval_k`` > 0), as OPPU: each history item is rendered with the task's
 history template, BM25Okapi (``rank_bm25``) ranks them for the task's query template filled with
-the example's input fields (whitespace tokens), and the top k rendered items, concatenated, are
-put before the input followed by a newline. A training example retrieves only from the items
+the example's input fields (whitespace tokens), and the top k rendered items, best first, are the
+example's ``history``; ``Example.text`` stays the input alone. What the model reads is built from
+both by :func:`fedpeft.training.model_text`, the same way in training and prediction: the items
+concatenated, a newline, the input (OPPU's layout), within ``data.max_length`` tokens, where the
+items give way first (the lowest-ranked are dropped, the first one that does not fit whole is cut
+in the middle, keeping its start and its target field) and the input is never cut for them (see
+:func:`fedpeft.data.retrieval.fit_prompt`, also for an input over the budget on its own). A
+training example retrieves only from the items
 *before* it in time order (dates ``YYYY[-MM[-DD]]`` sorted stably; list order when an item of
 the user has no parseable date), never from itself or later items; a test question from its whole
 profile. OPPU retrieves nothing for LaMP-7 training examples (their query would hold the target
@@ -46,6 +52,7 @@ listed by ``skipped_users()``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -57,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from fedpeft.config import ConfigError
-from fedpeft.data import UserData, register_benchmark
+from fedpeft.data import Example, TaskSpec, UserData, register_benchmark
 from fedpeft.data.common import (
     CachedBenchmark,
     DataFormatError,
@@ -72,6 +79,7 @@ from fedpeft.data.retrieval import PrefixBM25, bm25_top, chronological  # noqa: 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+EXAMPLES_VERSION = 2  # the formatted examples' layout: [id, text, [gold], [history items]]
 ITEM_WORDS = 768       # OPPU: get_first_k_tokens(q[key], 768) for the example's own fields
 RETRIEVED_WORDS = 368  # OPPU: get_first_k_tokens(p[key], 368) for retrieved history items
 
@@ -180,10 +188,6 @@ def first_words(text: str, k: int) -> str:
 
 def _fill(template: str, item: dict[str, Any], words: int) -> str:
     return template.format(**{k: first_words(v, words) if isinstance(v, str) else v for k, v in item.items()})
-
-
-def _with_history(text: str, retrieved: list[str]) -> str:
-    return "".join(retrieved) + "\n" + text if retrieved else text
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +365,8 @@ def lamp1_history_examples(items: list[dict[str, Any]], seed: int, user_id: str)
 
 
 def build_user_examples(task: LampTask, raw: dict[str, Any], k: int, seed: int) -> dict[str, Any]:
-    """The user's train/test examples (as [id, text, [gold]] rows) from its cached raw record."""
+    """The user's train/test examples (as [id, text, [gold], [retrieved items]] rows) from its
+    cached raw record."""
     items = raw["profile"]  # already in time order
     rendered = [_fill(task.history_template, it, RETRIEVED_WORDS) for it in items]
     train = []
@@ -372,19 +377,20 @@ def build_user_examples(task: LampTask, raw: dict[str, Any], k: int, seed: int) 
     index = PrefixBM25([r.split() for r in rendered]) if k > 0 and task.train_retrieval else None
     for pos, item, text, gold in built:
         model = index.model(pos) if index is not None else None  # BM25 over the items before this one
+        history: list[str] = []
         if model is not None:
             query = _fill(task.query_template, item, ITEM_WORDS).split()
-            text = _with_history(text, model.get_top_n(query, rendered[:pos], n=min(k, pos)))
-        train.append([item["id"], text, [gold]])
+            history = model.get_top_n(query, rendered[:pos], n=min(k, pos))
+        train.append([item["id"], text, [gold], history])
     test = []
     by_id = {it["id"]: r for it, r in zip(items, rendered)}
     for q in raw["questions"]:
         fields = {f: first_words(v, ITEM_WORDS) for f, v in q["fields"].items()}
-        text = task.test_template.format(**fields)
+        history = []
         if k > 0:
             ids = q["profile_ids"] if q["profile_ids"] is not None else [it["id"] for it in items]
-            text = _with_history(text, bm25_top(task.query_template.format(**fields), [by_id[i] for i in ids], k))
-        test.append([q["id"], text, [q["output"]]])
+            history = bm25_top(task.query_template.format(**fields), [by_id[i] for i in ids], k)
+        test.append([q["id"], task.test_template.format(**fields), [q["output"]], history])
     return {"user_id": raw["user_id"], "train": train, "val": [], "test": test}
 
 
@@ -411,7 +417,7 @@ class LampBenchmark(CachedBenchmark):
 
     name = "lamp"
     has_tasks = True
-    default_max_length = 512  # OPPU's instruction templates are long; retrieved history comes first
+    default_max_length = 512  # OPPU's instruction templates are long; retrieved history gives way first
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -484,13 +490,24 @@ class LampBenchmark(CachedBenchmark):
             "users": users, "counts": counts, "skipped": skipped,
         }
 
+    def task(self) -> TaskSpec:
+        """LaMP scores are corpus-level: over all questions pooled, not a mean over users."""
+        return dataclasses.replace(super().task(), corpus_metrics=True)
+
     def load_user(self, index: int) -> UserData:
         self.check_index(index)
         k, seed = self.config.data.retrieval_k, self.config.data.seed
-        suffix = f".k{k}.s{seed}"  # examples depend on retrieval_k (and, LaMP-1, on the seed)
+        suffix = f".k{k}.s{seed}.e{EXAMPLES_VERSION}"  # examples depend on retrieval_k (and, LaMP-1, on the seed)
         if self.cache.has_user(index, suffix):
             rec = self.cache.read_user(index, suffix)
         else:
             rec = build_user_examples(self.spec, self.cache.read_user(index), k, seed)
             self.cache.write_user(index, rec, suffix)
-        return self.user_data(rec)
+        return user_examples(rec)
+
+
+def user_examples(record: dict[str, Any]) -> UserData:
+    """A formatted user record ({"user_id", "train"|"val"|"test": [[id, text, [gold], [history]]]})."""
+    split = {s: [Example(id=i, text=t, labels=tuple(g), history=tuple(h)) for i, t, g, h in record[s]]
+             for s in ("train", "val", "test")}
+    return UserData(record["user_id"], split["train"], split["val"], split["test"])

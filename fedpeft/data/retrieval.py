@@ -1,7 +1,11 @@
-"""BM25 retrieval over a user's history (``rank_bm25``), in time order, for LaMP/OPPU prompts."""
+"""History in prompts: BM25 retrieval over a user's history (``rank_bm25``), in time order, for
+LaMP/OPPU prompts, and :func:`fit_prompt`, which puts the retrieved items before the question
+within a token budget without ever cutting the question for them."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rank_bm25 import BM25Okapi
@@ -77,3 +81,73 @@ class PrefixBM25:
         model.idf = {}
         model._calc_idf(self._nd)
         return model
+
+
+# ---- prompts under a token budget -------------------------------------------------------------
+
+Layout = Callable[[str, Sequence[str]], str]  # (question, kept context pieces) -> the model's input text
+ELISION = "..."  # marks the words a cut took out
+
+
+def with_history(question: str, history: Sequence[str]) -> str:
+    """OPPU's layout: the retrieved items (each ending in a newline), a newline, the question."""
+    return "".join(history) + "\n" + question if history else question
+
+
+def middle_cut(text: str, words: int) -> str:
+    """``text`` with only its first ceil(words/2) and last floor(words/2) whitespace-separated
+    words (``words`` >= 1), the cut marked by ``...``; the kept parts, trailing whitespace
+    included, are unchanged. The start and end survive: an instruction and its answer cue, or a
+    history item's field name and the target field that OPPU's templates put last
+    (``description: ... tag: comedy``)."""
+    spans = [m.span() for m in re.finditer(r"\S+", text)]
+    if words >= len(spans):
+        return text
+    head, tail = (words + 1) // 2, words // 2
+    end = text[spans[len(spans) - tail][0]:] if tail else text[len(text.rstrip()):]
+    return f"{text[: spans[head - 1][1]]} {ELISION}{' ' if tail else ''}{end}"
+
+
+def _longest_fitting(make: Callable[[int], str], most: int, fits: Callable[[str], bool]) -> str | None:
+    """make(n) for the largest n in 1..most that fits (binary search; None when none does)."""
+    lo, hi, best = 1, most, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        text = make(mid)
+        if fits(text):
+            best, lo = text, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def fit_prompt(question: str, context: Sequence[str], count: Callable[[str], int], budget: int,
+               layout: Layout = with_history) -> str:
+    """``layout(question, kept)`` for the most context that fits in ``budget`` tokens.
+
+    ``count(text)`` is the number of tokens the model reads for ``text`` (special tokens
+    included), so the result is checked on the exact text, never estimated. The question is never
+    cut to make room for context: context pieces are kept whole in their order (most relevant
+    first) while the input fits; the first piece that does not fit whole is shortened with
+    :func:`middle_cut` to the most words that fit (dropped when none do), and every later piece
+    is dropped. When the question alone is over the budget, all context is dropped and the
+    question itself is middle-cut to fit, keeping its start (the instruction) and its end (the
+    answer cue of LaMP's templates); only when not even its first word fits is it returned whole,
+    for the tokenizer's truncation to cap.
+    """
+    def fits(text: str) -> bool:
+        return count(text) <= budget
+
+    full = layout(question, context)
+    if fits(full):
+        return full
+    bare = layout(question, [])
+    if not fits(bare):
+        cut = _longest_fitting(lambda n: layout(middle_cut(question, n), []), len(question.split()) - 1, fits)
+        return cut if cut is not None else bare
+    kept = 0
+    while fits(layout(question, context[: kept + 1])):
+        kept += 1  # stops before len(context): the full input does not fit
+    whole, piece = list(context[:kept]), context[kept]
+    cut = _longest_fitting(lambda n: layout(question, [*whole, middle_cut(piece, n)]), len(piece.split()) - 1, fits)
+    return cut if cut is not None else layout(question, whole)
