@@ -256,3 +256,13 @@ def test_generation_task_with_an_encoder_is_refused_before_ray(tiny_bert, tmp_pa
                           f"data.cache_dir={tmp_path / 'cache'}")) == 2
     assert "generative backbone" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedsa"])
+def test_same_seeds_give_byte_identical_results_on_ray(strategy, tiny_bert, tmp_path, ray_shutdown):
+    """Replies arrive in any order on Ray; aggregation runs in partition order, so two runs agree to the byte."""
+    files = []
+    for name in ("one", "two"):
+        assert main(tiny_args(tiny_bert, tmp_path, name, "--strategy", strategy, "federation.cohort_fraction=0.5")) == 0
+        files.append([(tmp_path / name / f).read_bytes() for f in ("per_user.csv", "shared_final.safetensors")])
+    assert files[0] == files[1]
