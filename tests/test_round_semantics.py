@@ -11,33 +11,16 @@ from fedpeft.messages import Request
 from fedpeft.models import get_model
 from fedpeft.sim import prepare_adapter
 from fedpeft.store import AdapterStore
-from strategies import make_strategy
-
-
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    """Messages built outside a running Flower app need a task identity, as run_simulation sets one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+from tests.test_strategies import flower_task_identity, initial_shared  # noqa: F401  (an autouse fixture)
+from tests.test_strategies import tiny_config as strategy_config
 
 
 def tiny_config(tiny_bert, tmp_path, strategy: str, **train) -> Config:
-    cfg = Config()
-    cfg.model.name = str(tiny_bert)
-    cfg.federation.strategy = strategy
-    cfg.data.num_users, cfg.data.train_per_user, cfg.data.test_per_user = 4, 8, 4
-    cfg.train.batch_size, cfg.train.lr = 4, 0.05
+    cfg = strategy_config(tiny_bert, tmp_path, strategy)
+    cfg.data.num_users, cfg.train.lr, cfg.train.steps = 4, 0.05, 0
     for key, value in train.items():
         setattr(cfg.train, key, value)
-    cfg.output.store_dir = str(tmp_path / strategy)
     return cfg
-
-
-def initial_shared(cfg: Config) -> dict[str, torch.Tensor]:
-    strategy = make_strategy(cfg)
-    loaded = get_model(cfg, 3, strategy.extra_adapters)
-    return {k: loaded.init_state[k] for k in strategy.shared_keys(loaded.adapter_keys)}
 
 
 # ---- train.steps replaces train.epochs only; a strategy's epoch budget stays epochs -------------
