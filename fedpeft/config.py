@@ -50,7 +50,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = field(default="minilm", metadata={"help": "backbone: 'minilm' (embedded all-MiniLM-L6-v2), a Hugging Face name or a local path"})
-    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16, float16 (CPU always float32)"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16 (CPU or GPU), float16 (GPU clients, generative backbones only: an encoder's head diverges in float16)"})
     kind: str = field(default="auto", metadata={"help": "backbone kind: auto (from its config), encoder (classification head), seq2seq, causal"})
     max_new_tokens: int = field(default=16, metadata={"help": "seq2seq/causal: tokens generated per answer (greedy)"})
 

@@ -2,6 +2,11 @@
 
 Every message carries the resolved config (a few KB of JSON) and, for train and evaluate,
 the shared part of the adapter. Replies carry metrics and, for train, the updated shared part.
+
+Arrays travel as float32 when the model holds them narrower (bfloat16, float16): Flower's
+ArrayRecord goes through numpy, which has no bfloat16, and Flower's aggregation would sum float16
+arrays in float16. Widening is exact; the receiver casts back to its own dtype (the client when it
+loads the adapter, the server when it takes the aggregate).
 """
 
 from __future__ import annotations
@@ -31,11 +36,25 @@ class Request:
     shared: dict[str, torch.Tensor]
 
 
+def transport_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every floating tensor narrower than float32 widened to float32 (exact)."""
+    return {k: v.float() if _narrow_float(v) else v for k, v in state.items()}
+
+
+def _narrow_float(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.element_size() < 4
+
+
+def _array_record(shared: dict[str, torch.Tensor]) -> ArrayRecord:
+    """The one place a state dict becomes an ArrayRecord (see the module docstring on dtypes)."""
+    return ArrayRecord(torch_state_dict=transport_state(shared)) if shared else ArrayRecord()
+
+
 def make_content(config_json: str, server_round: int, shared: dict[str, torch.Tensor] | None = None,
                  phase: str = "") -> RecordDict:
     content = RecordDict({"run": ConfigRecord({"config": config_json, "round": server_round, "phase": phase})})
     if shared is not None:
-        content["shared"] = ArrayRecord(torch_state_dict=shared) if shared else ArrayRecord()
+        content["shared"] = _array_record(shared)
     return content
 
 
@@ -54,7 +73,7 @@ def make_reply(
 ) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)})
     if shared is not None:
-        content["shared"] = ArrayRecord(torch_state_dict=shared) if shared else ArrayRecord()
+        content["shared"] = _array_record(shared)
     return Message(content=content, reply_to=message)
 
 

@@ -68,10 +68,17 @@ def check_model(config: Config) -> str:
     return model_config.model_type
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_DTYPES = ("float32", "bfloat16")  # float16 weights on the CPU: AdamW's first step makes the head NaN
+
+
 def _dtype(config: Config) -> torch.dtype:
-    if config.ray.client_gpus <= 0 or not torch.cuda.is_available():
-        return torch.float32  # on CPU fedpeft always runs in float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.model.dtype]
+    """The backbone's weights dtype (``model.dtype``); peft keeps LoRA weights in float32."""
+    if config.ray.client_gpus <= 0 and config.model.dtype not in CPU_DTYPES:
+        raise ConfigError(f"model.dtype={config.model.dtype} does not train on the CPU (the weights turn NaN). "
+                          f"On CPU clients use one of: {', '.join(CPU_DTYPES)}; float16 needs GPU clients "
+                          "(ray.client_gpus > 0).")
+    return DTYPES[config.model.dtype]
 
 
 @dataclass
@@ -127,6 +134,10 @@ def _load_backbone(config: Config, path: str, kind: str, num_labels: int) -> Any
         AutoModelForSequenceClassification,
     )
 
+    if kind == "encoder" and config.model.dtype == "float16":
+        raise ConfigError("model.dtype=float16 does not train an encoder's classification head: AdamW on float16 "
+                          "weights without loss scaling turns them NaN at the first step (seen on CPU and on an H100). "
+                          "Use --dtype bfloat16 (same memory, trains) or float32.")
     if kind == "encoder":  # the classification head is new: its size never matches a checkpoint's
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=_dtype(config),
                                                                   ignore_mismatched_sizes=True)

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import strategy as flwr_strategy
 
 from fedpeft.config import Config, ConfigError
+from fedpeft.messages import transport_state
 
 State = dict[str, torch.Tensor]
 HEAD_PATTERN = re.compile(r"(^|\.)(classifier|score)\.")
@@ -167,7 +168,7 @@ class Strategy:
             self._aggregator = flower_aggregator(self.config)
         aggregator = self._aggregator
         if hasattr(aggregator, "current_arrays"):  # FedOpt family: the server's current model
-            aggregator.current_arrays = {k: v.detach().cpu().numpy() for k, v in shared.items()}
+            aggregator.current_arrays = {k: v.detach().cpu().numpy() for k, v in transport_state(shared).items()}
         arrays, _ = aggregator.aggregate_train(server_round, replies)
         if arrays is None:
             raise RuntimeError("Flower's aggregation returned nothing; the replies were inconsistent")
