@@ -24,6 +24,7 @@ from fedpeft.data import get_benchmark
 from fedpeft.models import adapter_state, build_model, check_model, fit_size_knob
 from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.reporting import summary_table
+from fedpeft.store import check_store_is_free, claim_store
 from strategies import make_strategy
 
 RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
@@ -51,11 +52,9 @@ def check_ray_address(address: str) -> None:
                           "`ray start --head --port=PORT` and give HOST:PORT, or leave ray.address empty for a local Ray.") from None
 
 
-def make_run_dir(config: Config) -> Path:
+def run_dir_path(config: Config) -> Path:
     name = config.output.name or f"{config.federation.strategy}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
-    run_dir = (Path(config.output.dir) / name).resolve()
-    run_dir.mkdir(parents=True, exist_ok=bool(config.output.name))
-    return run_dir
+    return (Path(config.output.dir) / name).resolve()
 
 
 def backend_config(config: Config) -> dict[str, Any]:
@@ -107,10 +106,13 @@ def prepare_run(config: Config) -> tuple[Path, dict[str, torch.Tensor], dict[str
     """Everything before the simulation starts: the model check, the adapter (initial shared part
     and parameter accounting), the run folder and the adapter store. Sets ``output.store_dir``."""
     check_model(config)
+    run_dir = run_dir_path(config)
+    store_dir = Path(config.output.store_dir or run_dir / "adapters").resolve()
+    check_store_is_free(store_dir)
     initial_shared, accounting = prepare_adapter(config)
-    run_dir = make_run_dir(config)
-    config.output.store_dir = str(Path(config.output.store_dir or run_dir / "adapters").resolve())
-    Path(config.output.store_dir).mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=bool(config.output.name))
+    config.output.store_dir = str(store_dir)
+    claim_store(store_dir, run_dir)
     return run_dir, initial_shared, accounting
 
 

@@ -7,6 +7,7 @@ one file per user, in a folder that every Ray node can reach.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -53,3 +54,25 @@ class AdapterStore:
     def bytes_stored(self, user_id: str) -> int:
         path = self.path(user_id)
         return path.stat().st_size if path.is_file() else 0
+
+
+OWNER_FILE = ".fedpeft-run.json"
+
+
+def check_store_is_free(root: str | Path) -> None:
+    """Refuse, before anything starts, an adapter store that a run has already used: its adapters
+    would silently become this run's starting point."""
+    owner = Path(root) / OWNER_FILE
+    if owner.is_file():
+        from fedpeft.config import ConfigError
+
+        other = json.loads(owner.read_text()).get("run_dir", "?")
+        raise ConfigError(f"The adapter store {root} holds the adapters of an earlier run ({other}); a new run would "
+                          "start from them. Give a new folder (output.store_dir, or a new --name), or leave "
+                          "output.store_dir empty (each run then gets <run folder>/adapters).")
+
+
+def claim_store(root: str | Path, run_dir: Path) -> None:
+    """Mark ``root`` as the adapter store of the run in ``run_dir``."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    (Path(root) / OWNER_FILE).write_text(json.dumps({"run_dir": str(run_dir)}))

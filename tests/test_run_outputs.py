@@ -122,3 +122,23 @@ def test_export_predicts_what_the_simulation_predicted(strategy, tiny_bert, tmp_
     with torch.no_grad():
         expected = loaded.model(**{k: v.to(loaded.device) for k, v in batch.items()}).logits.float()
     torch.testing.assert_close(logits.float(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fresh_run_refuses_a_store_another_run_used(tiny_bert, tmp_path):
+    """Before: reusing output.store_dir (as on a cluster) silently started from the earlier run's adapters."""
+    from fedpeft.config import ConfigError
+
+    store = tmp_path / "shared-store"
+    cfg = tiny_config(tiny_bert, tmp_path, "first", "local_only")
+    cfg.output.store_dir = str(store)
+    run_in_process(cfg)
+    before = sorted(p.name for p in store.iterdir())
+    again = tiny_config(tiny_bert, tmp_path, "second", "local_only")
+    again.output.store_dir = str(store)
+    with pytest.raises(ConfigError, match="earlier run") as err:
+        run_in_process(again)
+    assert str(store) in str(err.value) and str(tmp_path / "first") in str(err.value)
+    assert not (tmp_path / "second").exists() and sorted(p.name for p in store.iterdir()) == before  # nothing lost
+    run_in_process(tiny_config(tiny_bert, tmp_path, "named", "local_only"))  # the default store: named/adapters
+    with pytest.raises(ConfigError, match="earlier run"):  # the same run folder name again
+        run_in_process(tiny_config(tiny_bert, tmp_path, "named", "local_only"))
