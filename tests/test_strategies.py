@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from safetensors.torch import load_file
 
 from fedpeft.client_app import run_train, user_model
 from fedpeft.config import Config, ConfigError
 from fedpeft.messages import Request
 from fedpeft.models import adapter_state, get_model
+from fedpeft.store import AdapterStore
 from fedpeft.training import round_lr
 from strategies import STRATEGIES, get_strategy_class, make_strategy
 from strategies.base import Strategy, flower_aggregator
@@ -120,7 +120,7 @@ def test_server_receives_only_shared_keys(name, tiny_bert, tmp_path):
         expected = {k for k in keys if strategy.is_shared(k, phase.name)}
         assert set(sent) == expected, phase.name
         assert stats["num-examples"] == 8
-        stored = set(load_file(f"{cfg.output.store_dir}/user0000.safetensors"))
+        stored = set(AdapterStore(cfg.output.store_dir).load("user0000"))
         assert not stored & expected  # private store and message never overlap
 
 
@@ -133,10 +133,16 @@ def test_local_only_shares_nothing_and_fedavg_everything(tiny_bert, tmp_path):
 
 
 def test_ffa_keeps_lora_a_identical_across_users_and_unchanged(tiny_bert, tmp_path):
+    from fedpeft.models import build_model
+
     cfg = tiny_config(tiny_bert, tmp_path, "ffa")
     shared = initial_shared(cfg)
     init = dict(get_model(cfg, 3).init_state)
     a_keys = [k for k in init if ".lora_A." in k]
+    rebuilt = build_model(cfg, 3).init_state  # a second, separate build (another user's process builds its own)
+    assert all(torch.equal(rebuilt[k], init[k]) for k in a_keys)
+    other_seed = Config.from_dict({**cfg.to_dict(), "seed": cfg.seed + 1})
+    assert not all(torch.equal(build_model(other_seed, 3).init_state[k], init[k]) for k in a_keys)  # not vacuous
     assert a_keys and not set(a_keys) & set(shared)
     for user in (0, 1):
         sent, _, _ = run_train(Request(cfg, 1, "federated", shared), user)
