@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fedpeft.checkpoint import RESUME_MAY_CHANGE, resume_config
 from fedpeft.config import (
     FLAG_ALIASES,
     Config,
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config file; repeat to layer several")
+    parser.add_argument("--resume", default="", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last completed round, with its own config; only "
+                             f"keys that do not change results may be set differently ({', '.join(RESUME_MAY_CHANGE)})")
     fields = {key: (default, help_) for key, _, default, help_ in iter_fields()}
     common = parser.add_argument_group("common options")
     for flag, key in FLAG_ALIASES.items():
@@ -45,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str]) -> Config:
     """Parse ``argv`` into a validated Config; raises ConfigError on any unknown key or bad value."""
+    config, resume = sim_args(argv)
+    if resume:
+        raise ConfigError("--resume RUN_DIR is an option of `python -m fedpeft.sim` only.")
+    return config
+
+
+def sim_args(argv: list[str]) -> tuple[Config, bool]:
+    """``python -m fedpeft.sim``'s arguments: the validated Config, and whether it continues a run
+    folder (``--resume RUN_DIR``: that folder's config with the given keys on top)."""
     positional = [a for a in argv if "=" in a and not a.startswith("-")]
     rest = [a for a in argv if a not in positional]
     args, unknown = build_parser().parse_known_args(rest)
@@ -61,5 +74,8 @@ def config_from_args(argv: list[str]) -> Config:
             overrides.append((token[2:], value))
             i += 1
         i += 1
-    flags = [(k, v) for k, v in vars(args).items() if k != "config"]
-    return build_config(args.config, flags + overrides + [parse_override(a) for a in positional])
+    flags = [(k, v) for k, v in vars(args).items() if k not in ("config", "resume")]
+    settings = flags + overrides + [parse_override(a) for a in positional]
+    if args.resume:
+        return resume_config(args.resume, args.config, settings), True
+    return build_config(args.config, settings), False

@@ -8,12 +8,19 @@ with the shared part only. An exception marks this user failed in the reply; the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import socket
+import sys
+import threading
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from flwr.app import Context, Message
@@ -24,7 +31,7 @@ from fedpeft.config import Config
 from fedpeft.data import get_benchmark
 from fedpeft.messages import Request, make_reply, read_request
 from fedpeft.scoring import score
-from fedpeft.store import AdapterStore
+from fedpeft.store import OWNER_FILE, AdapterStore, StoreError, store_owner
 from fedpeft.training import call_seed, round_lr, train_user
 from strategies import make_strategy
 
@@ -32,6 +39,7 @@ app = ClientApp()
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("flwr").setLevel(logging.ERROR)  # actor start/stop chatter
 _THREADS_SET = False
+_RUNS_SEEN: set[str] = set()  # runs whose store and data this worker process has seen
 
 
 def _setup_threads(config: Config) -> None:
@@ -41,12 +49,33 @@ def _setup_threads(config: Config) -> None:
         _THREADS_SET = True
 
 
-def user_model(config: Config, user_index: int, shared: dict[str, torch.Tensor]) -> tuple[models.LoadedModel, str]:
-    """The cached model holding this user's adapter: common init < shared part < private part."""
+def check_worker_sees_run(config: Config, run_id: str) -> None:
+    """At a worker's first call of a run: it must see the driver's adapter store (the store's
+    owner file names this run) and the files the driver prepared (the processed-data cache)."""
+    if run_id in _RUNS_SEEN:
+        return
+    where = f"this worker ({socket.gethostname()}, pid {os.getpid()})"
+    owner = store_owner(config.output.store_dir)
+    if owner is None or owner.get("run_id") != run_id:
+        why = f"no {OWNER_FILE} there" if owner is None else f"it belongs to run {owner.get('run_id')}"
+        raise StoreError(f"{where} does not see this run's adapter store {config.output.store_dir} ({why}). "
+                         "output.store_dir must be on a file system every Ray node mounts, at the same path.")
+    missing = [f for f in owner.get("driver_files", []) if not os.path.exists(f)]
+    if missing:
+        raise StoreError(f"{where} does not see the data the driver prepared: {', '.join(missing)}. data.cache_dir "
+                         "(and data.path) must be on a file system every Ray node mounts, at the same path.")
+    _RUNS_SEEN.add(run_id)
+
+
+def user_model(request: Request, user_index: int) -> tuple[models.LoadedModel, str]:
+    """The cached model holding this user's adapter: common init < shared part < private part
+    (the private part of exactly the round the server expects)."""
+    config = request.config
     bench = get_benchmark(config)
     loaded = models.get_model(config, len(bench.task().labels), make_strategy(config).extra_adapters)
     user_id = bench.user_ids()[user_index]
-    models.compose_user_model(loaded, shared, AdapterStore(config.output.store_dir).load(user_id))
+    private = AdapterStore(config.output.store_dir, request.run_id).load(user_id, request.private_round)
+    models.compose_user_model(loaded, request.shared, private)
     return loaded, user_id
 
 
@@ -56,7 +85,7 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
     strategy = make_strategy(config)
     phases = strategy.phases()
     phase = next(p for p in phases if p.name == request.phase)
-    loaded, user_id = user_model(config, user_index, shared)
+    loaded, user_id = user_model(request, user_index)
     strategy.configure_model(loaded, phase.name)
     bench = get_benchmark(config)
     user = bench.load_user(user_index)
@@ -77,9 +106,10 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
     stats = strategy.local_train(train, phase)
     stats["examples_processed"] = processed  # forward + backward passes over examples, all passes of the call
     new_shared, private = strategy.split(models.adapter_state(loaded), phase.name)
-    store = AdapterStore(config.output.store_dir)
-    store.save(user_id, private, metadata={"round": str(request.server_round), "phase": phase.name})
-    stats.update({"num-examples": float(len(user.train)), "private_bytes": float(store.bytes_stored(user_id))})
+    store = AdapterStore(config.output.store_dir, request.run_id)
+    store.save(user_id, private, request.server_round, phase.name, previous_round=request.private_round)
+    stats.update({"num-examples": float(len(user.train)),
+                  "private_bytes": float(store.bytes_stored(user_id, request.server_round))})
     return new_shared, stats, user_id
 
 
@@ -87,7 +117,7 @@ def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], d
     """Score one user's personalised model (private + current shared) on its own test split."""
     config = request.config
     strategy = make_strategy(config)
-    loaded, user_id = user_model(config, user_index, request.shared)
+    loaded, user_id = user_model(request, user_index)
     strategy.configure_model(loaded, request.phase)
     bench = get_benchmark(config)
     user = bench.load_user(user_index)
@@ -102,6 +132,42 @@ def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], d
     return scores, outputs, user_id
 
 
+class CallTimeout(Exception):
+    """A client call ran longer than ``federation.call_timeout``."""
+
+
+@contextlib.contextmanager
+def call_deadline(seconds: float) -> Iterator[None]:
+    """Bound one call. SIGALRM interrupts it with :class:`CallTimeout` (a failed reply) when the
+    call runs in the main thread, as Ray actor calls do; a watchdog ends the whole process if the
+    call is still stuck (in C code, or off the main thread) a grace period later, so that Ray
+    replaces the worker (fedpeft starts actors with max_restarts) and the user's call fails."""
+    grace = max(5.0, 0.1 * seconds)
+
+    def end_process() -> None:
+        print(f"fedpeft: a client call is still running {seconds + grace:.0f} s after it started "
+              "(federation.call_timeout); ending this worker process so that Ray replaces it", file=sys.stderr, flush=True)
+        os._exit(70)
+
+    watchdog = threading.Timer(seconds + grace, end_process)
+    watchdog.daemon = True
+    watchdog.start()
+    alarm = threading.current_thread() is threading.main_thread()
+    if alarm:
+        def on_alarm(signum: int, frame: Any) -> None:
+            raise CallTimeout(f"the call ran longer than federation.call_timeout={seconds:g} s")
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        watchdog.cancel()
+
+
 def _handle(message: Message, context: Context, work) -> Message:
     """Run ``work`` for this node's user; any exception becomes a 'failed' reply."""
     started, index, user_id = time.time(), int(context.node_config["partition-id"]), ""
@@ -109,8 +175,10 @@ def _handle(message: Message, context: Context, work) -> Message:
     try:
         request = read_request(message)
         _setup_threads(request.config)
-        user_id = get_benchmark(request.config).user_ids()[index]
-        metrics, info, shared = work(request, index)
+        with call_deadline(request.config.federation.call_timeout):
+            check_worker_sees_run(request.config, request.run_id)
+            user_id = get_benchmark(request.config).user_ids()[index]
+            metrics, info, shared = work(request, index)
         metrics = {**metrics, **worker, "failed": 0.0, "seconds": time.time() - started, "backbone_loads": float(models.BACKBONE_LOADS)}
         return make_reply(message, metrics, {"user_id": user_id, "error": "", **info}, shared=shared)
     except Exception:  # noqa: BLE001 - a failing user is reported, the run goes on

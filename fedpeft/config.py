@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import json
 import re
 import typing
@@ -99,6 +100,7 @@ class FederationConfig:
     server_beta2: float = field(default=0.99, metadata={"help": "fedadam/fedyogi: second-moment decay"})
     server_tau: float = field(default=1e-3, metadata={"help": "fedadam/fedyogi: adaptivity (epsilon)"})
     proximal_mu: float = field(default=0.01, metadata={"help": "fedprox: weight of the proximal term on shared keys"})
+    call_timeout: float = field(default=1800.0, metadata={"help": "seconds one client call may run; a longer call is that user's failure for the round and its worker process is replaced"})
 
 
 @dataclass
@@ -149,6 +151,7 @@ class OutputConfig:
 @dataclass
 class Config:
     seed: int = field(default=0, metadata={"help": "model seed (adapter init, shuffling, dropout, cohorts)"})
+    plugins: list[str] = field(default_factory=list, metadata={"help": "Python modules the driver and every worker import first, to register benchmarks or strategies of your own (comma list; importable on every node)"})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
@@ -349,11 +352,22 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"Config key '{key}' got {value!r}; allowed: {allowed}.")
 
 
+def import_plugins(modules: list[str]) -> None:
+    """Import the user's own modules (``plugins``), which register benchmarks or strategies."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"Config key 'plugins' names the module '{name}', which cannot be imported ({err}). "
+                              "Give an importable module name (on PYTHONPATH of the driver and of every Ray node).") from None
+
+
 def validate(config: Config) -> None:
     """Check values that types alone do not catch; names of registries are checked too."""
     from fedpeft.data import benchmark_family  # late imports: registries import this module
     from strategies import get_strategy_class
 
+    import_plugins(config.plugins)
     flat = _flatten(config.to_dict())
     for key, allowed in CHOICES.items():
         _check(flat[key] in allowed, key, flat[key], ", ".join(allowed))
@@ -392,6 +406,7 @@ def validate(config: Config) -> None:
     _check(0 <= tr.lr_min_factor <= 1, "train.lr_min_factor", tr.lr_min_factor, "a number in [0, 1]")
     _check(fed.proximal_mu >= 0, "federation.proximal_mu", fed.proximal_mu, "a number >= 0")
     _check(fed.server_lr > 0, "federation.server_lr", fed.server_lr, "a number > 0")
+    _check(fed.call_timeout > 0, "federation.call_timeout", fed.call_timeout, "a number of seconds > 0")
     st = config.strategy
     _check(0 <= st.feddpa_mix <= 1, "strategy.feddpa_mix", st.feddpa_mix, "a number in [0, 1]")
     _check(st.fedper_layers >= 0, "strategy.fedper_layers", st.fedper_layers, "an integer >= 0")

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
+from fedpeft.checkpoint import final_adapter, load_run_config
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark, input_length
 from fedpeft.models import (
@@ -29,18 +29,7 @@ from fedpeft.models import (
     load_adapter_state,
     resolve_model_path,
 )
-from fedpeft.store import AdapterStore
 from strategies import make_strategy
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"'{run_dir}' is not a fedpeft run folder: it has no config.yaml.")
-    data = yaml.safe_load(path.read_text())
-    data.pop("fedpeft_version", None)
-    data.pop("git_commit", None)
-    return Config.from_dict(data)
 
 
 def merged_lora(config: Config, loaded: LoadedModel, num_labels: int) -> LoadedModel:
@@ -83,7 +72,7 @@ def export_user(run_dir: str | Path, user_id: str, out_dir: str | Path) -> Path:
         raise ConfigError(f"User '{user_id}' is not in this run's benchmark; users are e.g. {', '.join(users[:5])}.")
     labels = bench.task().labels
     strategy = make_strategy(config)
-    private = AdapterStore(config.output.store_dir).load(user_id)
+    private = final_adapter(run_dir, user_id)
     if private is None:
         raise ConfigError(f"User '{user_id}' has no stored adapter in {config.output.store_dir}: it never trained in this run.")
     shared_path = Path(run_dir) / "shared_final.safetensors"

@@ -18,14 +18,16 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedpeft.config import Config
+from fedpeft.config import Config, import_plugins
 
 QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
 
 
 @functools.lru_cache(maxsize=4)
 def config_from_json(text: str) -> Config:
-    return Config.from_dict(json.loads(text))
+    config = Config.from_dict(json.loads(text))
+    import_plugins(config.plugins)  # a worker registers the user's own benchmarks and strategies too
+    return config
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Request:
     server_round: int
     phase: str
     shared: dict[str, torch.Tensor]
+    run_id: str = ""
+    private_round: int = 0  # the round that wrote the user's stored adapter (0: none yet)
 
 
 def transport_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,8 +55,9 @@ def _array_record(shared: dict[str, torch.Tensor]) -> ArrayRecord:
 
 
 def make_content(config_json: str, server_round: int, shared: dict[str, torch.Tensor] | None = None,
-                 phase: str = "") -> RecordDict:
-    content = RecordDict({"run": ConfigRecord({"config": config_json, "round": server_round, "phase": phase})})
+                 phase: str = "", run_id: str = "", private_round: int = 0) -> RecordDict:
+    content = RecordDict({"run": ConfigRecord({"config": config_json, "round": server_round, "phase": phase,
+                                               "run_id": run_id, "private_round": private_round})})
     if shared is not None:
         content["shared"] = _array_record(shared)
     return content
@@ -62,7 +67,8 @@ def read_request(message: Message) -> Request:
     run = message.content.config_records["run"]
     shared_record = message.content.array_records.get("shared")
     shared = shared_record.to_torch_state_dict() if shared_record is not None and len(shared_record) else {}
-    return Request(config_from_json(str(run["config"])), int(run["round"]), str(run["phase"]), shared)
+    return Request(config_from_json(str(run["config"])), int(run["round"]), str(run["phase"]), shared,
+                   str(run["run_id"]), int(run["private_round"]))
 
 
 def make_reply(

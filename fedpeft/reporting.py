@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import subprocess
@@ -13,6 +14,7 @@ import yaml
 
 import fedpeft
 from fedpeft.config import Config
+from fedpeft.files import atomic_write_text
 
 
 def per_user_columns(metric_names: list[str]) -> list[str]:
@@ -28,20 +30,35 @@ def git_commit() -> str:
         return "unknown"
 
 
-class RunReporter:
-    """Writes a run's files and mirrors them to W&B (disabled, offline or online)."""
+def completed_rounds(metrics_path: Path, up_to: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` for rounds 1..``up_to`` (a resumed run drops the rest, and
+    a line a killed run left half-written)."""
+    lines = []
+    for line in metrics_path.read_text().splitlines() if metrics_path.is_file() else []:
+        try:
+            if json.loads(line)["round"] <= up_to:
+                lines.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return lines
 
-    def __init__(self, config: Config, run_dir: Path) -> None:
+
+class RunReporter:
+    """Writes a run's files and mirrors them to W&B (disabled, offline or online). With
+    ``resume_after=r`` it continues a run folder after round r, and the same W&B run."""
+
+    def __init__(self, config: Config, run_dir: Path, wandb_id: str, resume_after: int | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         meta = {"fedpeft_version": fedpeft.__version__, "git_commit": git_commit()}
-        (run_dir / "config.yaml").write_text(yaml.safe_dump({**meta, **config.to_dict()}, sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({**meta, **config.to_dict()}, sort_keys=False))
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
-        self.wandb_run = self._start_wandb(meta)
+        kept = completed_rounds(self.metrics_path, resume_after) if resume_after is not None else []
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        self.wandb_run = self._start_wandb(meta, wandb_id, resume_after is not None)
 
-    def _start_wandb(self, meta: dict[str, str]) -> Any:
+    def _start_wandb(self, meta: dict[str, str], wandb_id: str, resumed: bool) -> Any:
         wb = self.config.wandb
         if wb.mode == "disabled":
             return None
@@ -51,10 +68,11 @@ class RunReporter:
             mode=wb.mode, project=wb.project, entity=wb.entity or None, group=wb.group or None,
             name=wb.name or self.run_dir.name, tags=wb.tags or None, dir=str(self.run_dir),
             config={**self.config.to_dict(), **meta}, reinit="finish_previous",
+            id=wandb_id, resume="allow" if resumed else None,
         )
 
     def log_round(self, record: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as f:
+        with self.metrics_path.open("a") as f:  # one whole line per write; a torn last line is dropped on resume
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=int(record["round"]))
@@ -64,15 +82,14 @@ class RunReporter:
         """The run's final files; ``failures.json`` is the history of failed calls (round, call,
         user, reason), a user's final status is in ``per_user.csv``."""
         columns = per_user_columns(metric_names)
-        with (self.run_dir / "per_user.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(per_user)
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
-        with (self.run_dir / "predictions.jsonl").open("w") as f:
-            for row in predictions:
-                f.write(json.dumps(row) + "\n")
-        (self.run_dir / "failures.json").write_text(json.dumps(failures, indent=2))
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(per_user)
+        atomic_write_text(self.run_dir / "per_user.csv", table.getvalue())
+        atomic_write_text(self.run_dir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in predictions))
+        atomic_write_text(self.run_dir / "failures.json", json.dumps(failures, indent=2))
+        atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=2, default=float))
         if self.wandb_run is not None:
             import wandb
 

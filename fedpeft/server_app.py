@@ -20,8 +20,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedpeft import metrics as M
+from fedpeft.checkpoint import Checkpoint, RunIdentity
 from fedpeft.config import Config
 from fedpeft.data import get_benchmark
+from fedpeft.files import atomic_write
 from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
 from fedpeft.reporting import RunReporter
 from fedpeft.scoring import corpus_scores
@@ -32,30 +34,40 @@ from strategies.base import Phase
 NODE_WAIT_SECONDS = 120
 
 
-def exchange(grid: Grid, messages: list[Message], on_reply: Callable[[Message], None] | None = None) -> list[Message]:
-    """Push messages and pull their replies, calling ``on_reply`` as each one arrives."""
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
+def exchange(grid: Grid, messages: list[Message], no_reply_timeout: float,
+             on_reply: Callable[[Message], None] | None = None) -> list[Message | None]:
+    """Push messages and pull their replies, calling ``on_reply`` as each one arrives. Returns
+    each message's reply, in the order of ``messages``; None for those still unanswered when no
+    reply at all has arrived for ``no_reply_timeout`` seconds (a lost worker or node)."""
+    ids = list(grid.push_messages(messages))
+    pending = set(ids)
+    replies: dict[str, Message] = {}
+    last_reply = time.monotonic()
     while pending:
         got = list(grid.pull_messages(pending))
         for reply in got:
             pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
+            replies[reply.metadata.reply_to_message_id] = reply
             if on_reply:
                 on_reply(reply)
-        if pending and not got:
+        if got:
+            last_reply = time.monotonic()
+        elif time.monotonic() - last_reply > no_reply_timeout:
+            break
+        else:
             time.sleep(0.05)
-    return replies
+    return [replies.get(i) for i in ids]
 
 
 class FederatedRun:
-    """One simulation run, driven from the ServerApp's main function."""
+    """One simulation run, driven from the ServerApp's main function; with ``resume``, it
+    continues from that checkpoint exactly as the uninterrupted run would have gone on."""
 
     def __init__(self, config: Config, run_dir: Path, grid: Grid, initial_shared: dict[str, torch.Tensor],
-                 accounting: dict[str, Any]) -> None:
+                 accounting: dict[str, Any], identity: RunIdentity, resume: Checkpoint | None = None) -> None:
         self.config = config
-        self.initial_shared = initial_shared
         self.accounting = accounting
+        self.identity = identity
         self.config_json = config.to_json()
         self.grid = grid
         self.run_dir = run_dir
@@ -63,75 +75,136 @@ class FederatedRun:
         self.user_ids = get_benchmark(config).user_ids()
         self.task = get_benchmark(config).task()
         self.metric_names = list(self.task.metrics)  # the first one is the headline
-        self.reporter = RunReporter(config, run_dir)
+        n = len(self.user_ids)
         self.failures: list[dict[str, Any]] = []  # one record per failed call: round, call, user, reason
-        self.rounds_trained = np.zeros(len(self.user_ids), dtype=int)
-        self.examples_processed = np.zeros(len(self.user_ids), dtype=np.int64)
+        self.rounds_trained = np.zeros(n, dtype=int)
+        self.last_round = np.zeros(n, dtype=int)  # the round that wrote each user's stored adapter
+        self.examples_processed = np.zeros(n, dtype=np.int64)
         self.worker_loads: dict[int, int] = {}
+        self.totals = {"bytes_down": 0, "bytes_up": 0}
+        self.shared = dict(initial_shared)
+        self.done_rounds, self.wall_before = 0, 0.0
+        if resume is not None:
+            self.restore(resume)
+        # a call has federation.call_timeout (then its worker ends itself); this is the backstop
+        self.no_reply_timeout = 1.2 * config.federation.call_timeout + 120
+        self.reporter = RunReporter(config, run_dir, identity.wandb_id, resume_after=self.done_rounds if resume else None)
         self.total_rounds = sum(p.rounds for p in self.strategy.phases())
         self.bar = tqdm(total=0, unit="user", disable=not config.output.progress, dynamic_ncols=True)
 
+    # ---- checkpoints -----------------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        progress = {"rounds_trained": self.rounds_trained.tolist(), "last_round": self.last_round.tolist(),
+                    "examples_processed": self.examples_processed.tolist(), "failures": self.failures,
+                    "worker_loads": {str(k): v for k, v in self.worker_loads.items()}, "totals": self.totals,
+                    "wall_seconds": self.wall_before + time.time() - self.started}
+        return Checkpoint(self.done_rounds, self.shared, self.strategy.server_state(), progress)
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        p = ckpt.progress
+        self.done_rounds, self.shared = ckpt.round, {**self.shared, **ckpt.shared}
+        self.strategy.load_server_state(ckpt.server)
+        self.rounds_trained[:] = p["rounds_trained"]
+        self.last_round[:] = p["last_round"]
+        self.examples_processed[:] = p["examples_processed"]
+        self.failures = list(p["failures"])
+        self.worker_loads = {int(k): int(v) for k, v in p["worker_loads"].items()}
+        self.totals = dict(p["totals"])
+        self.wall_before = float(p["wall_seconds"])
+
     # ---- plumbing ------------------------------------------------------------------------
     def discover(self) -> dict[int, int]:
-        """Map partition id (user index) -> node id by asking every node once."""
+        """Map partition id (user index) -> node id by asking every node once. The first call of
+        each worker checks that it sees the run's store and data: a worker that does not stops the
+        run here, before any training, with the reason."""
         deadline = time.time() + NODE_WAIT_SECONDS
         while len(nodes := list(self.grid.get_node_ids())) < len(self.user_ids):
             if time.time() > deadline:
                 raise RuntimeError(f"only {len(nodes)} of {len(self.user_ids)} simulated nodes came up")
             time.sleep(0.2)
-        msgs = [Message(content=make_content(self.config_json, 0), dst_node_id=n, message_type=QUERY) for n in nodes]
-        return {int(r.content.metric_records["metrics"]["partition_id"]): r.metadata.src_node_id
-                for r in exchange(self.grid, msgs)}
+        mapping: dict[int, int] = {}
+        problems: list[str] = []  # failed first calls: not retried
+        lost: dict[int, str] = {}
+        for _attempt in range(3):  # a worker that died is replaced by Ray: ask its nodes again
+            msgs = [Message(content=make_content(self.config_json, 0, run_id=self.identity.run_id), dst_node_id=n,
+                            message_type=QUERY) for n in nodes]
+            lost = {}
+            for node, reply in zip(nodes, exchange(self.grid, msgs, self.no_reply_timeout)):
+                if reply is None or reply.has_error():
+                    lost[node] = "no reply" if reply is None else reply.error.reason
+                elif reply.content.metric_records["metrics"]["failed"]:
+                    problems.append(str(reply.content.config_records["info"]["error"]).strip().splitlines()[-1])
+                else:
+                    mapping[int(reply.content.metric_records["metrics"]["partition_id"])] = node
+            nodes = list(lost)
+            if not nodes:
+                break
+        problems += list(lost.values())
+        if problems:
+            raise RuntimeError(f"{len(problems)} simulated node(s) failed their first call, before any training: "
+                               + "; ".join(sorted(set(problems))[:3]))
+        return mapping
 
-    def call(self, users: list[int], kind: str, server_round: int, shared: dict[str, torch.Tensor], phase: str) -> tuple[list[Message], int]:
-        """Send one message per user; returns the replies, in partition order (never arrival order,
-        so that aggregation and every sum over replies is deterministic), and the bytes sent down."""
-        msgs = [Message(content=make_content(self.config_json, server_round, shared, phase), dst_node_id=self.nodes[u],
-                        message_type=kind) for u in users]
+    def call(self, users: list[int], kind: str, server_round: int, shared: dict[str, torch.Tensor],
+             phase: str) -> tuple[list[Message], int]:
+        """Send one message per user; returns the replies that succeeded, in partition order (never
+        arrival order, so that aggregation and every sum over replies is deterministic), and the
+        bytes sent down. A failed call (the user's error, a worker process that died mid-call, no
+        reply) is recorded as that user's failure for this round."""
+        msgs = [Message(content=make_content(self.config_json, server_round, shared, phase, self.identity.run_id,
+                                             int(self.last_round[u])), dst_node_id=self.nodes[u], message_type=kind)
+                for u in users]
         down = sum(array_bytes(m.content) for m in msgs)
         self.bar.set_description(f"round {server_round}/{self.total_rounds} {phase} {kind}")
         self.bar.refresh()
-        replies = exchange(self.grid, msgs, on_reply=lambda _: self.bar.update(1))
-        for reply in replies:
-            self._note_reply(reply, kind, server_round, phase)
-        return sorted(replies, key=partition_id), down
+        ok: list[Message] = []
+        for user, reply in zip(users, exchange(self.grid, msgs, self.no_reply_timeout, on_reply=lambda _: self.bar.update(1))):
+            if reply is None:
+                self.fail(user, kind, server_round, phase, f"no reply for {self.no_reply_timeout:.0f} s: its worker "
+                          "or node was lost (federation.call_timeout bounds a call)")
+            elif reply.has_error():
+                self.fail(user, kind, server_round, phase, "its worker process died mid-call (killed, out of memory, "
+                          f"a lost node, or ended after federation.call_timeout); Ray replaces it: {reply.error.reason}")
+            else:
+                m = reply.content.metric_records["metrics"]
+                self.worker_loads[int(m["pid"])] = max(self.worker_loads.get(int(m["pid"]), 0), int(m["backbone_loads"]))
+                if m["failed"]:
+                    self.fail(user, kind, server_round, phase, str(reply.content.config_records["info"]["error"]).strip())
+                else:
+                    ok.append(reply)
+        return sorted(ok, key=partition_id), down
 
-    def _note_reply(self, reply: Message, kind: str, server_round: int, phase: str) -> None:
-        if reply.has_error():
-            raise RuntimeError(f"a ClientApp crashed outside fedpeft's handlers: {reply.error.reason}")
-        m = reply.content.metric_records["metrics"]
-        self.worker_loads[int(m["pid"])] = max(self.worker_loads.get(int(m["pid"]), 0), int(m["backbone_loads"]))
-        if m["failed"]:
-            user = partition_id(reply)
-            reason = str(reply.content.config_records["info"]["error"]).strip()
-            self.failures.append({"round": server_round, "phase": phase, "call": kind, "user_id": self.user_ids[user],
-                                  "partition_id": user, "error": reason.splitlines()[-1] if reason else "", "traceback": reason})
+    def fail(self, user: int, kind: str, server_round: int, phase: str, reason: str) -> None:
+        self.failures.append({"round": server_round, "phase": phase, "call": kind, "user_id": self.user_ids[user],
+                              "partition_id": user, "error": reason.splitlines()[-1] if reason else "",
+                              "traceback": reason})
 
     # ---- the run ------------------------------------------------------------------------
-    def train_round(self, server_round: int, phase: Phase, shared: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def train_round(self, server_round: int, phase: Phase) -> dict[str, Any]:
+        """Train a cohort and aggregate into ``self.shared``; returns the round's record."""
         cohort = self.strategy.sample_cohort(list(range(len(self.user_ids))), server_round, phase)
-        replies, down = self.call(cohort, TRAIN, server_round, shared, phase.name)
-        ok = [r for r in replies if not r.content.metric_records["metrics"]["failed"]]
+        ok, down = self.call(cohort, TRAIN, server_round, self.shared, phase.name)
         for reply in ok:
-            self.rounds_trained[partition_id(reply)] += 1
-            self.examples_processed[partition_id(reply)] += int(reply.content.metric_records["metrics"]["examples_processed"])
+            user = partition_id(reply)
+            self.rounds_trained[user] += 1
+            self.last_round[user] = server_round
+            self.examples_processed[user] += int(reply.content.metric_records["metrics"]["examples_processed"])
             sent = set(reply.content.array_records["shared"].keys())
             private = {k for k in sent if not self.strategy.is_shared(k, phase.name)}
             if private:  # the privacy invariant: refuse loudly rather than aggregate a private key
                 raise RuntimeError(f"a client sent keys that are private in phase '{phase.name}': {sorted(private)[:3]}")
-        new_shared = self.strategy.aggregate(server_round, shared, ok)
+        self.shared = self.strategy.aggregate(server_round, self.shared, ok)
         metric = lambda key: [r.content.metric_records["metrics"][key] for r in ok]  # noqa: E731
         losses = [v for v in metric("train_loss") if not np.isnan(v)]
-        return new_shared, {
-            "phase": phase.name, "cohort_size": len(cohort), "trained": len(ok), "failed": len(replies) - len(ok),
+        return {
+            "phase": phase.name, "cohort_size": len(cohort), "trained": len(ok), "failed": len(cohort) - len(ok),
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "bytes_down": down, "bytes_up": sum(array_bytes(r.content) for r in replies),
+            "bytes_down": down, "bytes_up": sum(array_bytes(r.content) for r in ok),
             "private_bytes_mean": float(np.mean(metric("private_bytes"))) if ok else 0.0,
         }
 
-    def evaluate(self, server_round: int, shared: dict[str, torch.Tensor], users: list[int], phase: str) -> list[Message]:
-        replies, _ = self.call(users, EVALUATE, server_round, shared, phase)
-        return [r for r in replies if not r.content.metric_records["metrics"]["failed"]]
+    def evaluate(self, server_round: int, users: list[int], phase: str) -> list[Message]:
+        return self.call(users, EVALUATE, server_round, self.shared, phase)[0]
 
     def eval_users(self, server_round: int) -> list[int]:
         fed = self.config.federation
@@ -146,35 +219,44 @@ class FederatedRun:
         rounds = [phase for phase in self.strategy.phases() for _ in range(phase.rounds)]
         return list(enumerate(rounds, start=1))
 
+    def evaluated(self, server_round: int) -> bool:
+        return server_round % self.config.federation.eval_every == 0 or server_round == self.total_rounds
+
     def run(self) -> dict[str, Any]:
-        started = time.time()
+        self.started = time.time()
         self.nodes = self.discover()
-        shared = dict(self.initial_shared)
-        fed = self.config.federation
         final: list[Message] = []
-        totals = {"bytes_down": 0, "bytes_up": 0}
         users = list(range(len(self.user_ids)))
-        self.bar.total = sum(len(self.strategy.sample_cohort(users, r, phase)) for r, phase in self.schedule()) + sum(
-            len(self.eval_users(r)) for r, _ in self.schedule() if r % fed.eval_every == 0 or r == self.total_rounds)
-        self.bar.refresh()
+        calls = {r: len(self.strategy.sample_cohort(users, r, phase)) + (len(self.eval_users(r)) if self.evaluated(r) else 0)
+                 for r, phase in self.schedule()}
+        self.bar.total = sum(calls.values())
+        self.bar.update(sum(n for r, n in calls.items() if r <= self.done_rounds))
+        if self.done_rounds:
+            self.bar.write(f"resuming {self.run_dir.name} after round {self.done_rounds}/{self.total_rounds}")
         for server_round, phase in self.schedule():
+            if server_round <= self.done_rounds:
+                continue
             round_start = time.time()
-            shared, record = self.train_round(server_round, phase, shared)
-            totals["bytes_down"] += record["bytes_down"]
-            totals["bytes_up"] += record["bytes_up"]
-            if server_round % fed.eval_every == 0 or server_round == self.total_rounds:
-                final = self.evaluate(server_round, shared, self.eval_users(server_round), phase.name)
+            record = self.train_round(server_round, phase)
+            self.totals["bytes_down"] += record["bytes_down"]
+            self.totals["bytes_up"] += record["bytes_up"]
+            if self.evaluated(server_round):
+                final = self.evaluate(server_round, self.eval_users(server_round), phase.name)
                 record.update(self.scores(final))
                 record["n_evaluated"] = len(final)
             record.update({"round": server_round, "seconds": time.time() - round_start,
                            "failed_calls_total": len(self.failures),
-                           "bytes_down_total": totals["bytes_down"], "bytes_up_total": totals["bytes_up"]})
+                           "bytes_down_total": self.totals["bytes_down"], "bytes_up_total": self.totals["bytes_up"]})
             self.reporter.log_round(record)
+            self.done_rounds = server_round
+            self.checkpoint().save(self.run_dir)  # the round is complete
             headline = self.metric_names[0]
             self.bar.write(f"round {server_round} ({phase.name}): trained {record['trained']}/{record['cohort_size']}, "
                            f"loss {record['train_loss']:.4f}, {headline} {record.get(headline, float('nan')):.4f}")
+        if not final:  # resumed after the last round completed: score everyone again (reads only)
+            final = self.evaluate(self.total_rounds, users, self.schedule()[-1][1].name)
         self.bar.close()
-        return self.finish(final, shared, time.time() - started, totals)
+        return self.finish(final, self.wall_before + time.time() - self.started)
 
     def scores(self, replies: list[Message]) -> dict[str, float]:
         """Each metric's headline value under its plain name (LaMP: the benchmark's own corpus-level
@@ -192,9 +274,11 @@ class FederatedRun:
             out.update(corpus_scores(self.task, predictions, golds))
         return out
 
-    def finish(self, final: list[Message], shared: dict[str, torch.Tensor], wall: float, totals: dict[str, int]) -> dict[str, Any]:
-        if shared:
-            save_file({k: v.contiguous() for k, v in shared.items()}, str(self.run_dir / "shared_final.safetensors"))
+    def finish(self, final: list[Message], wall: float) -> dict[str, Any]:
+        totals = self.totals
+        if self.shared:
+            tensors = {k: v.contiguous() for k, v in self.shared.items()}
+            atomic_write(self.run_dir / "shared_final.safetensors", lambda tmp: save_file(tensors, tmp))
         scores = {partition_id(r): r for r in final}
         last_failure = {f["partition_id"]: f for f in self.failures}  # the latest failure of each user
         per_user, predictions = [], []
@@ -210,7 +294,9 @@ class FederatedRun:
                 row.update(status="ok", n_test=int(m["n_test"]), error="", **{name: m[name] for name in self.metric_names})
                 predictions.append({"user_id": user_id, "sample_ids": list(info["sample_ids"]), "predictions": list(info["predictions"])})
             per_user.append(row)
-        stored = [AdapterStore(self.config.output.store_dir).bytes_stored(u) for u in self.user_ids]
+        store = AdapterStore(self.config.output.store_dir, self.identity.run_id)
+        store.keep_only(dict(zip(self.user_ids, self.last_round.tolist())))  # each user's final adapter only
+        stored = [store.bytes_stored(u, int(r)) for u, r in zip(self.user_ids, self.last_round)]
         ok = [row for row in per_user if row["status"] == "ok"]
         n_failed = len(per_user) - len(ok)
         skipped = get_benchmark(self.config).skipped_users()
@@ -242,12 +328,12 @@ def partition_id(reply: Message) -> int:
 
 
 def make_server_app(config: Config, run_dir: Path, results: dict[str, Any], initial_shared: dict[str, torch.Tensor],
-                    accounting: dict[str, Any]) -> ServerApp:
+                    accounting: dict[str, Any], identity: RunIdentity, resume: Checkpoint | None = None) -> ServerApp:
     """A ServerApp whose main runs one :class:`FederatedRun` and puts its results in ``results``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        results.update(FederatedRun(config, run_dir, grid, initial_shared, accounting).run())
+        results.update(FederatedRun(config, run_dir, grid, initial_shared, accounting, identity, resume).run())
 
     return app

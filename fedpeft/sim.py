@@ -12,19 +12,22 @@ import socket
 import sys
 import uuid
 import warnings
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedpeft.cli import config_from_args
+from fedpeft.checkpoint import Checkpoint, RunIdentity
+from fedpeft.cli import sim_args
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark
 from fedpeft.models import adapter_state, build_model, check_model, fit_size_knob
 from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.reporting import summary_table
-from fedpeft.store import check_store_is_free, claim_store
+from fedpeft.store import check_store_is_free, claim_store, store_owner
+from fedpeft.wandb_preflight import check_wandb_online
 from strategies import make_strategy
 
 RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
@@ -63,7 +66,10 @@ def backend_config(config: Config) -> dict[str, Any]:
         init_args["address"] = config.ray.address
     elif config.ray.num_cpus:
         init_args["num_cpus"] = config.ray.num_cpus
-    resources = {"num_cpus": config.ray.client_cpus, "num_gpus": config.ray.client_gpus}
+    # max_restarts: Flower's Ray backend puts an actor that died mid-call back into its pool, and
+    # every later call on it would fail at once; restarted, it takes calls again (the call that was
+    # running when it died fails, and is reported as that user's failure for the round)
+    resources = {"num_cpus": config.ray.client_cpus, "num_gpus": config.ray.client_gpus, "max_restarts": -1}
     return {"client_resources": resources, "init_args": init_args}
 
 
@@ -102,22 +108,48 @@ def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, 
     return {k: state[k] for k in shared}, accounting
 
 
-def prepare_run(config: Config) -> tuple[Path, dict[str, torch.Tensor], dict[str, int]]:
+@dataclass
+class PreparedRun:
+    """What the simulation starts from: the run folder, the initial shared part, the parameter
+    accounting, the run's identity and, when resuming, the checkpoint to continue from."""
+
+    run_dir: Path
+    initial_shared: dict[str, torch.Tensor]
+    accounting: dict[str, int]
+    identity: RunIdentity
+    resume: Checkpoint | None = None
+
+
+def prepare_run(config: Config, resume: bool = False) -> PreparedRun:
     """Everything before the simulation starts: the model check, the adapter (initial shared part
-    and parameter accounting), the run folder and the adapter store. Sets ``output.store_dir``."""
+    and parameter accounting), the run folder, its identity and the adapter store, which a fresh
+    run must find free and a resumed run must own. Sets ``output.store_dir``."""
     check_model(config)
     run_dir = run_dir_path(config)
     store_dir = Path(config.output.store_dir or run_dir / "adapters").resolve()
-    check_store_is_free(store_dir)
+    if resume:
+        identity = RunIdentity.read(run_dir)
+        owner = store_owner(store_dir) or {}
+        if owner.get("run_id") != identity.run_id:
+            raise ConfigError(f"Cannot resume {run_dir}: its adapter store {store_dir} "
+                              f"{'belongs to run ' + owner['run_id'] if owner else 'is missing'}, not to this run "
+                              f"({identity.run_id}). Point output.store_dir at this run's store.")
+        checkpoint = Checkpoint.load(run_dir)
+    else:
+        check_store_is_free(store_dir)
+        identity, checkpoint = RunIdentity.new(), None
     initial_shared, accounting = prepare_adapter(config)
-    run_dir.mkdir(parents=True, exist_ok=bool(config.output.name))
+    run_dir.mkdir(parents=True, exist_ok=bool(config.output.name) or resume)
     config.output.store_dir = str(store_dir)
-    claim_store(store_dir, run_dir)
-    return run_dir, initial_shared, accounting
+    if not resume:
+        identity.write(run_dir)
+    claim_store(store_dir, run_dir, identity.run_id, get_benchmark(config).driver_files())
+    return PreparedRun(run_dir, initial_shared, accounting, identity, checkpoint)
 
 
-def run(config: Config) -> dict[str, Any]:
-    """Run one simulation for a validated config; returns the results written to results.json."""
+def run(config: Config, resume: bool = False) -> dict[str, Any]:
+    """Run one simulation for a validated config (``resume``: continue the run folder the config
+    names from its last completed round); returns the results written to results.json."""
     import ray
     from flwr.simulation import run_simulation
 
@@ -125,7 +157,8 @@ def run(config: Config) -> dict[str, Any]:
     from fedpeft.server_app import make_server_app
 
     check_ray_address(config.ray.address)
-    run_dir, initial_shared, accounting = prepare_run(config)
+    check_wandb_online(config)
+    prepared = prepare_run(config, resume)
     num_users = len(get_benchmark(config).user_ids())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -134,21 +167,23 @@ def run(config: Config) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server_app = make_server_app(config, run_dir, results, initial_shared, accounting)
+            server_app = make_server_app(config, prepared.run_dir, results, prepared.initial_shared, prepared.accounting,
+                                         prepared.identity, prepared.resume)
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=num_users, backend_config=backend_config(config))
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
     if not results:
-        raise RuntimeError(f"The simulation ended without results; see the log above and {run_dir}.")
+        raise RuntimeError(f"The simulation ended without results; see the log above and {prepared.run_dir}. "
+                           f"Continue it with `python -m fedpeft.sim --resume {prepared.run_dir}`.")
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        config = config_from_args(sys.argv[1:] if argv is None else argv)
-        results = run(config)
+        config, resume = sim_args(sys.argv[1:] if argv is None else argv)
+        results = run(config, resume)
     except ConfigError as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,17 @@
 """On-disk store of each user's private adapter state (safetensors, atomic writes).
 
-Flower's ``context.state`` travels with every message, so private adapters live here instead,
-one file per user, in a folder that every Ray node can reach.
+Flower's ``context.state`` travels with every message, so private adapters live here instead, in
+a folder that every Ray node can reach. The store belongs to one run (:data:`OWNER_FILE` names
+it), and every file records the run and the round that wrote it:
+
+- a user's adapter of round ``r`` is its own file (``<user>-<hash>.r<r>.safetensors``), so a
+  round that never completed (the driver was killed) cannot overwrite what the last completed
+  round left; a resumed run reads the round the server expects and rewrites the rest;
+- a client asks for exactly the round the server expects; a missing file, a file of another run
+  or of another round (a stale copy on a shared file system) is a :class:`StoreError`, that
+  user's failure with the reason, never silently used.
+
+A user keeps at most two files at a time: the one it started the round from and the new one.
 """
 
 from __future__ import annotations
@@ -10,69 +20,128 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fedpeft.files import atomic_write, atomic_write_text
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-class AdapterStore:
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, user_id: str) -> Path:
-        """One file per user: a readable part plus a hash of the exact id, so that distinct ids
-        ('a/b', 'a_b', 'A_b' on a case-insensitive file system) never share a file."""
-        digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
-        return self.root / f"{_SAFE.sub('_', user_id)[:80]}-{digest}.safetensors"
-
-    def exists(self, user_id: str) -> bool:
-        return self.path(user_id).is_file()
-
-    def save(self, user_id: str, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-        """Write atomically: a reader sees the old file or the new one, never a partial one."""
-        target = self.path(user_id)
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"user_id": user_id, **(metadata or {})})
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return target
-
-    def load(self, user_id: str) -> dict[str, torch.Tensor] | None:
-        path = self.path(user_id)
-        return load_file(path) if path.is_file() else None
-
-    def bytes_stored(self, user_id: str) -> int:
-        path = self.path(user_id)
-        return path.stat().st_size if path.is_file() else 0
-
-
+_ROUND = re.compile(r"\.r(\d+)\.safetensors$")
 OWNER_FILE = ".fedpeft-run.json"
 
 
-def check_store_is_free(root: str | Path) -> None:
-    """Refuse, before anything starts, an adapter store that a run has already used: its adapters
-    would silently become this run's starting point."""
+class StoreError(RuntimeError):
+    """A user's stored adapter is missing or is not the one this run expects."""
+
+
+class AdapterStore:
+    def __init__(self, root: str | Path, run_id: str = "") -> None:
+        self.root = Path(root)
+        self.run_id = run_id
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def base(self, user_id: str) -> str:
+        """A readable part plus a hash of the exact id, so that distinct ids ('a/b', 'a_b', 'A_b'
+        on a case-insensitive file system) never share a file."""
+        digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
+        return f"{_SAFE.sub('_', user_id)[:80]}-{digest}"
+
+    def path(self, user_id: str, server_round: int) -> Path:
+        return self.root / f"{self.base(user_id)}.r{server_round}.safetensors"
+
+    def rounds(self, user_id: str) -> list[int]:
+        """Rounds of this user's files, oldest first (lists the folder: for tools, not clients)."""
+        prefix = self.base(user_id) + ".r"
+        return sorted(int(m.group(1)) for p in self.root.glob(f"{glob_escape(prefix)}*.safetensors")
+                      if (m := _ROUND.search(p.name)))
+
+    def save(self, user_id: str, state: dict[str, torch.Tensor], server_round: int, phase: str = "",
+             previous_round: int = 0) -> Path:
+        """Write the user's adapter of ``server_round`` atomically. ``previous_round`` is the round
+        it started from: that file stays (a resumed run may need it), the one before it goes."""
+        target = self.path(user_id, server_round)
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+        meta = {"user_id": user_id, "run_id": self.run_id, "round": str(server_round), "phase": phase,
+                "previous_round": str(previous_round)}
+        atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        if previous_round:
+            before = self._metadata(self.path(user_id, previous_round)).get("previous_round", "0")
+            if int(before) and int(before) != server_round:
+                self.path(user_id, int(before)).unlink(missing_ok=True)
+        return target
+
+    def load(self, user_id: str, server_round: int) -> dict[str, torch.Tensor] | None:
+        """The user's adapter written in ``server_round`` (0: the user has not trained yet, None)."""
+        if server_round <= 0:
+            return None
+        path = self.path(user_id, server_round)
+        if not path.is_file():
+            raise StoreError(f"user '{user_id}': its adapter of round {server_round} is not in the store {self.root} "
+                             f"({path.name}). A worker that does not see the driver's files (output.store_dir must be "
+                             "on a file system every Ray node mounts), or a stale copy on a shared file system.")
+        meta = self._metadata(path)
+        if self.run_id and meta.get("run_id") != self.run_id:
+            raise StoreError(f"user '{user_id}': {path} was written by run {meta.get('run_id') or '?'}, not by this run "
+                             f"({self.run_id}); it is never used. Give this run its own output.store_dir.")
+        if meta.get("round") != str(server_round) or meta.get("user_id") != user_id:
+            raise StoreError(f"user '{user_id}': {path} holds round {meta.get('round')} of user "
+                             f"'{meta.get('user_id')}', not round {server_round} (a stale or copied file).")
+        return load_file(path)
+
+    def latest(self, user_id: str) -> tuple[int, dict[str, torch.Tensor] | None]:
+        rounds = self.rounds(user_id)
+        return (rounds[-1], load_file(self.path(user_id, rounds[-1]))) if rounds else (0, None)
+
+    def bytes_stored(self, user_id: str, server_round: int) -> int:
+        path = self.path(user_id, server_round)
+        return path.stat().st_size if server_round > 0 and path.is_file() else 0
+
+    def keep_only(self, rounds: dict[str, int]) -> None:
+        """Delete every adapter file but each user's ``rounds[user]`` (the end of a run)."""
+        keep = {self.path(user, r).name for user, r in rounds.items() if r > 0}
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if _ROUND.search(entry.name) and entry.name not in keep:
+                    os.unlink(entry.path)
+
+    @staticmethod
+    def _metadata(path: Path) -> dict[str, str]:
+        if not path.is_file():
+            return {}
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def store_owner(root: str | Path) -> dict[str, str] | None:
     owner = Path(root) / OWNER_FILE
-    if owner.is_file():
-        from fedpeft.config import ConfigError
-
-        other = json.loads(owner.read_text()).get("run_dir", "?")
-        raise ConfigError(f"The adapter store {root} holds the adapters of an earlier run ({other}); a new run would "
-                          "start from them. Give a new folder (output.store_dir, or a new --name), or leave "
-                          "output.store_dir empty (each run then gets <run folder>/adapters).")
+    return json.loads(owner.read_text()) if owner.is_file() else None
 
 
-def claim_store(root: str | Path, run_dir: Path) -> None:
-    """Mark ``root`` as the adapter store of the run in ``run_dir``."""
+def check_store_is_free(root: str | Path) -> None:
+    """Refuse, before anything starts, an adapter store that holds another run's adapters: they
+    would silently become this run's starting point."""
+    from fedpeft.config import ConfigError
+
+    owner = store_owner(root)
+    leftovers = Path(root).is_dir() and any(Path(root).glob("*.safetensors"))
+    if owner or leftovers:
+        other = (owner or {}).get("run_dir", "an unknown run")
+        raise ConfigError(f"The adapter store {root} holds the adapters of another run ({other}); a new run would "
+                          "start from them. Give a new folder (output.store_dir, or a new --name; left empty, each "
+                          f"run gets <run folder>/adapters), or continue that run with `python -m fedpeft.sim --resume {other}`.")
+
+
+def claim_store(root: str | Path, run_dir: Path, run_id: str, driver_files: list[str]) -> None:
+    """Mark ``root`` as the adapter store of the run ``run_id`` in ``run_dir``. Workers check this
+    file at their first call: it is the probe that they see the driver's store, and it lists the
+    files the driver prepared (``driver_files``) that they must see too."""
     Path(root).mkdir(parents=True, exist_ok=True)
-    (Path(root) / OWNER_FILE).write_text(json.dumps({"run_dir": str(run_dir)}))
+    atomic_write_text(Path(root) / OWNER_FILE, json.dumps({"run_dir": str(run_dir), "run_id": run_id,
+                                                           "driver_files": driver_files}))

@@ -159,6 +159,22 @@ class Strategy:
         rng = np.random.default_rng([self.config.seed, 10, server_round])
         return sorted(int(u) for u in rng.choice(sorted(users), size=size, replace=False))
 
+    SERVER_STATE = ("m_t", "v_t")  # the FedOpt family's moments; FedAvg and FedProx keep none
+
+    def server_state(self) -> State:
+        """The server optimiser's state between rounds (for checkpoints), as named tensors."""
+        return {f"{name}/{key}": torch.from_numpy(np.array(value)) for name in self.SERVER_STATE
+                for key, value in (getattr(self._aggregator, name, None) or {}).items()}
+
+    def load_server_state(self, state: State) -> None:
+        """Restore :meth:`server_state` (a resumed run continues the same optimiser)."""
+        if self._aggregator is None:
+            self._aggregator = flower_aggregator(self.config)
+        for name in self.SERVER_STATE:
+            part = {k.split("/", 1)[1]: v.numpy() for k, v in state.items() if k.startswith(f"{name}/")}
+            if part:
+                setattr(self._aggregator, name, part)
+
     def aggregate(self, server_round: int, shared: State, replies: list[Message]) -> State:
         """New shared state from the replies' "shared" arrays with the configured Flower strategy."""
         replies = [r for r in replies if len(r.content.array_records["shared"])]

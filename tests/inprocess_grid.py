@@ -67,7 +67,8 @@ class InProcessGrid(Grid):
         return out
 
 
-def run_in_process(config: Any, reply_order_seed: int | None = None) -> tuple[dict[str, Any], Path]:
+def run_in_process(config: Any, reply_order_seed: int | None = None, resume: bool = False,
+                   grid_class: type[InProcessGrid] = InProcessGrid) -> tuple[dict[str, Any], Path]:
     """What ``fedpeft.sim.run`` does, minus Ray: returns (results, run folder)."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -76,6 +77,6 @@ def run_in_process(config: Any, reply_order_seed: int | None = None) -> tuple[di
     from fedpeft.sim import prepare_run
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # the ServerApp's identity
-    run_dir, initial_shared, accounting = prepare_run(config)
-    grid = InProcessGrid(len(get_benchmark(config).user_ids()), reply_order_seed)
-    return FederatedRun(config, run_dir, grid, initial_shared, accounting).run(), run_dir
+    p = prepare_run(config, resume)
+    grid = grid_class(len(get_benchmark(config).user_ids()), reply_order_seed)
+    return FederatedRun(config, p.run_dir, grid, p.initial_shared, p.accounting, p.identity, p.resume).run(), p.run_dir

@@ -13,12 +13,11 @@ import torch
 from flwr.app import Message
 from safetensors.torch import load_file
 
+from fedpeft.checkpoint import final_adapter, load_run_config
 from fedpeft.config import Config, ConfigError
-from fedpeft.export import load_run_config
 from fedpeft.messages import TRAIN, make_content, make_reply, read_request
 from fedpeft.models import _dtype, get_model, load_adapter_state
 from fedpeft.sim import main
-from fedpeft.store import AdapterStore
 from strategies import make_strategy
 from strategies.base import Strategy, is_head
 from tests.conftest import tiny_args
@@ -166,7 +165,7 @@ def test_fedsa_bf16_keeps_a_bf16_head_private_on_ray(tiny_bert, tmp_path, ray_sh
     config = load_run_config(run)
     strategy = make_strategy(config)
     for i in range(6):  # what each client's model held after training: its private part, saved as is
-        private = AdapterStore(config.output.store_dir).load(f"user{i:04d}")
+        private = final_adapter(run, f"user{i:04d}")
         assert private and not any(strategy.is_shared(k, "federated") for k in private)
         assert {v.dtype for k, v in private.items() if is_head(k)} == {torch.bfloat16}
         assert {v.dtype for k, v in private.items() if ".lora_" in k} == {torch.float32}

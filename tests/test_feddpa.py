@@ -152,13 +152,13 @@ def test_per_input_trains_and_predicts_on_every_backbone_kind(kind, backbones, t
     strategy, loaded = make_strategy(cfg), model_for(cfg)
     weights = random_b(loaded)
     shared = {k: v for k, v in weights.items() if strategy.is_shared(k, "federated")}
-    AdapterStore(cfg.output.store_dir).save(get_benchmark(cfg).user_ids()[0], {k: v for k, v in weights.items() if k not in shared})
+    AdapterStore(cfg.output.store_dir).save(get_benchmark(cfg).user_ids()[0], {k: v for k, v in weights.items() if k not in shared}, 1)
     spy = spied(loaded)
     try:
-        sent, stats, _ = run_train(Request(cfg, 1, "federated", shared), 0)
+        sent, stats, _ = run_train(Request(cfg, 2, "federated", shared, private_round=1), 0)
         trained = spy.all_mixes()
         spy.mix.clear()
-        scores, outputs, _ = run_evaluate(Request(cfg, 1, "federated", sent), 0)
+        scores, outputs, _ = run_evaluate(Request(cfg, 2, "federated", sent, private_round=2), 0)
     finally:
         spy.close()
     assert stats["steps"] == 4 and math.isfinite(stats["train_loss"])

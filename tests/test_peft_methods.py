@@ -55,7 +55,7 @@ def test_method_runs_local_only_and_fedavg_rounds(method, family, backbones, tmp
         before = get_model(cfg, 3, make_strategy(cfg).extra_adapters).init_state
         sent, stats, _ = run_train(Request(cfg, 1, "federated", shared), 0)
         assert set(sent) == set(shared)
-        scores, outputs, _ = run_evaluate(Request(cfg, 1, "federated", sent), 0)
+        scores, outputs, _ = run_evaluate(Request(cfg, 1, "federated", sent, private_round=1), 0)
         assert 0.0 <= scores["accuracy"] <= 1.0 and len(outputs["predictions"]) == 3
         after = adapter_state(get_model(cfg, 3))
         changed = [k for k in before if not torch.equal(before[k], after[k])]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedpeft.checkpoint import final_adapter
 from fedpeft.config import Config
-from fedpeft.store import AdapterStore
 from strategies import STRATEGIES
 from tests.inprocess_grid import run_in_process
 from tests.round_reference import run_reference
@@ -48,9 +48,8 @@ def test_simulation_equals_the_reference(strategy, optimizer, tiny_bert, tmp_pat
     for key, value in expected.shared.items():
         torch.testing.assert_close(shared[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"shared {k}: {m}")
 
-    store = AdapterStore(cfg.output.store_dir)
     for user, state in expected.private.items():
-        stored = store.load(user) or {}
+        stored = final_adapter(run, user) or {}
         assert stored.keys() == state.keys(), user
         for key, value in state.items():
             torch.testing.assert_close(stored[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key, u=user: f"{u} {k}: {m}")

@@ -58,7 +58,7 @@ def _private_after(cfg: Config, server_round: int, phase: str, shared, optimizer
     cfg.federation.server_optimizer, cfg.federation.proximal_mu = optimizer, mu
     cfg.output.store_dir = f"{cfg.output.store_dir}-{optimizer}"  # each call starts from no private state
     run_train(Request(cfg, server_round, phase, shared), 0)
-    return AdapterStore(cfg.output.store_dir).load("user0000")
+    return AdapterStore(cfg.output.store_dir).latest("user0000")[1]
 
 
 @pytest.mark.parametrize("strategy, phase", [("fedavg_ft", "finetune"), ("oppu", "personal")])

@@ -94,7 +94,9 @@ def load_export_as_the_readme_says(folder: Path):
 def test_export_predicts_what_the_simulation_predicted(strategy, tiny_bert, tmp_path):
     """Before: export composed init < private < shared (fedavg_ft exported the global adapter, oppu
     the task head) and never built oppu's/feddpa's second adapter (KeyError)."""
+    from fedpeft.checkpoint import Checkpoint, RunIdentity
     from fedpeft.client_app import user_model
+    from fedpeft.messages import Request
     from fedpeft.data import get_benchmark
     from fedpeft.export import export_user
     from strategies import make_strategy
@@ -117,7 +119,9 @@ def test_export_predicts_what_the_simulation_predicted(strategy, tiny_bert, tmp_
     # the logits too: the model the client scores this user with (final shared part + private part)
     strategy_obj = make_strategy(cfg)
     shared_path = run / "shared_final.safetensors"
-    loaded, _ = user_model(cfg, 1, load_file(shared_path) if shared_path.is_file() else {})
+    scored_as = Request(cfg, 0, strategy_obj.phases()[-1].name, load_file(shared_path) if shared_path.is_file() else {},
+                        run_id=RunIdentity.read(run).run_id, private_round=Checkpoint.load(run).progress["last_round"][1])
+    loaded, _ = user_model(scored_as, 1)
     strategy_obj.configure_model(loaded, strategy_obj.phases()[-1].name)
     with torch.no_grad():
         expected = loaded.model(**{k: v.to(loaded.device) for k, v in batch.items()}).logits.float()
@@ -135,10 +139,18 @@ def test_a_fresh_run_refuses_a_store_another_run_used(tiny_bert, tmp_path):
     before = sorted(p.name for p in store.iterdir())
     again = tiny_config(tiny_bert, tmp_path, "second", "local_only")
     again.output.store_dir = str(store)
-    with pytest.raises(ConfigError, match="earlier run") as err:
+    with pytest.raises(ConfigError, match="another run") as err:
         run_in_process(again)
     assert str(store) in str(err.value) and str(tmp_path / "first") in str(err.value)
+    assert f"--resume {tmp_path / 'first'}" in str(err.value)  # the way out: a new folder, or resume
     assert not (tmp_path / "second").exists() and sorted(p.name for p in store.iterdir()) == before  # nothing lost
     run_in_process(tiny_config(tiny_bert, tmp_path, "named", "local_only"))  # the default store: named/adapters
-    with pytest.raises(ConfigError, match="earlier run"):  # the same run folder name again
+    with pytest.raises(ConfigError, match="another run"):  # the same run folder name again
         run_in_process(tiny_config(tiny_bert, tmp_path, "named", "local_only"))
+    loose = tmp_path / "loose"  # adapters without an owner file (copied in by hand) are refused too
+    loose.mkdir()
+    (loose / "user0000-0123.r3.safetensors").write_bytes(b"")
+    orphan = tiny_config(tiny_bert, tmp_path, "orphan", "local_only")
+    orphan.output.store_dir = str(loose)
+    with pytest.raises(ConfigError, match="another run"):
+        run_in_process(orphan)

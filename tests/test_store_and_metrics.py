@@ -2,32 +2,57 @@ import pytest
 import torch
 
 from fedpeft.metrics import accuracy, macro_f1, summarize
-from fedpeft.store import AdapterStore
+from fedpeft.store import AdapterStore, StoreError
 
 
 def test_store_round_trip_and_atomic(tmp_path):
-    store = AdapterStore(tmp_path)
+    store = AdapterStore(tmp_path, run_id="run-a")
     state = {"a.lora_A.weight": torch.randn(4, 3), "head.bias": torch.arange(3.0)}
-    store.save("user/01", state)
-    back = store.load("user/01")
+    store.save("user/01", state, 1)
+    back = store.load("user/01", 1)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
-    assert store.load("someone-else") is None
-    assert [p.name for p in tmp_path.iterdir()] == [store.path("user/01").name]  # no temp files left
-    store.save("user/01", {"x": torch.zeros(2)})
-    assert list(store.load("user/01")) == ["x"]
+    assert store.load("user/01", 0) is None  # round 0: the user has not trained yet
+    assert [p.name for p in tmp_path.iterdir()] == [store.path("user/01", 1).name]  # no temp files left
+    store.save("user/01", {"x": torch.zeros(2)}, 2, previous_round=1)
+    assert list(store.load("user/01", 2)) == ["x"] and list(store.load("user/01", 1)) == list(state)
+
+
+def test_a_user_keeps_the_file_it_started_from_and_the_new_one(tmp_path):
+    """A round that never completes must not overwrite what the last completed round left."""
+    store = AdapterStore(tmp_path, run_id="run-a")
+    store.save("u", {"w": torch.full((2,), 2.0)}, 2)
+    store.save("u", {"w": torch.full((2,), 5.0)}, 5, previous_round=2)
+    store.save("u", {"w": torch.full((2,), 7.0)}, 7, previous_round=5)
+    assert store.rounds("u") == [5, 7]  # round 2 went once round 5's file was the starting point
+    assert store.load("u", 5)["w"][0].item() == 5.0
+    store.keep_only({"u": 5})
+    assert store.rounds("u") == [5]
+
+
+def test_a_file_of_another_run_or_round_is_refused(tmp_path):
+    AdapterStore(tmp_path, run_id="run-a").save("u", {"w": torch.zeros(2)}, 3)
+    with pytest.raises(StoreError, match="written by run run-a, not by this run"):
+        AdapterStore(tmp_path, run_id="run-b").load("u", 3)
+    with pytest.raises(StoreError, match="round 4 is not in the store"):
+        AdapterStore(tmp_path, run_id="run-a").load("u", 4)
+    stale = AdapterStore(tmp_path, run_id="run-a")
+    stale.path("u", 3).rename(stale.path("u", 6))  # a copied file under the name the server expects
+    with pytest.raises(StoreError, match="holds round 3 of user 'u', not round 6"):
+        stale.load("u", 6)
 
 
 def test_distinct_users_get_distinct_files(tmp_path):
     """'a/b' and 'a_b' (and ids differing only in case) once mapped to one file: one user read the other's adapter."""
     store = AdapterStore(tmp_path)
-    ids = ["a/b", "a_b", "a b", "A_b", "a:b", ".", "..", "ü/x", "x" * 300]
+    ids = ["a/b", "a_b", "a b", "A_b", "a:b", ".", "..", "ü/x", "x" * 300, "a*[b]?"]
     for i, user in enumerate(ids):
-        store.save(user, {"w": torch.full((2,), float(i))})
-    assert len({store.path(u).name.lower() for u in ids}) == len(ids)
+        store.save(user, {"w": torch.full((2,), float(i))}, 1)
+    assert len({store.path(u, 1).name.lower() for u in ids}) == len(ids)
     for i, user in enumerate(ids):
-        assert store.load(user)["w"][0].item() == i, user
-    assert all(store.path(u).parent == tmp_path for u in ids)
+        assert store.load(user, 1)["w"][0].item() == i, user
+        assert store.rounds(user) == [1], user
+    assert all(store.path(u, 1).parent == tmp_path for u in ids)
 
 
 def test_accuracy_counts_prediction_in_gold_set():

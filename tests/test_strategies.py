@@ -120,7 +120,7 @@ def test_server_receives_only_shared_keys(name, tiny_bert, tmp_path):
         expected = {k for k in keys if strategy.is_shared(k, phase.name)}
         assert set(sent) == expected, phase.name
         assert stats["num-examples"] == 8
-        stored = set(AdapterStore(cfg.output.store_dir).load("user0000"))
+        stored = set(AdapterStore(cfg.output.store_dir).latest("user0000")[1])
         assert not stored & expected  # private store and message never overlap
 
 
@@ -165,7 +165,7 @@ def test_fedsa_round_makes_a_identical_and_keeps_b_personal(tiny_bert, tmp_path)
     new_shared = strategy.aggregate(1, shared, replies)
     states = []
     for user in (0, 1, 2):
-        loaded, _ = user_model(cfg, user, new_shared)
+        loaded, _ = user_model(Request(cfg, 2, "federated", new_shared, private_round=1), user)
         states.append(adapter_state(loaded))
     a = [k for k in states[0] if ".lora_A." in k]
     b = [k for k in states[0] if ".lora_B." in k]

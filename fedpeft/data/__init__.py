@@ -72,6 +72,10 @@ class Benchmark:
         """Users left out while loading (user id -> why), reported in the run's summary."""
         return {}
 
+    def driver_files(self) -> list[str]:
+        """Files the driver prepared that every worker must see (e.g. the processed-data cache)."""
+        return []
+
     def user_ids(self) -> list[str]:
         raise NotImplementedError
 

@@ -1,11 +1,13 @@
 """Benchmark data commands.
 
     python -m fedpeft.data prepare peft-u --task tweeteval --raw DIR --out DIR
+    python -m fedpeft.data prepare peft-u --task measuringhatespeech [--raw DIR] --out DIR
     python -m fedpeft.data download lamp --task LaMP-2 --split user --out DIR [--base-url URL]
 
-``prepare peft-u`` turns PEFT-U's raw files into its prepared per-user form with PEFT-U's split
-(see fedpeft.data.peft_u); set ``data.path`` to the output folder. ``download lamp`` fetches
-LaMP's official question/output files (see fedpeft.data.lamp); set ``data.path`` to ``--out``.
+``prepare peft-u`` turns PEFT-U's raw files into its prepared per-user form with PEFT-U's split,
+for any of its 13 tasks (see fedpeft.data.peft_u and fedpeft.data.peft_u_tasks); set ``data.path``
+to the output folder. ``download lamp`` fetches LaMP's official question/output files (see
+fedpeft.data.lamp); set ``data.path`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     from fedpeft.data.peft_u import PREPARE_TASKS
 
     pu.add_argument("--task", required=True, choices=PREPARE_TASKS)
-    pu.add_argument("--raw", required=True, help="folder with the task's raw files (PEFT-U's data/<task>/)")
+    pu.add_argument("--raw", default=None, help="folder with the task's raw files (PEFT-U's data/<task>/); "
+                    "measuringhatespeech: a datasets copy (save_to_disk folder or parquet/arrow/csv files), or omit it "
+                    "to use the Hugging Face cache (set HF_HUB_OFFLINE=1 without network)")
     pu.add_argument("--out", required=True, help="output folder (set data.path to it)")
     pu.add_argument("--seed", type=int, default=42, help="split seed (PEFT-U: 42)")
     pu.add_argument("--min-examples", type=int, default=10, help="drop users with fewer examples (PEFT-U: 10)")

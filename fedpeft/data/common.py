@@ -16,15 +16,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import Benchmark, Example, TaskSpec, UserData
+from fedpeft.files import atomic_write_text
 
 
 class DataFormatError(ConfigError):
@@ -65,18 +64,8 @@ def read_json(path: str | Path, hint: str = "") -> Any:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`fedpeft.files.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False))
 
 
 _CHUNKS = re.compile(r"(\d+)")
@@ -206,6 +195,10 @@ class CachedBenchmark(Benchmark):
 
     def skipped_users(self) -> dict[str, str]:
         return dict(self.index()["skipped"])
+
+    def driver_files(self) -> list[str]:
+        self.index()
+        return [str(self.cache.index_path)]
 
     def check_index(self, index: int) -> None:
         users = self.index()["users"]

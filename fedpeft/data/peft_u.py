@@ -15,8 +15,11 @@ scored: it is skipped with a warning and listed by ``skipped_users()``. Malforme
 :class:`fedpeft.data.common.DataFormatError` naming the file, the record and the field.
 
 ``python -m fedpeft.data prepare peft-u --task T --raw DIR --out DIR`` builds that form from the
-raw files (:func:`prepare`), following PEFT-U's code (ChrisIsKing/Parameter-Efficient-
-Personalization, ``peft_u/write_data/prepare_<task>.py`` and the latest
+raw files (:func:`prepare`) for any of PEFT-U's 13 tasks (:data:`TASKS`, registry in
+:mod:`fedpeft.data.peft_u_tasks`: labels and instructions from PEFT-U's config.json, raw files,
+readers), following PEFT-U's code (ChrisIsKing/Parameter-Efficient-Personalization,
+``peft_u/write_data/prepare_<task>.py`` for the raw files, in :mod:`fedpeft.data.peft_u_raw`,
+:mod:`fedpeft.data.peft_u_json` and :mod:`fedpeft.data.peft_u_hub`, and the latest
 ``peft_u/preprocess/convert_data_format.py``, ``data2dataset_splits(leakage=True)``); see
 :func:`split_user` for the split and where it differs from the paper's one-line description.
 It writes ``OUT/user_data_leaked.json``, ``OUT/dropped_users.json`` (users with fewer than 10
@@ -26,13 +29,9 @@ examples, id -> reason; PEFT-U drops them without a record) and PEFT-U's own
 
 from __future__ import annotations
 
-import ast
-import csv
 import logging
 import random
-import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,33 @@ from fedpeft.data.common import (
     read_json,
     source_fingerprint,
 )
+from fedpeft.data.peft_u_hub import read_measuringhatespeech  # noqa: F401
+from fedpeft.data.peft_u_json import read_cockamamie, read_goemotion, read_hatexplain  # noqa: F401
+from fedpeft.data.peft_u_raw import (  # noqa: F401  (re-exported: the readers and raw formats)
+    SD_RESPONSE_LABELS,
+    SD_SENTIMENTS,
+    SD_TASK_COLUMN,
+    STUDEMO_LABELS,
+    SUBJECTIVE_DISCOURSE_FILE,
+    TWEETEVAL_FILE,
+    TWEETEVAL_LABELS,
+    PersonalizedData,
+    read_epic,
+    read_gabhate,
+    read_studemo,
+    read_subjectivediscourse,
+    read_tweeteval,
+    read_unhealthyconversations,
+    read_wikidetox,
+)
+from fedpeft.data.peft_u_tasks import (  # noqa: F401
+    INSTRUCTIONS,
+    LABELS,
+    PREPARE_TASKS,
+    TASKS,
+    describe_tasks,
+    read_raw,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,222 +83,7 @@ DROPPED_FILE = "dropped_users.json"
 EMPTY_SPLITS_FILE = "users-with-empty-dataset-splits.json"
 SPLITS = ("train", "val", "test")
 
-# Raw formats (files as in PEFT-U's data/<task>/ folders).
-TWEETEVAL_FILE = "annotations_g3.csv"
-TWEETEVAL_LABELS = ("Hateful", "Non-hateful")
-STUDEMO_ANNOTATIONS = "annotation_data.csv"
-STUDEMO_TEXTS = "text_data.csv"
-# PEFT-U takes every column after text_id, annotator_id as a label, valence and arousal included;
-# a label counts where its intensity is >= 1 (so a negative valence is no label).
-STUDEMO_LABELS = ("joy", "trust", "anticipation", "surprise", "fear", "sadness", "disgust", "anger", "valence", "arousal")
-SUBJECTIVE_DISCOURSE_FILE = "with_features_annotated_questions_responses_gold.tsv"
-SD_RESPONSE_LABELS = ("answer", "answer_overans-sway", "cant-answer-lying", "cant-answer-sincere", "shift-correct", "shift-dodge")
-SD_SENTIMENTS = {  # raw spelling -> prepared spelling (PEFT-U's label_map)
-    "veryNegative": "very-negative", "somewhatNegative": "somewhat-negative", "negative": "negative",
-    "neutral": "neutral", "positive": "positive", "somewhatPositive": "somewhat-positive",
-    "veryPositive": "very-positive",
-}
-SD_TEXT_COLUMNS = ("q_speaker_detail", "q_text", "r_speaker_detail", "r_text")
-SD_TASK_COLUMN = {
-    "subjectivediscourse_response": "gold_coarse_labels",
-    "subjectivediscourse_question_sentiment": "gold_q_sentiments",
-    "subjectivediscourse_response_sentiment": "gold_sentiments",
-}
-PREPARE_TASKS = ("tweeteval", "studemo", *SD_TASK_COLUMN)
-
-# PEFT-U's instructions (peft_u/util/config.json) for the tasks with converters here.
-INSTRUCTIONS = {
-    "tweeteval": "Please review the following text and indicate if it has the presence of hate speech. "
-                 "Respond 'Hateful' if the text contains hate speech and 'Non-hateful' if the text does not "
-                 "contain hate speech.",
-    "studemo": "Please analyze the following text and assign one or more appropriate emotion labels. Emotion "
-               "labels include joy, trust, anticipation, surprise, fear, sadness, disgust, anger, valence, and "
-               "arousal. You can select one or multiple emotion labels that best capture the emotional content "
-               "of the text. Respond with the emotion labels separated by a comma.",
-    "subjectivediscourse_response": "Please analyze the following text and indicate how the witness responded "
-        "to the question. Respond with 'answer' if they answered the question reasonably, 'cant-answer-lying' "
-        "if they could not answer and are lying, 'can't answer-sincere' if they could not answer but are honest "
-        "about it, 'shift-dodge' if they shifted the topic with the intent of dodging the question, "
-        "'answer_overans-sway' if they over answered the question with the intention of swaying or "
-        "'shift-correct' if they shifted the topic with the intention of clarifying the question.",
-    "subjectivediscourse_question_sentiment": "Please analyze the following text and rate your sentiment towards "
-        "the questioners. Sentiment labels include 'somewhatPositive', 'positive', 'veryPositive', "
-        "'somewhatNegative', 'veryNegative', 'neutral' and 'negative'. Respond with the sentiment label that "
-        "best captures your sentiment towards the questioners.",
-    "subjectivediscourse_response_sentiment": "Please analyze the following text and rate your sentiment towards "
-        "the witness. Sentiment labels include 'somewhatPositive', 'positive', 'veryPositive', "
-        "'somewhatNegative', 'veryNegative', 'neutral' and 'negative'. Respond with the sentiment label that "
-        "best captures your sentiment towards the witness.",
-}
-
-# user_id -> sample_id -> {"text": str, "label": [str, ...]}  (PEFT-U's PersonalizedData)
-PersonalizedData = dict[str, dict[str, dict[str, Any]]]
 PREPARE_HINT = "Create it with `python -m fedpeft.data prepare peft-u --task <task> --raw <raw dir> --out <dir>`."
-
-
-# --------------------------------------------------------------------------------------------
-# Raw readers
-# --------------------------------------------------------------------------------------------
-
-def _raw_file(raw_dir: str | Path, name: str, task: str) -> Path:
-    path = Path(raw_dir) / name
-    if not path.is_file():
-        raise ConfigError(
-            f"PEFT-U {task}: raw file '{path}' does not exist. --raw must be the folder holding "
-            f"PEFT-U's data/{task.split('_')[0]}/ files ({name})."
-        )
-    return path
-
-
-def _iter_csv(path: Path, delimiter: str, required: tuple[str, ...]) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
-    """Header and an iterator of (line number, row) with checks for missing columns/cells."""
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    handle = path.open("r", encoding="utf-8", newline="")
-    reader = csv.reader(handle, delimiter=delimiter)
-    try:
-        header = next(reader)
-    except StopIteration:
-        handle.close()
-        raise format_error(path, "line 1 (header)", "<header>", "<empty file>", f"a header with columns {', '.join(required)}",
-                           "Use the file as distributed by PEFT-U.") from None
-    missing = [c for c in required if c not in header]
-    if missing:
-        handle.close()
-        raise format_error(path, "line 1 (header)", missing[0], header, f"a header with the columns {', '.join(required)} "
-                           f"(missing: {', '.join(missing)})", "Use the file as distributed by PEFT-U.")
-
-    def rows() -> Iterator[tuple[int, dict[str, str]]]:
-        with handle:
-            for cells in reader:
-                line = reader.line_num
-                if not cells:
-                    continue
-                if len(cells) != len(header):
-                    raise format_error(path, f"line {line}", "<row>", f"<{len(cells)} cells>",
-                                       f"{len(header)} cells, one per header column",
-                                       "Check the row for a broken quote or a missing/extra delimiter.")
-                yield line, dict(zip(header, cells))
-
-    return header, rows()
-
-
-def read_tweeteval(raw_dir: str | Path) -> PersonalizedData:
-    """``annotations_g3.csv``: ``id,text`` then one column per annotator (``label_M_1`` ...).
-
-    As PEFT-U (``prepare_tweeteval.py``): each annotator column is a user whose id is the column
-    name; every cell is one example ``{text, label: [cell]}``. An empty cell means the annotator
-    did not label that tweet and gives no example (PEFT-U would keep it as label '').
-    """
-    path = _raw_file(raw_dir, TWEETEVAL_FILE, "tweeteval")
-    header, rows = _iter_csv(path, ",", ("id", "text"))
-    users = [c for c in header if c not in ("id", "text")]
-    if not users:
-        raise format_error(path, "line 1 (header)", "<annotator columns>", header,
-                           "one column per annotator after id,text (label_M_1, ...)", "Use the file as distributed by PEFT-U.")
-    data: PersonalizedData = {u: {} for u in users}
-    for line, row in rows:
-        sid = row["id"]
-        for user in users:
-            value = row[user]
-            if value == "":
-                continue
-            if value not in TWEETEVAL_LABELS:
-                raise format_error(path, f"line {line} (id={sid})", user, value, f"one of {', '.join(TWEETEVAL_LABELS)} "
-                                   "(or empty for not annotated)", "Fix the cell.")
-            data[user][sid] = {"text": row["text"], "label": [value]}
-    return data
-
-
-def _intensity(path: Path, line: int, record: str, column: str, value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise format_error(path, f"line {line} ({record})", column, value, "a number (annotation intensity, e.g. 0.0 or 2.0)",
-                           "Fix the cell.") from None
-
-
-def read_studemo(raw_dir: str | Path) -> PersonalizedData:
-    """``annotation_data.csv`` (text_id, annotator_id, one intensity column per emotion) and
-    ``text_data.csv`` (text_id, text).
-
-    As PEFT-U (``prepare_studemo.py``): every column after text_id, annotator_id is a label
-    (the 8 emotions, valence and arousal); a label counts where its intensity is >= 1; a
-    (user, text) pair keeps its first annotation; an annotation with no label gives no example.
-    """
-    ann_path = _raw_file(raw_dir, STUDEMO_ANNOTATIONS, "studemo")
-    txt_path = _raw_file(raw_dir, STUDEMO_TEXTS, "studemo")
-    _, text_rows = _iter_csv(txt_path, ",", ("text_id", "text"))
-    id2text = {row["text_id"]: row["text"] for _, row in text_rows}
-    header, rows = _iter_csv(ann_path, ",", ("text_id", "annotator_id", *STUDEMO_LABELS))
-    label_columns = [c for c in header if c not in ("text_id", "annotator_id")]
-    data: PersonalizedData = {}
-    for line, row in rows:
-        sid, uid = row["text_id"], row["annotator_id"]
-        record = f"text_id={sid}, annotator_id={uid}"
-        user = data.setdefault(uid, {})
-        if sid in user:
-            continue
-        labels = [c for c in label_columns if _intensity(ann_path, line, record, c, row[c]) >= 1]
-        if sid not in id2text:
-            raise format_error(ann_path, f"line {line} ({record})", "text_id", sid, f"a text_id listed in {txt_path}",
-                               "Use the annotation and text files of the same StudEmo release.")
-        if labels:
-            user[sid] = {"text": id2text[sid], "label": labels}
-    return data
-
-
-def _tuple_cell(path: Path, line: int, record: str, column: str, value: str) -> list[str]:
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = None
-    if not isinstance(parsed, (tuple, list)) or not all(isinstance(v, str) for v in parsed):
-        raise format_error(path, f"line {line} ({record})", column, value, "a Python tuple literal of strings, "
-                           "one entry per annotator, e.g. ('worker_1', 'worker_7')", "Fix the cell.")
-    return list(parsed)
-
-
-def read_subjectivediscourse(raw_dir: str | Path, task: str) -> PersonalizedData:
-    """``with_features_annotated_questions_responses_gold.tsv`` (header; first column unnamed).
-
-    As PEFT-U (``prepare_subjectivediscourse.py``): sample id = ``qa_index``; text =
-    q_speaker_detail, q_text, r_speaker_detail, r_text joined by ' \\n '; ``gold_workers`` lists
-    the annotators and the task's column (``gold_coarse_labels`` / ``gold_q_sentiments`` /
-    ``gold_sentiments``) their labels, position by position; sentiments are respelled
-    (veryNegative -> very-negative, ...). PEFT-U reads the columns by position (3, 5-8, 11, 17,
-    18, 21); here they are read by name.
-    """
-    path = _raw_file(raw_dir, SUBJECTIVE_DISCOURSE_FILE, "subjectivediscourse")
-    label_column = SD_TASK_COLUMN[task]
-    _, rows = _iter_csv(path, "\t", ("qa_index", *SD_TEXT_COLUMNS, "gold_workers", label_column))
-    allowed = SD_RESPONSE_LABELS if task == "subjectivediscourse_response" else tuple(SD_SENTIMENTS)
-    data: PersonalizedData = {}
-    for line, row in rows:
-        sid = row["qa_index"]
-        record = f"qa_index={sid}"
-        workers = _tuple_cell(path, line, record, "gold_workers", row["gold_workers"])
-        labels = _tuple_cell(path, line, record, label_column, row[label_column])
-        if len(labels) != len(workers):
-            raise format_error(path, f"line {line} ({record})", label_column, row[label_column],
-                               f"{len(workers)} entries, one per annotator in gold_workers", "Fix the cell.")
-        text = " \n ".join(row[c] for c in SD_TEXT_COLUMNS)
-        for worker, label in zip(workers, labels):
-            if label not in allowed:
-                raise format_error(path, f"line {line} ({record})", label_column, label, f"one of {', '.join(allowed)}",
-                                   "Fix the cell.")
-            data.setdefault(worker, {})[sid] = {"text": text, "label": [SD_SENTIMENTS.get(label, label)]}
-    return data
-
-
-def read_raw(task: str, raw_dir: str | Path) -> PersonalizedData:
-    """user -> sample -> {text, label} for one of :data:`PREPARE_TASKS`."""
-    if task == "tweeteval":
-        return read_tweeteval(raw_dir)
-    if task == "studemo":
-        return read_studemo(raw_dir)
-    if task in SD_TASK_COLUMN:
-        return read_subjectivediscourse(raw_dir, task)
-    raise ConfigError(f"No PEFT-U converter for task '{task}'. Converters exist for: {', '.join(PREPARE_TASKS)}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +155,7 @@ def label_meta(prepared: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]
     return {"multi_label": any(len(lb) > 1 for lb in labels), "label_options": sorted(set().union(*labels)) if labels else []}
 
 
-def prepare(task: str, raw_dir: str | Path, out_dir: str | Path, seed: int = 42, train_ratio: float = 0.8,
+def prepare(task: str, raw_dir: str | Path | None, out_dir: str | Path, seed: int = 42, train_ratio: float = 0.8,
             drop_threshold: int = 10) -> dict[str, Any]:
     """Convert raw files to ``OUT/user_data_leaked.json`` (+ dropped / empty-split lists); returns a summary."""
     data = read_raw(task, raw_dir)
@@ -422,11 +233,13 @@ class PeftUBenchmark(CachedBenchmark):
 
     name = "peft-u"
     has_tasks = True
+    tasks = LABELS  # PEFT-U's 13 tasks -> their label sets (a prepared file's own labels are what is loaded)
 
     def __init__(self, config) -> None:
         super().__init__(config)
         if not self.task_name:
-            raise ConfigError("data.benchmark='peft-u' needs a task: peft-u/<task>, e.g. peft-u/tweeteval.")
+            raise ConfigError("data.benchmark='peft-u' needs a task: peft-u/<task>, e.g. peft-u/tweeteval. "
+                              f"PEFT-U's tasks: {describe_tasks()}.")
         self.path = resolve_prepared_path(config.data.path, self.task_name)
         self.cache = UserCache(cache_root(config), self.name, self.task_name, {
             "version": CACHE_VERSION, "family": self.name, "task": self.task_name,

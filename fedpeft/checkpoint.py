@@ -1,0 +1,151 @@
+"""A run's identity and its checkpoint of the last completed round, for ``--resume RUN_DIR``.
+
+``run.json`` (written before the simulation starts) names the run: its id (recorded in every
+adapter file and in the adapter store's owner file) and its W&B run id. ``checkpoint.safetensors``
+is rewritten atomically after every completed round: the shared state, the server optimiser's
+state (FedAdam/FedYogi moments) and, as JSON in the file's metadata, the round, what each user
+has trained (rounds, the round of its stored adapter, examples processed), the failures so far
+and the accounting totals. Client seeds depend only on (seed, user, round) and cohorts on
+(seed, round), so continuing from a checkpoint gives exactly the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fedpeft.config import Config, ConfigError, load_yaml, merge_into, set_key, validate
+from fedpeft.files import atomic_write, atomic_write_text
+
+RUN_FILE = "run.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+# keys that never change a run's results: a resumed run may set them differently
+RESUME_MAY_CHANGE = ("wandb.mode", "output.progress", "ray.address", "ray.num_cpus", "ray.client_cpus",
+                     "ray.client_gpus", "federation.call_timeout")
+_RESUME_SETS = ("output.dir", "output.name")  # the run folder itself
+
+
+@dataclass
+class RunIdentity:
+    run_id: str
+    wandb_id: str
+
+    @classmethod
+    def new(cls) -> RunIdentity:
+        return cls(run_id=uuid.uuid4().hex[:12], wandb_id=uuid.uuid4().hex[:8])
+
+    def write(self, run_dir: Path) -> None:
+        atomic_write_text(run_dir / RUN_FILE, json.dumps({"run_id": self.run_id, "wandb_id": self.wandb_id}))
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunIdentity:
+        path = run_dir / RUN_FILE
+        if not path.is_file():
+            raise ConfigError(f"'{run_dir}' cannot be resumed: it has no {RUN_FILE} (not a fedpeft run folder, "
+                              "or one written before runs could be resumed).")
+        data = json.loads(path.read_text())
+        return cls(run_id=data["run_id"], wandb_id=data["wandb_id"])
+
+
+@dataclass
+class Checkpoint:
+    """The state after ``round`` completed rounds (0: none yet)."""
+
+    round: int = 0
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    server: dict[str, torch.Tensor] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, run_dir: Path) -> None:
+        tensors = {**{f"shared/{k}": v for k, v in self.shared.items()}, **{f"server/{k}": v for k, v in self.server.items()}}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"round": str(self.round), "progress": json.dumps(self.progress)}
+        atomic_write(run_dir / CHECKPOINT_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Checkpoint | None:
+        path = run_dir / CHECKPOINT_FILE
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        return cls(round=int(meta["round"]), shared=part("shared/"), server=part("server/"),
+                   progress=json.loads(meta["progress"]))
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved config a run folder's ``config.yaml`` holds."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"'{run_dir}' is not a fedpeft run folder: it has no config.yaml.")
+    data = yaml.safe_load(path.read_text())
+    data.pop("fedpeft_version", None)
+    data.pop("git_commit", None)
+    return Config.from_dict(data)
+
+
+def resume_config(run_dir: str | Path, config_files: list[str], overrides: list[tuple[str, Any]]) -> Config:
+    """The config of ``--resume RUN_DIR``: the run folder's own, with the given files and
+    overrides on top, refused if they change a key that changes results."""
+    folder = Path(run_dir).resolve()
+    saved = load_run_config(folder)
+    wanted = copy.deepcopy(saved)
+    for file in config_files:
+        merge_into(wanted, load_yaml(file), where=f"in {file}")
+    for key, value in overrides:
+        set_key(wanted, key, value)
+    validate(wanted)
+    check_resumable(saved, wanted)
+    wanted.output.dir, wanted.output.name = str(folder.parent), folder.name
+    return wanted
+
+
+def final_adapter(run_dir: str | Path, user_id: str) -> dict[str, torch.Tensor] | None:
+    """The private adapter a run's last completed round left for ``user_id`` (None: it never
+    trained): the store file of the round the checkpoint records for that user, checked to be
+    this run's."""
+    from fedpeft.data import get_benchmark
+    from fedpeft.store import AdapterStore
+
+    folder = Path(run_dir)
+    config = load_run_config(folder)
+    ckpt = Checkpoint.load(folder)
+    users = get_benchmark(config).user_ids()
+    final_round = ckpt.progress["last_round"][users.index(user_id)] if ckpt else 0
+    return AdapterStore(config.output.store_dir, RunIdentity.read(folder).run_id).load(user_id, final_round)
+
+
+def flat(config: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(config.to_dict(), "")
+    return out
+
+
+def check_resumable(saved: Config, wanted: Config) -> None:
+    """Refuse a resumed run whose config differs from the run folder's in a key that changes results."""
+    before, after = flat(saved), flat(wanted)
+    differ = [k for k in before if before[k] != after.get(k) and k not in RESUME_MAY_CHANGE + _RESUME_SETS]
+    if differ:
+        shown = ", ".join(f"{k} ({before[k]!r} -> {after[k]!r})" for k in differ)
+        raise ConfigError(f"A resumed run must keep its config, but these keys differ from the run folder's config.yaml: "
+                          f"{shown}. Drop those overrides, or start a new run. Keys that may change on resume: "
+                          f"{', '.join(RESUME_MAY_CHANGE)}.")
