@@ -49,10 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str]) -> Config:
     """Parse ``argv`` into a validated Config; raises ConfigError on any unknown key or bad value."""
-    config, resume = sim_args(argv)
-    if resume:
+    if any(a == "--resume" or a.startswith("--resume=") for a in argv):
         raise ConfigError("--resume RUN_DIR is an option of `python -m fedpeft.sim` only.")
-    return config
+    return sim_args(argv)[0]
 
 
 def sim_args(argv: list[str]) -> tuple[Config, bool]:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -20,7 +19,6 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from flwr.app import Context, Message
@@ -31,7 +29,7 @@ from fedpeft.config import Config
 from fedpeft.data import get_benchmark
 from fedpeft.messages import Request, make_reply, read_request
 from fedpeft.scoring import score
-from fedpeft.store import OWNER_FILE, AdapterStore, StoreError, store_owner
+from fedpeft.store import OWNER_FILE, AdapterStore, StoreError, store_owner, timeout_note
 from fedpeft.training import call_seed, round_lr, train_user
 from strategies import make_strategy
 
@@ -132,39 +130,28 @@ def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], d
     return scores, outputs, user_id
 
 
-class CallTimeout(Exception):
-    """A client call ran longer than ``federation.call_timeout``."""
-
-
 @contextlib.contextmanager
-def call_deadline(seconds: float) -> Iterator[None]:
-    """Bound one call. SIGALRM interrupts it with :class:`CallTimeout` (a failed reply) when the
-    call runs in the main thread, as Ray actor calls do; a watchdog ends the whole process if the
-    call is still stuck (in C code, or off the main thread) a grace period later, so that Ray
-    replaces the worker (fedpeft starts actors with max_restarts) and the user's call fails."""
-    grace = max(5.0, 0.1 * seconds)
+def call_deadline(request: Request, user_index: int, kind: str) -> Iterator[None]:
+    """Bound one call by ``federation.call_timeout``: past it, a watchdog leaves a note in the
+    store (why this call failed) and ends the worker process, whose state a hung call may have
+    left broken. Ray replaces the process (fedpeft starts actors with max_restarts), the server
+    reads the note and records the user's failure for the round."""
+    seconds = request.config.federation.call_timeout
 
     def end_process() -> None:
-        print(f"fedpeft: a client call is still running {seconds + grace:.0f} s after it started "
-              "(federation.call_timeout); ending this worker process so that Ray replaces it", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            timeout_note(request.config.output.store_dir, request.run_id, user_index, kind, request.server_round).write_text(
+                f"the call ran longer than federation.call_timeout={seconds:g} s; its worker process was ended and replaced")
+        print(f"fedpeft: a {kind} call of user {user_index} ran longer than federation.call_timeout={seconds:g} s; "
+              "ending this worker process so that Ray replaces it", file=sys.stderr, flush=True)
         os._exit(70)
 
-    watchdog = threading.Timer(seconds + grace, end_process)
+    watchdog = threading.Timer(seconds, end_process)
     watchdog.daemon = True
     watchdog.start()
-    alarm = threading.current_thread() is threading.main_thread()
-    if alarm:
-        def on_alarm(signum: int, frame: Any) -> None:
-            raise CallTimeout(f"the call ran longer than federation.call_timeout={seconds:g} s")
-
-        previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        if alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
         watchdog.cancel()
 
 
@@ -175,7 +162,7 @@ def _handle(message: Message, context: Context, work) -> Message:
     try:
         request = read_request(message)
         _setup_threads(request.config)
-        with call_deadline(request.config.federation.call_timeout):
+        with call_deadline(request, index, message.metadata.message_type):
             check_worker_sees_run(request.config, request.run_id)
             user_id = get_benchmark(request.config).user_ids()[index]
             metrics, info, shared = work(request, index)

@@ -27,11 +27,18 @@ from fedpeft.files import atomic_write
 from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
 from fedpeft.reporting import RunReporter
 from fedpeft.scoring import corpus_scores
-from fedpeft.store import AdapterStore
+from fedpeft.store import AdapterStore, timeout_note
 from strategies import make_strategy
 from strategies.base import Phase
 
 NODE_WAIT_SECONDS = 120
+UNAVAILABLE_RETRIES, UNAVAILABLE_WAIT = 60, 1.0  # a worker Ray restarts takes calls again within a minute
+
+
+def worker_unavailable(reply: Message) -> bool:
+    """A call that reached a worker while Ray was restarting it: it never ran. (The call that was
+    running when the worker died says "Socket closed" or "died" instead, and is not sent again.)"""
+    return reply.has_error() and "actor is restarting" in reply.error.reason
 
 
 def exchange(grid: Grid, messages: list[Message], no_reply_timeout: float,
@@ -151,27 +158,41 @@ class FederatedRun:
         arrival order, so that aggregation and every sum over replies is deterministic), and the
         bytes sent down. A failed call (the user's error, a worker process that died mid-call, no
         reply) is recorded as that user's failure for this round."""
-        msgs = [Message(content=make_content(self.config_json, server_round, shared, phase, self.identity.run_id,
-                                             int(self.last_round[u])), dst_node_id=self.nodes[u], message_type=kind)
-                for u in users]
-        down = sum(array_bytes(m.content) for m in msgs)
+        down, ok, todo = 0, [], list(users)
         self.bar.set_description(f"round {server_round}/{self.total_rounds} {phase} {kind}")
         self.bar.refresh()
-        ok: list[Message] = []
-        for user, reply in zip(users, exchange(self.grid, msgs, self.no_reply_timeout, on_reply=lambda _: self.bar.update(1))):
-            if reply is None:
-                self.fail(user, kind, server_round, phase, f"no reply for {self.no_reply_timeout:.0f} s: its worker "
-                          "or node was lost (federation.call_timeout bounds a call)")
-            elif reply.has_error():
-                self.fail(user, kind, server_round, phase, "its worker process died mid-call (killed, out of memory, "
-                          f"a lost node, or ended after federation.call_timeout); Ray replaces it: {reply.error.reason}")
-            else:
-                m = reply.content.metric_records["metrics"]
-                self.worker_loads[int(m["pid"])] = max(self.worker_loads.get(int(m["pid"]), 0), int(m["backbone_loads"]))
-                if m["failed"]:
-                    self.fail(user, kind, server_round, phase, str(reply.content.config_records["info"]["error"]).strip())
+        for attempt in range(UNAVAILABLE_RETRIES + 1):
+            msgs = [Message(content=make_content(self.config_json, server_round, shared, phase, self.identity.run_id,
+                                                 int(self.last_round[u])), dst_node_id=self.nodes[u], message_type=kind)
+                    for u in todo]
+            if attempt == 0:  # resending to a restarted worker is the simulation's cost, not the protocol's
+                down = sum(array_bytes(m.content) for m in msgs)
+            replies = exchange(self.grid, msgs, self.no_reply_timeout,
+                               on_reply=lambda r: self.bar.update(0 if worker_unavailable(r) else 1))
+            retry = []
+            for user, reply in zip(todo, replies):
+                if reply is not None and worker_unavailable(reply) and attempt < UNAVAILABLE_RETRIES:
+                    retry.append(user)  # it reached a worker that Ray is restarting: the call is idempotent, send it again
+                elif reply is None:
+                    self.fail(user, kind, server_round, phase, f"no reply for {self.no_reply_timeout:.0f} s: its worker "
+                              "or node was lost (federation.call_timeout bounds a call)")
+                elif reply.has_error():
+                    note = timeout_note(self.config.output.store_dir, self.identity.run_id, user, kind, server_round)
+                    self.fail(user, kind, server_round, phase, note.read_text() if note.is_file() else
+                              "its worker process died mid-call (killed, out of memory, or a lost node); "
+                              f"Ray replaces it: {reply.error.reason}")
+                    note.unlink(missing_ok=True)
                 else:
-                    ok.append(reply)
+                    m = reply.content.metric_records["metrics"]
+                    self.worker_loads[int(m["pid"])] = max(self.worker_loads.get(int(m["pid"]), 0), int(m["backbone_loads"]))
+                    if m["failed"]:
+                        self.fail(user, kind, server_round, phase, str(reply.content.config_records["info"]["error"]).strip())
+                    else:
+                        ok.append(reply)
+            if not retry:
+                break
+            todo = retry
+            time.sleep(UNAVAILABLE_WAIT)
         return sorted(ok, key=partition_id), down
 
     def fail(self, user: int, kind: str, server_round: int, phase: str, reason: str) -> None:
@@ -334,6 +355,10 @@ def make_server_app(config: Config, run_dir: Path, results: dict[str, Any], init
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        results.update(FederatedRun(config, run_dir, grid, initial_shared, accounting, identity, resume).run())
+        try:
+            results.update(FederatedRun(config, run_dir, grid, initial_shared, accounting, identity, resume).run())
+        except Exception as err:  # Flower only logs it: hand it to the entry point, which reports it
+            results["_error"] = err
+            raise
 
     return app

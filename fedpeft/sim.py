@@ -108,6 +108,10 @@ def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, 
     return {k: state[k] for k in shared}, accounting
 
 
+class RunFailed(RuntimeError):
+    """The simulation stopped before it finished; the message says why."""
+
+
 @dataclass
 class PreparedRun:
     """What the simulation starts from: the run folder, the initial shared part, the parameter
@@ -171,11 +175,16 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
                                          prepared.identity, prepared.resume)
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=num_users, backend_config=backend_config(config))
+    except Exception:
+        if "_error" not in results:
+            raise
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
+    if "_error" in results:
+        raise RunFailed(f"{results['_error']} (run folder {prepared.run_dir})") from results["_error"]
     if not results:
-        raise RuntimeError(f"The simulation ended without results; see the log above and {prepared.run_dir}. "
+        raise RunFailed(f"The simulation ended without results; see the log above and {prepared.run_dir}. "
                            f"Continue it with `python -m fedpeft.sim --resume {prepared.run_dir}`.")
     return results
 
@@ -187,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"fedpeft: error: {err}", file=sys.stderr)
+        return 1
     print(summary_table(results))
     if results["summary"]["n_evaluated"] == 0:
         print("fedpeft: error: every user failed; the reasons are in failures.json", file=sys.stderr)

@@ -138,6 +138,13 @@ def check_store_is_free(root: str | Path) -> None:
                           f"run gets <run folder>/adapters), or continue that run with `python -m fedpeft.sim --resume {other}`.")
 
 
+def timeout_note(root: str | Path, run_id: str, user_index: int, kind: str, server_round: int) -> Path:
+    """Where a worker that ends itself after ``federation.call_timeout`` says so for the server."""
+    folder = Path(root) / ".timeouts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{run_id}-{kind}-r{server_round}-u{user_index}.txt"
+
+
 def claim_store(root: str | Path, run_dir: Path, run_id: str, driver_files: list[str]) -> None:
     """Mark ``root`` as the adapter store of the run ``run_id`` in ``run_dir``. Workers check this
     file at their first call: it is the probe that they see the driver's store, and it lists the

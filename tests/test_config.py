@@ -93,3 +93,23 @@ def test_missing_model_path_is_a_clear_error(capsys, tmp_path: Path):
 def test_unreachable_ray_cluster_fails_fast():
     with pytest.raises(ConfigError, match="No Ray cluster answers"):
         check_ray_address("127.0.0.1:1")
+
+
+def test_wandb_online_without_a_key_stops_before_ray_starts(capsys, tmp_path: Path, monkeypatch):
+    """Before: W&B online with no key ended as "the simulation ended without results"."""
+    import ray
+
+    for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert main(["--wandb", "online", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--wandb offline" in err and "WANDB_API_KEY" in err
+    assert not ray.is_initialized() and not list(tmp_path.glob("local_only-*"))  # nothing started, no run folder
+
+
+def test_resume_is_refused_outside_the_entry_point():
+    with pytest.raises(ConfigError, match="--resume RUN_DIR is an option of `python -m fedpeft.sim`"):
+        config_from_args(["--resume", "runs/x"])

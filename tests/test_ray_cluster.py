@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,8 +54,11 @@ def _kill_cluster(temp_dir: Path) -> None:
     assert ray_bin.exists()
 
 
-@pytest.fixture
-def two_node_cluster(tmp_path_factory):
+@contextlib.contextmanager
+def cluster(blind_to: Path | None = None) -> Iterator[str]:
+    """A head and a worker node, one CPU each. ``blind_to``: the worker node runs in its own mount
+    namespace with an empty tmpfs over that folder, as a node that does not mount a shared file
+    system would see it."""
     temp_dir = Path("/tmp") / f"fedpeft-ray-{os.getpid()}"  # short: Ray's socket paths have a length limit
     port = _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -60,6 +66,9 @@ def two_node_cluster(tmp_path_factory):
     head = [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     worker = [ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1"]
+    if blind_to is not None:
+        worker = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                  f"mount -t tmpfs tmpfs {shlex.quote(str(blind_to))} && exec {shlex.join(worker)}"]
     try:
         subprocess.run(head, check=True, env=env, capture_output=True, timeout=120)
         subprocess.run(worker, check=True, env=env, capture_output=True, timeout=120)
@@ -70,6 +79,12 @@ def two_node_cluster(tmp_path_factory):
         if ray.is_initialized():
             ray.shutdown()
         _kill_cluster(temp_dir)
+
+
+@pytest.fixture
+def two_node_cluster():
+    with cluster() as address:
+        yield address
 
 
 def test_simulation_runs_on_a_two_node_cluster(two_node_cluster, tiny_bert, tmp_path):
@@ -87,3 +102,17 @@ def test_simulation_runs_on_a_two_node_cluster(two_node_cluster, tiny_bert, tmp_
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     finally:
         ray.shutdown()
+
+
+def test_a_node_that_does_not_see_the_store_stops_the_run_before_training(tiny_bert, tmp_path, capsys):
+    """The worker node's view of the output folder is empty (no shared file system): its workers'
+    first calls say so, and the run stops before any user trains."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with cluster(blind_to=out) as address:
+        code = main(tiny_args(tiny_bert, out, "blind", f"ray.address={address}", "ray.num_cpus=0", "data.num_users=12"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "failed their first call, before any training" in err and "does not see this run's adapter store" in err
+    assert "on a file system every Ray node mounts" in err
+    assert not list((out / "blind" / "adapters").glob("*.safetensors"))  # nobody trained

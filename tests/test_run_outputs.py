@@ -96,9 +96,9 @@ def test_export_predicts_what_the_simulation_predicted(strategy, tiny_bert, tmp_
     the task head) and never built oppu's/feddpa's second adapter (KeyError)."""
     from fedpeft.checkpoint import Checkpoint, RunIdentity
     from fedpeft.client_app import user_model
-    from fedpeft.messages import Request
     from fedpeft.data import get_benchmark
     from fedpeft.export import export_user
+    from fedpeft.messages import Request
     from strategies import make_strategy
 
     cfg = tiny_config(tiny_bert, tmp_path, strategy, strategy)

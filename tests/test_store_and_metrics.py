@@ -79,3 +79,24 @@ def test_summary_over_users():
 def test_empty_accuracy_is_an_error():
     with pytest.raises(ValueError):
         accuracy([], [])
+
+
+def test_a_worker_checks_it_sees_the_store_and_the_driver_files(tmp_path):
+    from fedpeft.client_app import check_worker_sees_run
+    from fedpeft.config import Config
+    from fedpeft.store import claim_store
+
+    cfg = Config()
+    cfg.output.store_dir = str(tmp_path / "store")
+    with pytest.raises(StoreError, match=r"does not see this run's adapter store .*no \.fedpeft-run\.json there"):
+        check_worker_sees_run(cfg, "run-a")
+    assert not (tmp_path / "store").exists()  # the check never creates a store of its own
+    cache_index = tmp_path / "cache" / "index.json"
+    claim_store(cfg.output.store_dir, tmp_path / "run", "run-a", [str(cache_index)])
+    with pytest.raises(StoreError, match="belongs to run run-a"):
+        check_worker_sees_run(cfg, "run-b")
+    with pytest.raises(StoreError, match=r"does not see the data the driver prepared: .*index\.json"):
+        check_worker_sees_run(cfg, "run-a")
+    cache_index.parent.mkdir()
+    cache_index.write_text("{}")
+    check_worker_sees_run(cfg, "run-a")
