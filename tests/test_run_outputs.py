@@ -154,3 +154,15 @@ def test_a_fresh_run_refuses_a_store_another_run_used(tiny_bert, tmp_path):
     orphan.output.store_dir = str(loose)
     with pytest.raises(ConfigError, match="another run"):
         run_in_process(orphan)
+
+
+def test_examples_processed_per_user_are_reported_per_run(tiny_bert, tmp_path):
+    """Local compute reaches per_user.csv and results.json: fedrep's head epochs count."""
+    cfg = tiny_config(tiny_bert, tmp_path, "fedrep-compute", "fedrep")
+    cfg.strategy.fedrep_head_epochs = 2
+    results, run = run_in_process(cfg)
+    per_round = 2 * 8 + 3 * 4  # 2 head epochs of 8 examples, then train.steps=3 batches of 4
+    rows = _csv(run / "per_user.csv")
+    assert [int(r["examples_processed"]) for r in rows] == [2 * per_round] * 4  # 2 rounds, everyone trains
+    assert results["compute"]["examples_processed_per_user_mean"] == 2 * per_round
+    assert results["compute"]["examples_processed_total"] == 4 * 2 * per_round
