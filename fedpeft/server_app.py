@@ -7,6 +7,7 @@ adapter store. A reply that reports a failure marks its user failed; the run goe
 from __future__ import annotations
 
 import json
+import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -246,6 +247,8 @@ class FederatedRun:
     def run(self) -> dict[str, Any]:
         self.started = time.time()
         self.nodes = self.discover()
+        self.timings: dict[str, Any] = {"run_started_at": self.started, "discovery_s": time.time() - self.started,
+                                        "rounds_s": [], "messages": [], "final_eval_s": 0.0}
         final: list[Message] = []
         users = list(range(len(self.user_ids)))
         calls = {r: len(self.strategy.sample_cohort(users, r, phase)) + (len(self.eval_users(r)) if self.evaluated(r) else 0)
@@ -261,10 +264,17 @@ class FederatedRun:
             record = self.train_round(server_round, phase)
             self.totals["bytes_down"] += record["bytes_down"]
             self.totals["bytes_up"] += record["bytes_up"]
+            messages = record["cohort_size"]
             if self.evaluated(server_round):
-                final = self.evaluate(server_round, self.eval_users(server_round), phase.name)
+                eval_start, eval_users = time.time(), self.eval_users(server_round)
+                final = self.evaluate(server_round, eval_users, phase.name)
+                messages += len(eval_users)
                 record.update(self.scores(final))
                 record["n_evaluated"] = len(final)
+                if server_round == self.total_rounds:
+                    self.timings["final_eval_s"] = time.time() - eval_start
+            self.timings["rounds_s"].append(time.time() - round_start)
+            self.timings["messages"].append(messages)
             record.update({"round": server_round, "seconds": time.time() - round_start,
                            "failed_calls_total": len(self.failures),
                            "bytes_down_total": self.totals["bytes_down"], "bytes_up_total": self.totals["bytes_up"]})
@@ -275,7 +285,9 @@ class FederatedRun:
             self.bar.write(f"round {server_round} ({phase.name}): trained {record['trained']}/{record['cohort_size']}, "
                            f"loss {record['train_loss']:.4f}, {headline} {record.get(headline, float('nan')):.4f}")
         if not final:  # resumed after the last round completed: score everyone again (reads only)
+            eval_start = time.time()
             final = self.evaluate(self.total_rounds, users, self.schedule()[-1][1].name)
+            self.timings["final_eval_s"] = time.time() - eval_start
         self.bar.close()
         return self.finish(final, self.wall_before + time.time() - self.started)
 
@@ -339,6 +351,9 @@ class FederatedRun:
                         "driver_pretrain_examples": int(self.accounting.get("pretrain_examples", 0))},
             "skipped_users": skipped,
             "workers": {str(pid): loads for pid, loads in sorted(self.worker_loads.items())},
+            # this process's own: wall times of its phases and the driver's peak resident memory
+            "timings": {**getattr(self, "timings", {}),
+                        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
         self.reporter.write_final(per_user, results, predictions, self.metric_names, self.failures)
         return results
