@@ -1,6 +1,6 @@
 """The ClientApp: one Flower virtual node = one user of the benchmark.
 
-A call maps the node's partition id to a user, takes the backbone from the per-process cache,
+A call reads its user from the message (each user is one node for the whole run), takes the backbone from the per-process cache,
 loads the adapter (common init, then the shared part from the message, then the user's private
 part from the adapter store), trains or evaluates, writes the private part back and replies
 with the shared part only. An exception marks this user failed in the reply; the run goes on.
@@ -9,6 +9,7 @@ with the shared part only. An exception marks this user failed in the reply; the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from flwr.clientapp import ClientApp
 
 from fedpeft import models
 from fedpeft.config import Config
-from fedpeft.data import get_benchmark
+from fedpeft.data import Benchmark, get_benchmark
 from fedpeft.messages import Request, make_reply, read_request
 from fedpeft.scoring import score
 from fedpeft.store import OWNER_FILE, AdapterStore, StoreError, store_owner, timeout_note
@@ -65,13 +66,23 @@ def check_worker_sees_run(config: Config, run_id: str) -> None:
     _RUNS_SEEN.add(run_id)
 
 
+@functools.lru_cache(maxsize=8)
+def _user_ids(bench: Benchmark) -> tuple[str, ...]:
+    """The benchmark's user ids, read once per worker process (benchmarks are cached objects)."""
+    return tuple(bench.user_ids())
+
+
+def user_id_of(config: Config, user_index: int) -> str:
+    return _user_ids(get_benchmark(config))[user_index]
+
+
 def user_model(request: Request, user_index: int) -> tuple[models.LoadedModel, str]:
     """The cached model holding this user's adapter: common init < shared part < private part
     (the private part of exactly the round the server expects)."""
     config = request.config
     bench = get_benchmark(config)
     loaded = models.get_model(config, len(bench.task().labels), make_strategy(config).extra_adapters)
-    user_id = bench.user_ids()[user_index]
+    user_id = _user_ids(bench)[user_index]
     private = AdapterStore(config.output.store_dir, request.run_id).load(user_id, request.private_round)
     models.compose_user_model(loaded, request.shared, private)
     return loaded, user_id
@@ -157,14 +168,16 @@ def call_deadline(request: Request, user_index: int, kind: str) -> Iterator[None
 
 def _handle(message: Message, context: Context, work) -> Message:
     """Run ``work`` for this node's user; any exception becomes a 'failed' reply."""
-    started, index, user_id = time.time(), int(context.node_config["partition-id"]), ""
-    worker = {"pid": float(os.getpid()), "partition_id": float(index)}
+    started, index, user_id = time.time(), -1, ""
+    worker = {"pid": float(os.getpid()), "partition_id": -1.0}
     try:
         request = read_request(message)
+        index = request.user  # the server names the user; the node is that user's for the whole run
+        worker["partition_id"] = float(index)
         _setup_threads(request.config)
         with call_deadline(request, index, message.metadata.message_type):
             check_worker_sees_run(request.config, request.run_id)
-            user_id = get_benchmark(request.config).user_ids()[index]
+            user_id = user_id_of(request.config, index)
             metrics, info, shared = work(request, index)
         metrics = {**metrics, **worker, "failed": 0.0, "seconds": time.time() - started, "backbone_loads": float(models.BACKBONE_LOADS)}
         return make_reply(message, metrics, {"user_id": user_id, "error": "", **info}, shared=shared)

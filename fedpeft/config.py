@@ -94,6 +94,7 @@ class FederationConfig:
     cohort_size: int = field(default=0, metadata={"help": "users sampled per round; > 0 replaces cohort_fraction"})
     eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds (the last round is always evaluated)"})
     eval_fraction: float = field(default=1.0, metadata={"help": "fraction of users scored at intermediate evaluations; the final one scores all"})
+    eval_max_users: int = field(default=200, metadata={"help": "at most this many users (a seeded sample) scored at an intermediate evaluation, 0: no cap. With the defaults a run of up to 200 users scores everyone every round, and one of 15,000 scores 200 per round and everyone at the end"})
     server_optimizer: str = field(default="fedavg", metadata={"help": "aggregation of shared keys: fedavg, fedprox, fedadam, fedyogi (Flower's)"})
     server_lr: float = field(default=0.01, metadata={"help": "fedadam/fedyogi: server learning rate (eta)"})
     server_beta1: float = field(default=0.9, metadata={"help": "fedadam/fedyogi: first-moment decay"})
@@ -101,6 +102,7 @@ class FederationConfig:
     server_tau: float = field(default=1e-3, metadata={"help": "fedadam/fedyogi: adaptivity (epsilon)"})
     proximal_mu: float = field(default=0.01, metadata={"help": "fedprox: weight of the proximal term on shared keys"})
     call_timeout: float = field(default=1800.0, metadata={"help": "seconds one client call may run; a longer call is that user's failure for the round and its worker process is replaced"})
+    message_window: int = field(default=64, metadata={"help": "messages in flight at once (0: a whole round at once); results do not depend on it. Flower's simulation scans every node for every message in flight, so thousands of users want a window"})
 
 
 @dataclass
@@ -378,6 +380,7 @@ def validate(config: Config) -> None:
     _check(0 < fed.cohort_fraction <= 1, "federation.cohort_fraction", fed.cohort_fraction, "a number in (0, 1]")
     _check(0 < fed.eval_fraction <= 1, "federation.eval_fraction", fed.eval_fraction, "a number in (0, 1]")
     _check(fed.cohort_size >= 0, "federation.cohort_size", fed.cohort_size, "0 (use cohort_fraction) or a positive count")
+    _check(fed.eval_max_users >= 0, "federation.eval_max_users", fed.eval_max_users, "0 (no cap) or a positive count")
     _check(fed.eval_every >= 1, "federation.eval_every", fed.eval_every, "an integer >= 1")
     tr = config.train
     _check(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
@@ -406,6 +409,7 @@ def validate(config: Config) -> None:
     _check(0 <= tr.lr_min_factor <= 1, "train.lr_min_factor", tr.lr_min_factor, "a number in [0, 1]")
     _check(fed.proximal_mu >= 0, "federation.proximal_mu", fed.proximal_mu, "a number >= 0")
     _check(fed.server_lr > 0, "federation.server_lr", fed.server_lr, "a number > 0")
+    _check(fed.message_window >= 0, "federation.message_window", fed.message_window, "0 (a whole round at once) or a positive count")
     _check(fed.call_timeout > 0, "federation.call_timeout", fed.call_timeout, "a number of seconds > 0")
     st = config.strategy
     _check(0 <= st.feddpa_mix <= 1, "strategy.feddpa_mix", st.feddpa_mix, "a number in [0, 1]")

@@ -15,6 +15,7 @@ import functools
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -38,6 +39,7 @@ class Request:
     shared: dict[str, torch.Tensor]
     run_id: str = ""
     private_round: int = 0  # the round that wrote the user's stored adapter (0: none yet)
+    user: int = 0  # the user's index (partition id in fedpeft's sense: its place in the benchmark's user list)
 
 
 def transport_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,12 +56,19 @@ def _array_record(shared: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(torch_state_dict=transport_state(shared)) if shared else ArrayRecord()
 
 
-def make_content(config_json: str, server_round: int, shared: dict[str, torch.Tensor] | None = None,
-                 phase: str = "", run_id: str = "", private_round: int = 0) -> RecordDict:
+def shared_record(shared: dict[str, torch.Tensor]) -> ArrayRecord:
+    """The shared part as it travels: build it once and give it to every message of a call."""
+    return _array_record(shared)
+
+
+def make_content(config_json: str, server_round: int, shared: dict[str, torch.Tensor] | ArrayRecord | None = None,
+                 phase: str = "", run_id: str = "", private_round: int = 0, user: int = 0) -> RecordDict:
+    """A request to one user; ``shared`` may be an ArrayRecord from :func:`shared_record`, which
+    messages then share (nobody writes to it)."""
     content = RecordDict({"run": ConfigRecord({"config": config_json, "round": server_round, "phase": phase,
-                                               "run_id": run_id, "private_round": private_round})})
+                                               "run_id": run_id, "private_round": private_round, "user": user})})
     if shared is not None:
-        content["shared"] = _array_record(shared)
+        content["shared"] = shared if isinstance(shared, ArrayRecord) else _array_record(shared)
     return content
 
 
@@ -68,7 +77,7 @@ def read_request(message: Message) -> Request:
     shared_record = message.content.array_records.get("shared")
     shared = shared_record.to_torch_state_dict() if shared_record is not None and len(shared_record) else {}
     return Request(config_from_json(str(run["config"])), int(run["round"]), str(run["phase"]), shared,
-                   str(run["run_id"]), int(run["private_round"]))
+                   str(run["run_id"]), int(run["private_round"]), int(run["user"]))
 
 
 def make_reply(
@@ -85,4 +94,9 @@ def make_reply(
 
 def array_bytes(record_dict: RecordDict) -> int:
     """Bytes of the arrays in a message (what a real deployment would put on the wire)."""
-    return sum(arr.numpy().nbytes for rec in record_dict.array_records.values() for arr in rec.values())
+    return sum(record_bytes(rec) for rec in record_dict.array_records.values())
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Bytes of an ArrayRecord's arrays, from their shapes and dtypes (nothing deserialised)."""
+    return sum(int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize for arr in record.values())

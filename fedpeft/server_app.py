@@ -7,6 +7,7 @@ adapter store. A reply that reports a failure marks its user failed; the run goe
 from __future__ import annotations
 
 import json
+import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from fedpeft import messages as wire
 from fedpeft import metrics as M
 from fedpeft.checkpoint import Checkpoint, RunIdentity
 from fedpeft.config import Config
@@ -42,15 +44,25 @@ def worker_unavailable(reply: Message) -> bool:
 
 
 def exchange(grid: Grid, messages: list[Message], no_reply_timeout: float,
-             on_reply: Callable[[Message], None] | None = None) -> list[Message | None]:
-    """Push messages and pull their replies, calling ``on_reply`` as each one arrives. Returns
-    each message's reply, in the order of ``messages``; None for those still unanswered when no
-    reply at all has arrived for ``no_reply_timeout`` seconds (a lost worker or node)."""
-    ids = list(grid.push_messages(messages))
-    pending = set(ids)
+             on_reply: Callable[[Message], None] | None = None, window: int = 0) -> list[Message | None]:
+    """Push messages and pull their replies, calling ``on_reply`` as each one arrives; at most
+    ``window`` messages are in flight at once (0: all of them). Returns each message's reply, in
+    the order of ``messages``; None for those still unanswered (or never pushed) when no reply at
+    all has arrived for ``no_reply_timeout`` seconds (a lost worker or node).
+
+    Why a window: Flower's in-memory simulation state keeps the messages in flight in one store,
+    and its fleet thread (``vce_api.add_messages_to_queue``) calls ``get_message_ins`` for every
+    node every 0.1 s, which scans that whole store; so a scan costs nodes x messages in flight."""
+    window = window or len(messages)
+    ids: list[str] = []
+    pending: set[str] = set()
     replies: dict[str, Message] = {}
     last_reply = time.monotonic()
-    while pending:
+    while pending or len(ids) < len(messages):
+        if len(pending) < window and len(ids) < len(messages):
+            pushed = list(grid.push_messages(messages[len(ids):len(ids) + window - len(pending)]))
+            ids += pushed
+            pending.update(pushed)
         got = list(grid.pull_messages(pending))
         for reply in got:
             pending.discard(reply.metadata.reply_to_message_id)
@@ -63,7 +75,7 @@ def exchange(grid: Grid, messages: list[Message], no_reply_timeout: float,
             break
         else:
             time.sleep(0.05)
-    return [replies.get(i) for i in ids]
+    return [replies.get(i) for i in ids] + [None] * (len(messages) - len(ids))
 
 
 class FederatedRun:
@@ -95,6 +107,7 @@ class FederatedRun:
             self.restore(resume)
         # a call has federation.call_timeout (then its worker ends itself); this is the backstop
         self.no_reply_timeout = 1.2 * config.federation.call_timeout + 120
+        self.window = config.federation.message_window
         self.reporter = RunReporter(config, run_dir, identity.wandb_id, resume_after=self.done_rounds if resume else None)
         self.total_rounds = sum(p.rounds for p in self.strategy.phases())
         self.bar = tqdm(total=0, unit="user", disable=not config.output.progress, dynamic_ncols=True)
@@ -121,32 +134,44 @@ class FederatedRun:
 
     # ---- plumbing ------------------------------------------------------------------------
     def discover(self) -> dict[int, int]:
-        """Map partition id (user index) -> node id by asking every node once. The first call of
-        each worker checks that it sees the run's store and data: a worker that does not stops the
-        run here, before any training, with the reason."""
+        """Map user index -> node id: user ``u`` is the ``u``-th node in node-id order, for the
+        whole run (one user, one node). No round trip per node: every message names its user
+        (Flower's order of registering nodes is not kept by ``grid.get_node_ids()``, a set).
+
+        Before any training, query messages go to nodes, a few workers' worth at a time, until
+        replies have come from as many worker processes as the simulation runs (or every node was
+        asked): a worker's first call checks that it sees the run's store and data, and a worker
+        that does not stops the run here, with the reason."""
         deadline = time.time() + NODE_WAIT_SECONDS
-        while len(nodes := list(self.grid.get_node_ids())) < len(self.user_ids):
+        while len(nodes := sorted(self.grid.get_node_ids())) < len(self.user_ids):
             if time.time() > deadline:
                 raise RuntimeError(f"only {len(nodes)} of {len(self.user_ids)} simulated nodes came up")
             time.sleep(0.2)
-        mapping: dict[int, int] = {}
+        mapping = dict(enumerate(nodes[:len(self.user_ids)]))
         problems: list[str] = []  # failed first calls: not retried
-        lost: dict[int, str] = {}
-        for _attempt in range(3):  # a worker that died is replaced by Ray: ask its nodes again
-            msgs = [Message(content=make_content(self.config_json, 0, run_id=self.identity.run_id), dst_node_id=n,
-                            message_type=QUERY) for n in nodes]
-            lost = {}
-            for node, reply in zip(nodes, exchange(self.grid, msgs, self.no_reply_timeout)):
-                if reply is None or reply.has_error():
-                    lost[node] = "no reply" if reply is None else reply.error.reason
-                elif reply.content.metric_records["metrics"]["failed"]:
-                    problems.append(str(reply.content.config_records["info"]["error"]).strip().splitlines()[-1])
-                else:
-                    mapping[int(reply.content.metric_records["metrics"]["partition_id"])] = node
-            nodes = list(lost)
-            if not nodes:
+        pids: set[int] = set()
+        todo, wave = list(mapping), 8
+        while todo:
+            asked, todo = todo[:wave], todo[wave:]
+            for _attempt in range(3):  # a worker that died is replaced by Ray: ask its nodes again
+                msgs = [Message(content=make_content(self.config_json, 0, run_id=self.identity.run_id, user=u),
+                                dst_node_id=mapping[u], message_type=QUERY) for u in asked]
+                lost: dict[int, str] = {}
+                for user, reply in zip(asked, exchange(self.grid, msgs, self.no_reply_timeout, window=self.window)):
+                    if reply is None or reply.has_error():
+                        lost[user] = "no reply" if reply is None else reply.error.reason
+                    elif reply.content.metric_records["metrics"]["failed"]:
+                        problems.append(str(reply.content.config_records["info"]["error"]).strip().splitlines()[-1])
+                    else:
+                        pids.add(int(reply.content.metric_records["metrics"]["pid"]))
+                asked = list(lost)
+                if not asked:
+                    break
+            problems += list(lost.values())
+            workers = simulation_workers(self.config)
+            if problems or len(pids) >= workers:
                 break
-        problems += list(lost.values())
+            wave = 4 * workers
         if problems:
             raise RuntimeError(f"{len(problems)} simulated node(s) failed their first call, before any training: "
                                + "; ".join(sorted(set(problems))[:3]))
@@ -161,13 +186,14 @@ class FederatedRun:
         down, ok, todo = 0, [], list(users)
         self.bar.set_description(f"round {server_round}/{self.total_rounds} {phase} {kind}")
         self.bar.refresh()
+        record = wire.shared_record(shared)  # built once, carried by every message of the call
         for attempt in range(UNAVAILABLE_RETRIES + 1):
-            msgs = [Message(content=make_content(self.config_json, server_round, shared, phase, self.identity.run_id,
-                                                 int(self.last_round[u])), dst_node_id=self.nodes[u], message_type=kind)
+            msgs = [Message(content=make_content(self.config_json, server_round, record, phase, self.identity.run_id,
+                                                 int(self.last_round[u]), user=u), dst_node_id=self.nodes[u], message_type=kind)
                     for u in todo]
             if attempt == 0:  # resending to a restarted worker is the simulation's cost, not the protocol's
-                down = sum(array_bytes(m.content) for m in msgs)
-            replies = exchange(self.grid, msgs, self.no_reply_timeout,
+                down = len(msgs) * wire.record_bytes(record)
+            replies = exchange(self.grid, msgs, self.no_reply_timeout, window=self.window,
                                on_reply=lambda r: self.bar.update(0 if worker_unavailable(r) else 1))
             retry = []
             for user, reply in zip(todo, replies):
@@ -230,9 +256,11 @@ class FederatedRun:
     def eval_users(self, server_round: int) -> list[int]:
         fed = self.config.federation
         everyone = list(range(len(self.user_ids)))
-        if server_round == self.total_rounds or fed.eval_fraction >= 1:
-            return everyone
         size = max(1, round(fed.eval_fraction * len(everyone)))
+        if fed.eval_max_users:
+            size = min(size, fed.eval_max_users)
+        if server_round == self.total_rounds or size >= len(everyone):
+            return everyone
         return sorted(np.random.default_rng([self.config.seed, 30, server_round]).choice(everyone, size, replace=False).tolist())
 
     def schedule(self) -> list[tuple[int, Phase]]:
@@ -246,6 +274,8 @@ class FederatedRun:
     def run(self) -> dict[str, Any]:
         self.started = time.time()
         self.nodes = self.discover()
+        self.timings: dict[str, Any] = {"run_started_at": self.started, "discovery_s": time.time() - self.started,
+                                        "rounds_s": [], "messages": [], "final_eval_s": 0.0}
         final: list[Message] = []
         users = list(range(len(self.user_ids)))
         calls = {r: len(self.strategy.sample_cohort(users, r, phase)) + (len(self.eval_users(r)) if self.evaluated(r) else 0)
@@ -261,10 +291,17 @@ class FederatedRun:
             record = self.train_round(server_round, phase)
             self.totals["bytes_down"] += record["bytes_down"]
             self.totals["bytes_up"] += record["bytes_up"]
+            messages = record["cohort_size"]
             if self.evaluated(server_round):
-                final = self.evaluate(server_round, self.eval_users(server_round), phase.name)
+                eval_start, eval_users = time.time(), self.eval_users(server_round)
+                final = self.evaluate(server_round, eval_users, phase.name)
+                messages += len(eval_users)
                 record.update(self.scores(final))
                 record["n_evaluated"] = len(final)
+                if server_round == self.total_rounds:
+                    self.timings["final_eval_s"] = time.time() - eval_start
+            self.timings["rounds_s"].append(time.time() - round_start)
+            self.timings["messages"].append(messages)
             record.update({"round": server_round, "seconds": time.time() - round_start,
                            "failed_calls_total": len(self.failures),
                            "bytes_down_total": self.totals["bytes_down"], "bytes_up_total": self.totals["bytes_up"]})
@@ -275,7 +312,9 @@ class FederatedRun:
             self.bar.write(f"round {server_round} ({phase.name}): trained {record['trained']}/{record['cohort_size']}, "
                            f"loss {record['train_loss']:.4f}, {headline} {record.get(headline, float('nan')):.4f}")
         if not final:  # resumed after the last round completed: score everyone again (reads only)
+            eval_start = time.time()
             final = self.evaluate(self.total_rounds, users, self.schedule()[-1][1].name)
+            self.timings["final_eval_s"] = time.time() - eval_start
         self.bar.close()
         return self.finish(final, self.wall_before + time.time() - self.started)
 
@@ -339,9 +378,24 @@ class FederatedRun:
                         "driver_pretrain_examples": int(self.accounting.get("pretrain_examples", 0))},
             "skipped_users": skipped,
             "workers": {str(pid): loads for pid, loads in sorted(self.worker_loads.items())},
+            # this process's own: wall times of its phases and the driver's peak resident memory
+            "timings": {**getattr(self, "timings", {}),
+                        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
         self.reporter.write_final(per_user, results, predictions, self.metric_names, self.failures)
         return results
+
+
+def simulation_workers(config: Config) -> int:
+    """How many client worker processes the simulation runs: Flower's own count of the actors that
+    fit the Ray cluster (1 without Ray: an in-process grid)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+    return max(1, pool_size_from_resources({"num_cpus": config.ray.client_cpus, "num_gpus": config.ray.client_gpus}))
 
 
 def partition_id(reply: Message) -> int:
