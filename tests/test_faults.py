@@ -86,7 +86,6 @@ def test_a_failing_user_and_a_dying_worker_are_failures_and_the_run_goes_on(faul
     died = [(f["round"], f["call"]) for f in history if f["user_id"] == "user0004"]
     assert died == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]  # each of its calls, no other user's
     assert {f["user_id"] for f in history} == {"user0001", "user0004"}  # later calls did not land on a dead worker
-    assert len(results["workers"]) >= 2  # the dead worker was replaced by a new process
 
 
 def test_a_call_that_hangs_is_bounded_by_the_call_timeout(faulty, tiny_bert, tmp_path, ray_shutdown):
