@@ -103,6 +103,7 @@ class FederationConfig:
     proximal_mu: float = field(default=0.01, metadata={"help": "fedprox: weight of the proximal term on shared keys"})
     call_timeout: float = field(default=1800.0, metadata={"help": "seconds one client call may run; a longer call is that user's failure for the round and its worker process is replaced"})
     message_window: int = field(default=64, metadata={"help": "messages in flight at once (0: a whole round at once); results do not depend on it. Flower's simulation scans every node for every message in flight, so thousands of users want a window"})
+    num_nodes: int = field(default=0, metadata={"help": "simulated Flower nodes that carry the users' calls (every message names its user; a call's messages go round-robin over the nodes, so results do not depend on it); 0 = one per user, up to 2 x message_window. Flower scans every node for every message in flight, so one node per user would make each message cost grow with the users"})
 
 
 @dataclass
@@ -410,6 +411,7 @@ def validate(config: Config) -> None:
     _check(fed.proximal_mu >= 0, "federation.proximal_mu", fed.proximal_mu, "a number >= 0")
     _check(fed.server_lr > 0, "federation.server_lr", fed.server_lr, "a number > 0")
     _check(fed.message_window >= 0, "federation.message_window", fed.message_window, "0 (a whole round at once) or a positive count")
+    _check(fed.num_nodes >= 0, "federation.num_nodes", fed.num_nodes, "0 (one node per user, up to 2 x message_window) or a positive count")
     _check(fed.call_timeout > 0, "federation.call_timeout", fed.call_timeout, "a number of seconds > 0")
     st = config.strategy
     _check(0 <= st.feddpa_mix <= 1, "strategy.feddpa_mix", st.feddpa_mix, "a number in [0, 1]")

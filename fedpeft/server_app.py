@@ -133,33 +133,33 @@ class FederatedRun:
         self.wall_before = float(p["wall_seconds"])
 
     # ---- plumbing ------------------------------------------------------------------------
-    def discover(self) -> dict[int, int]:
-        """Map user index -> node id: user ``u`` is the ``u``-th node in node-id order, for the
-        whole run (one user, one node). No round trip per node: every message names its user
-        (Flower's order of registering nodes is not kept by ``grid.get_node_ids()``, a set).
+    def discover(self) -> list[int]:
+        """The simulated nodes' ids, in node-id order. A node is a transport, not a user: every
+        message names its user, and the messages of a call go round-robin over the nodes
+        (:func:`simulated_nodes` says how many there are), so no round trip is needed to learn a
+        map, and results do not depend on the number of nodes.
 
         Before any training, query messages go to nodes, a few workers' worth at a time, until
         replies have come from as many worker processes as the simulation runs (or every node was
         asked): a worker's first call checks that it sees the run's store and data, and a worker
         that does not stops the run here, with the reason."""
-        deadline = time.time() + NODE_WAIT_SECONDS
-        while len(nodes := sorted(self.grid.get_node_ids())) < len(self.user_ids):
+        deadline, expected = time.time() + NODE_WAIT_SECONDS, simulated_nodes(self.config, len(self.user_ids))
+        while len(nodes := sorted(self.grid.get_node_ids())) < expected:
             if time.time() > deadline:
-                raise RuntimeError(f"only {len(nodes)} of {len(self.user_ids)} simulated nodes came up")
+                raise RuntimeError(f"only {len(nodes)} of {expected} simulated nodes came up")
             time.sleep(0.2)
-        mapping = dict(enumerate(nodes[:len(self.user_ids)]))
         problems: list[str] = []  # failed first calls: not retried
         pids: set[int] = set()
-        todo, wave = list(mapping), 8
+        todo, wave = list(range(len(nodes))), 8
         while todo:
             asked, todo = todo[:wave], todo[wave:]
             for _attempt in range(3):  # a worker that died is replaced by Ray: ask its nodes again
-                msgs = [Message(content=make_content(self.config_json, 0, run_id=self.identity.run_id, user=u),
-                                dst_node_id=mapping[u], message_type=QUERY) for u in asked]
+                msgs = [Message(content=make_content(self.config_json, 0, run_id=self.identity.run_id, user=i % len(self.user_ids)),
+                                dst_node_id=nodes[i], message_type=QUERY) for i in asked]
                 lost: dict[int, str] = {}
-                for user, reply in zip(asked, exchange(self.grid, msgs, self.no_reply_timeout, window=self.window)):
+                for node, reply in zip(asked, exchange(self.grid, msgs, self.no_reply_timeout, window=self.window)):
                     if reply is None or reply.has_error():
-                        lost[user] = "no reply" if reply is None else reply.error.reason
+                        lost[node] = "no reply" if reply is None else reply.error.reason
                     elif reply.content.metric_records["metrics"]["failed"]:
                         problems.append(str(reply.content.config_records["info"]["error"]).strip().splitlines()[-1])
                     else:
@@ -175,7 +175,7 @@ class FederatedRun:
         if problems:
             raise RuntimeError(f"{len(problems)} simulated node(s) failed their first call, before any training: "
                                + "; ".join(sorted(set(problems))[:3]))
-        return mapping
+        return nodes[:expected]
 
     def call(self, users: list[int], kind: str, server_round: int, shared: dict[str, torch.Tensor],
              phase: str) -> tuple[list[Message], int]:
@@ -189,8 +189,9 @@ class FederatedRun:
         record = wire.shared_record(shared)  # built once, carried by every message of the call
         for attempt in range(UNAVAILABLE_RETRIES + 1):
             msgs = [Message(content=make_content(self.config_json, server_round, record, phase, self.identity.run_id,
-                                                 int(self.last_round[u]), user=u), dst_node_id=self.nodes[u], message_type=kind)
-                    for u in todo]
+                                                 int(self.last_round[u]), user=u), dst_node_id=self.nodes[i % len(self.nodes)],
+                            message_type=kind)
+                    for i, u in enumerate(todo)]
             if attempt == 0:  # resending to a restarted worker is the simulation's cost, not the protocol's
                 down = len(msgs) * wire.record_bytes(record)
             replies = exchange(self.grid, msgs, self.no_reply_timeout, window=self.window,
@@ -384,6 +385,16 @@ class FederatedRun:
         }
         self.reporter.write_final(per_user, results, predictions, self.metric_names, self.failures)
         return results
+
+
+def simulated_nodes(config: Config, num_users: int) -> int:
+    """How many Flower nodes the simulation registers: ``federation.num_nodes``, or (0) one per
+    user up to twice the message window. Flower's in-memory state scans every message in flight
+    for every node every 0.1 s (``vce_api.add_messages_to_queue`` -> ``get_message_ins``), so
+    one node per user would make each message cost grow with the number of users."""
+    fed = config.federation
+    wanted = fed.num_nodes or (2 * fed.message_window if fed.message_window else num_users)
+    return max(1, min(num_users, wanted))
 
 
 def simulation_workers(config: Config) -> int:

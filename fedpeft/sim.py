@@ -158,7 +158,7 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from fedpeft.client_app import app as client_app
-    from fedpeft.server_app import make_server_app
+    from fedpeft.server_app import make_server_app, simulated_nodes
 
     check_ray_address(config.ray.address)
     check_wandb_online(config)
@@ -174,7 +174,7 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
             server_app = make_server_app(config, prepared.run_dir, results, prepared.initial_shared, prepared.accounting,
                                          prepared.identity, prepared.resume)
             run_simulation(server_app=server_app, client_app=client_app,
-                           num_supernodes=num_users, backend_config=backend_config(config))
+                           num_supernodes=simulated_nodes(config, num_users), backend_config=backend_config(config))
     except Exception:
         if "_error" not in results:
             raise

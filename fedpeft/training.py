@@ -86,7 +86,7 @@ def _check_labels(task: TaskSpec, examples: list[Example]) -> None:
 
 
 def _token_counter(tokenizer: Any, kind: str) -> Callable[[str], int]:
-    """Tokens the model reads for a text, counted as :func:`_encode` tokenizes it."""
+    """Tokens the model reads for a text, counted as :meth:`CallTokens.inputs` tokenizes it."""
     if kind == "causal":  # a causal prompt is the text and a newline, without special tokens
         return lambda text: len(tokenizer(text + "\n", add_special_tokens=False)["input_ids"])
     extra = {} if kind == "encoder" else {"return_token_type_ids": False}
@@ -115,31 +115,67 @@ def _fitted_text(tokenizer: Any, kind: str, budget: int, question: str, history:
     return fit_prompt(question, pieces, count, budget, few_shot_layout(len(history)))
 
 
-def _causal_prompt_ids(loaded: LoadedModel, example: Example, config: Config, demos: list[str] | None = None) -> list[int]:
-    text = model_text(loaded, example, config, demos)
-    return loaded.tokenizer(text + "\n", add_special_tokens=False)["input_ids"][: input_length(config)]
+class CallTokens:
+    """Each example's tokens, computed once per call of :func:`train_user` or :func:`predict`
+    (not once per batch of every epoch): the model's input ids as :func:`model_text` builds them
+    (cut to ``input_length(config)``) and, for text-to-text training, the target's ids. A batch
+    is these rows padded, which is exactly what tokenising the batch's texts together gives."""
+
+    def __init__(self, loaded: LoadedModel, config: Config, demos: list[str] | None = None) -> None:
+        self.loaded, self.config, self.demos = loaded, config, demos
+        self.budget = input_length(config)  # once per call: it looks the benchmark up
+        self._inputs: dict[int, dict[str, list[int]]] = {}
+        self._targets: dict[tuple[int, str], list[int]] = {}
+
+    def text(self, example: Example) -> str:
+        return _fitted_text(self.loaded.tokenizer, self.loaded.kind, self.budget, example.text, example.history,
+                            tuple(self.demos or ()))
+
+    def inputs(self, example: Example) -> dict[str, list[int]]:
+        """The example's input row (a causal prompt: the text and a newline, no special tokens)."""
+        key = id(example)
+        if key not in self._inputs:
+            tok = self.loaded.tokenizer
+            if self.loaded.kind == "causal":
+                self._inputs[key] = {"input_ids": tok(self.text(example) + "\n", add_special_tokens=False)["input_ids"][: self.budget]}
+            else:
+                extra = {} if self.loaded.kind == "encoder" else {"return_token_type_ids": False}
+                self._inputs[key] = dict(tok(self.text(example), truncation=True, max_length=self.budget, **extra))
+        return self._inputs[key]
+
+    def target(self, example: Example, text: str) -> list[int]:
+        """A seq2seq target's ids, or a causal answer's (a space, the answer, no special tokens)."""
+        key = (id(example), text)
+        if key not in self._targets:
+            tok, limit = self.loaded.tokenizer, self.config.model.max_new_tokens
+            if self.loaded.kind == "seq2seq":
+                self._targets[key] = tok(text_target=text, truncation=True, max_length=limit * 4)["input_ids"]
+            else:
+                self._targets[key] = tok(" " + text, add_special_tokens=False)["input_ids"][: limit - 1] + [tok.eos_token_id]
+        return self._targets[key]
+
+    def batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """The model's input batch: right-padded as the tokenizer pads (its padding side), causal
+        prompts left-padded for generation."""
+        rows = [self.inputs(ex) for ex in examples]
+        tok = self.loaded.tokenizer
+        side = "left" if self.loaded.kind == "causal" else tok.padding_side
+        pad = {"input_ids": tok.pad_token_id, "token_type_ids": tok.pad_token_type_id}
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {key: torch.tensor([_pad(r[key], width, pad.get(key, 0), side) for r in rows]) for key in rows[0]}
+        if "attention_mask" not in batch:
+            batch["attention_mask"] = torch.tensor([_pad([1] * len(r["input_ids"]), width, 0, side) for r in rows])
+        return {k: v.to(self.loaded.device) for k, v in batch.items()}
 
 
-def _left_padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    return {"input_ids": torch.tensor([[pad_id] * (width - len(r)) + r for r in rows]),
-            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+def _pad(row: list[int], width: int, value: int, side: str) -> list[int]:
+    fill = [value] * (width - len(row))
+    return fill + row if side == "left" else row + fill
 
 
-def _encode(loaded: LoadedModel, examples: list[Example], config: Config, demos: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The model's input batch for ``examples`` (:func:`model_text`); causal prompts are left-padded
-    for generation."""
-    if loaded.kind == "causal":
-        batch = _left_padded([_causal_prompt_ids(loaded, ex, config, demos) for ex in examples], loaded.tokenizer.pad_token_id)
-    else:
-        extra = {} if loaded.kind == "encoder" else {"return_token_type_ids": False}
-        batch = loaded.tokenizer([model_text(loaded, ex, config, demos) for ex in examples], padding=True, truncation=True,
-                                 max_length=input_length(config), return_tensors="pt", **extra)
-    return {k: v.to(loaded.device) for k, v in batch.items()}
-
-
-def encoder_loss(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config: Config) -> torch.Tensor:
-    logits = loaded.model(**_encode(loaded, examples, config)).logits.float()
+def encoder_loss(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config: Config,
+                 tokens: CallTokens | None = None) -> torch.Tensor:
+    logits = loaded.model(**(tokens or CallTokens(loaded, config)).batch(examples)).logits.float()
     index = {label: i for i, label in enumerate(task.labels)}
     if task.kind == "multilabel":
         target = torch.zeros_like(logits)
@@ -150,21 +186,20 @@ def encoder_loss(loaded: LoadedModel, examples: list[Example], task: TaskSpec, c
     return torch.nn.functional.cross_entropy(logits, target)
 
 
-def text_to_text_loss(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config: Config) -> torch.Tensor:
-    tok = loaded.tokenizer
-    targets = [target_text(ex, task) for ex in examples]
+def text_to_text_loss(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config: Config,
+                      tokens: CallTokens | None = None) -> torch.Tensor:
+    tok, tokens = loaded.tokenizer, tokens or CallTokens(loaded, config)
+    targets = [tokens.target(ex, target_text(ex, task)) for ex in examples]
     if loaded.kind == "seq2seq":
-        batch = _encode(loaded, examples, config)
-        labels = tok(text_target=targets, padding=True, truncation=True, max_length=config.model.max_new_tokens * 4,
-                     return_tensors="pt", return_token_type_ids=False)["input_ids"].to(loaded.device)
+        width = max(len(t) for t in targets)
+        labels = torch.tensor([_pad(t, width, tok.pad_token_id, tok.padding_side) for t in targets], device=loaded.device)
         labels[labels == tok.pad_token_id] = -100
-        return loaded.model(**batch, labels=labels).loss
+        return loaded.model(**tokens.batch(examples), labels=labels).loss
     # causal: prompt + answer + eos, loss on the answer tokens only
-    max_len = input_length(config) + config.model.max_new_tokens
+    max_len = tokens.budget + config.model.max_new_tokens
     ids, labels = [], []
-    for example, target in zip(examples, targets):
-        p = _causal_prompt_ids(loaded, example, config)  # the same prompt tokens as predict's
-        a = tok(" " + target, add_special_tokens=False)["input_ids"][: config.model.max_new_tokens - 1] + [tok.eos_token_id]
+    for example, a in zip(examples, targets):
+        p = tokens.inputs(example)["input_ids"]  # the same prompt tokens as predict's
         ids.append((p + a)[:max_len])
         labels.append(([-100] * len(p) + a)[:max_len])
     width = max(len(x) for x in ids)
@@ -214,6 +249,7 @@ def train_user(
     by_name = loaded.parameters_by_name()
     prox = [(by_name[k], v.to(loaded.device)) for k, v in (anchor or {}).items() if by_name[k].requires_grad] if mu > 0 else []
     loss_fn = encoder_loss if loaded.kind == "encoder" else text_to_text_loss
+    tokens = CallTokens(loaded, config)
     n = len(examples)
     batches_per_epoch = max(1, -(-n // tr.batch_size))
     if epochs is not None:
@@ -230,7 +266,7 @@ def train_user(
         idx, order = order[: tr.batch_size], order[tr.batch_size :]
         processed += len(idx)
         announce_batch(examples, idx)
-        loss = loss_fn(loaded, [examples[i] for i in idx], task, config)
+        loss = loss_fn(loaded, [examples[i] for i in idx], task, config, tokens)
         losses.append(float(loss.detach()))
         if prox:
             loss = loss + 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in prox)
@@ -280,18 +316,19 @@ def predict(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config
     model.eval()
     out: list[str] = []
     bs = config.train.eval_batch_size
+    tokens = CallTokens(loaded, config, None if loaded.kind == "encoder" else [few_shot_demo(shot, task) for shot in shots or []])
     for start in range(0, len(examples), bs):
         chunk = examples[start : start + bs]
         announce_batch(examples, list(range(start, start + len(chunk))))
         if loaded.kind == "encoder":
-            logits = model(**_encode(loaded, chunk, config)).logits.float()
+            logits = model(**tokens.batch(chunk)).logits.float()
             if task.kind == "multilabel":
                 chosen = [(row > 0).nonzero().flatten().tolist() or [int(row.argmax())] for row in logits]
                 out += [", ".join(task.labels[i] for i in ids) for ids in chosen]
             else:
                 out += [task.labels[i] for i in logits.argmax(-1).tolist()]
             continue
-        batch = _encode(loaded, chunk, config, [few_shot_demo(shot, task) for shot in shots or []])
+        batch = tokens.batch(chunk)
         generated = model.generate(**batch, max_new_tokens=config.model.max_new_tokens, do_sample=False, num_beams=1,
                                    pad_token_id=loaded.tokenizer.pad_token_id)
         if loaded.kind == "causal":

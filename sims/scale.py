@@ -36,7 +36,7 @@ def run_one(users: int, model: Path, out: Path, extra: list[str]) -> dict:
             "--strategy", "fedavg", "--rounds", "3", f"data.num_users={users}", "data.train_per_user=4", "data.val_per_user=1",
             "data.test_per_user=4", "train.steps=1", "train.batch_size=4",
             "federation.cohort_size=100", "federation.eval_fraction=0.01", "federation.eval_every=1",
-            "output.progress=false", "wandb.mode=disabled", *extra]
+            "output.progress=false", "wandb.mode=disabled", *(e.replace("{users}", str(users)) for e in extra)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
     launched = time.time()
     proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -71,7 +71,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", default="1000,5000,15000", help="comma-separated numbers of users")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run; {users} stands for N "
+                        "(e.g. federation.num_nodes={users}: one Flower node per user)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedpeft-scale-") as tmp:
