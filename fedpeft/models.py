@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +96,18 @@ class LoadedModel:
     init_state: dict[str, torch.Tensor]
     device: torch.device
     kind: str = "encoder"
+    _params: dict[str, torch.nn.Parameter] | None = field(default=None, repr=False, compare=False)
 
     @property
     def adapter_keys(self) -> list[str]:
         return list(self.init_state)
 
     def parameters_by_name(self) -> dict[str, torch.nn.Parameter]:
-        return dict(self.model.named_parameters())
+        """Every parameter by name; looked up once (a model's parameters are fixed once built),
+        since walking the module tree is a measurable part of a client call."""
+        if self._params is None:
+            self._params = dict(self.model.named_parameters())
+        return self._params
 
 
 def backbone_kind(config: Config, model_config: Any) -> str:

@@ -209,6 +209,16 @@ def text_to_text_loss(loaded: LoadedModel, examples: list[Example], task: TaskSp
     return loaded.model(input_ids=input_ids, attention_mask=mask, labels=label_ids).loss
 
 
+def seed_torch(loaded: LoadedModel, seed: int) -> None:
+    """Seed the generator the model draws from (dropout): on CPU the CPU generator alone, the
+    same stream ``torch.manual_seed`` gives, without its lazy seeding of every accelerator
+    backend (a measurable part of a client call); on an accelerator, everything."""
+    if loaded.device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
 # ---- training ---------------------------------------------------------------------------------
 
 def train_user(
@@ -240,7 +250,7 @@ def train_user(
         raise ValueError("generation tasks need a generative backbone (seq2seq or causal), not an encoder")
     _check_labels(task, examples)
     tr = config.train
-    torch.manual_seed(seed)
+    seed_torch(loaded, seed)
     rng = np.random.default_rng(seed)
     params = set_trainable(loaded, trainable)
     if not params:
@@ -313,7 +323,8 @@ def predict(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config
             shots: list[Example] | None = None) -> list[str]:
     """One prediction per example: a label, labels joined by ', ' (multilabel), or text."""
     model = loaded.model
-    model.eval()
+    if model.training:  # train_user leaves it in eval mode; switching walks every module
+        model.eval()
     out: list[str] = []
     bs = config.train.eval_batch_size
     tokens = CallTokens(loaded, config, None if loaded.kind == "encoder" else [few_shot_demo(shot, task) for shot in shots or []])

@@ -74,3 +74,22 @@ def test_training_tokenises_each_example_once_per_call_whatever_the_epochs(backb
 
     once, thrice = tokenizer_calls(1), tokenizer_calls(3)
     assert once == thrice and once <= 6 * len(examples)
+
+
+def test_per_call_shortcuts_change_nothing(tiny_bert):
+    """The parameter map is looked up once per model and CPU seeding skips the accelerators'
+    lazy seeding: the same parameters, the same random stream as ``torch.manual_seed``."""
+    from fedpeft.training import seed_torch
+
+    cfg = Config()
+    cfg.model.name = str(tiny_bert)
+    loaded = build_model(cfg, 3)
+    cached = loaded.parameters_by_name()
+    fresh = dict(loaded.model.named_parameters())
+    assert cached.keys() == fresh.keys() and all(cached[k] is fresh[k] for k in fresh)
+    assert loaded.parameters_by_name() is cached
+    torch.manual_seed(123)
+    expected = torch.rand(5), torch.nn.functional.dropout(torch.ones(20), 0.5)
+    seed_torch(loaded, 123)
+    got = torch.rand(5), torch.nn.functional.dropout(torch.ones(20), 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
