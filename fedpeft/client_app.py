@@ -76,13 +76,17 @@ def user_id_of(config: Config, user_index: int) -> str:
     return _user_ids(get_benchmark(config))[user_index]
 
 
+def worker_model(config: Config) -> models.LoadedModel:
+    """This worker process's cached backbone with the run's adapters (built on first use)."""
+    return models.get_model(config, len(get_benchmark(config).task().labels), make_strategy(config).extra_adapters)
+
+
 def user_model(request: Request, user_index: int) -> tuple[models.LoadedModel, str]:
     """The cached model holding this user's adapter: common init < shared part < private part
     (the private part of exactly the round the server expects)."""
     config = request.config
-    bench = get_benchmark(config)
-    loaded = models.get_model(config, len(bench.task().labels), make_strategy(config).extra_adapters)
-    user_id = _user_ids(bench)[user_index]
+    loaded = worker_model(config)
+    user_id = _user_ids(get_benchmark(config))[user_index]
     private = AdapterStore(config.output.store_dir, request.run_id).load(user_id, request.private_round)
     models.compose_user_model(loaded, request.shared, private)
     return loaded, user_id
@@ -188,7 +192,14 @@ def _handle(message: Message, context: Context, work) -> Message:
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    return _handle(message, context, lambda request, index: ({}, {}, None))
+    """Discovery: a worker's first call checks it sees the run (in ``_handle``) and builds its
+    model now, so that a node that cannot load it stops the run before training, and the load
+    is not counted in round 1."""
+    def work(request: Request, index: int):
+        worker_model(request.config)
+        return {}, {}, None
+
+    return _handle(message, context, work)
 
 
 @app.train()

@@ -103,6 +103,7 @@ class FederatedRun:
         self.totals = {"bytes_down": 0, "bytes_up": 0}
         self.shared = dict(initial_shared)
         self.done_rounds, self.wall_before = 0, 0.0
+        self.call_seconds = 0.0  # time spent inside client calls (the workers' side), for timings
         if resume is not None:
             self.restore(resume)
         # a call has federation.call_timeout (then its worker ends itself); this is the backstop
@@ -211,6 +212,7 @@ class FederatedRun:
                     note.unlink(missing_ok=True)
                 else:
                     m = reply.content.metric_records["metrics"]
+                    self.call_seconds += float(m["seconds"])
                     self.worker_loads[int(m["pid"])] = max(self.worker_loads.get(int(m["pid"]), 0), int(m["backbone_loads"]))
                     if m["failed"]:
                         self.fail(user, kind, server_round, phase, str(reply.content.config_records["info"]["error"]).strip())
@@ -276,7 +278,8 @@ class FederatedRun:
         self.started = time.time()
         self.nodes = self.discover()
         self.timings: dict[str, Any] = {"run_started_at": self.started, "discovery_s": time.time() - self.started,
-                                        "rounds_s": [], "messages": [], "final_eval_s": 0.0}
+                                        "rounds_s": [], "messages": [], "call_s": [], "final_eval_s": 0.0,
+                                        "workers": simulation_workers(self.config)}
         final: list[Message] = []
         users = list(range(len(self.user_ids)))
         calls = {r: len(self.strategy.sample_cohort(users, r, phase)) + (len(self.eval_users(r)) if self.evaluated(r) else 0)
@@ -288,7 +291,7 @@ class FederatedRun:
         for server_round, phase in self.schedule():
             if server_round <= self.done_rounds:
                 continue
-            round_start = time.time()
+            round_start, self.call_seconds = time.time(), 0.0
             record = self.train_round(server_round, phase)
             self.totals["bytes_down"] += record["bytes_down"]
             self.totals["bytes_up"] += record["bytes_up"]
@@ -303,6 +306,7 @@ class FederatedRun:
                     self.timings["final_eval_s"] = time.time() - eval_start
             self.timings["rounds_s"].append(time.time() - round_start)
             self.timings["messages"].append(messages)
+            self.timings["call_s"].append(self.call_seconds)
             record.update({"round": server_round, "seconds": time.time() - round_start,
                            "failed_calls_total": len(self.failures),
                            "bytes_down_total": self.totals["bytes_down"], "bytes_up_total": self.totals["bytes_up"]})
