@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,26 @@ def worker_unavailable(reply: Message) -> bool:
     return reply.has_error() and "actor is restarting" in reply.error.reason
 
 
-def exchange(grid: Grid, messages: list[Message], no_reply_timeout: float,
+class LazyMessages(Sequence):
+    """``count`` messages, each built by ``build(i)`` only when a slice of them is taken (as the
+    message window reaches them), so that a call to thousands of users does not hold thousands
+    of messages, each with its own copy of the run's config, at once."""
+
+    def __init__(self, count: int, build: Callable[[int], Message]) -> None:
+        self.count, self.build = count, build
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.build(i) for i in range(*index.indices(self.count))]
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        return self.build(index % self.count)
+
+
+def exchange(grid: Grid, messages: Sequence[Message], no_reply_timeout: float,
              on_reply: Callable[[Message], None] | None = None, window: int = 0) -> list[Message | None]:
     """Push messages and pull their replies, calling ``on_reply`` as each one arrives; at most
     ``window`` messages are in flight at once (0: all of them). Returns each message's reply, in
@@ -189,10 +208,12 @@ class FederatedRun:
         self.bar.refresh()
         record = wire.shared_record(shared)  # built once, carried by every message of the call
         for attempt in range(UNAVAILABLE_RETRIES + 1):
-            msgs = [Message(content=make_content(self.config_json, server_round, record, phase, self.identity.run_id,
-                                                 int(self.last_round[u]), user=u), dst_node_id=self.nodes[i % len(self.nodes)],
-                            message_type=kind)
-                    for i, u in enumerate(todo)]
+            def message(i: int, todo=todo) -> Message:  # built as the window reaches it: 15,000 at once weigh
+                return Message(content=make_content(self.config_json, server_round, record, phase, self.identity.run_id,
+                                                    int(self.last_round[todo[i]]), user=todo[i]),
+                               dst_node_id=self.nodes[i % len(self.nodes)], message_type=kind)
+
+            msgs = LazyMessages(len(todo), message)
             if attempt == 0:  # resending to a restarted worker is the simulation's cost, not the protocol's
                 down = len(msgs) * wire.record_bytes(record)
             replies = exchange(self.grid, msgs, self.no_reply_timeout, window=self.window,
