@@ -30,8 +30,8 @@ from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
 from fedpeft.reporting import RunReporter
 from fedpeft.scoring import corpus_scores
 from fedpeft.store import AdapterStore, timeout_note
-from strategies import make_strategy
-from strategies.base import Phase
+from fedpeft.strategies import make_strategy
+from fedpeft.strategies.base import Phase
 
 NODE_WAIT_SECONDS = 120
 UNAVAILABLE_RETRIES, UNAVAILABLE_WAIT = 60, 1.0  # a worker Ray restarts takes calls again within a minute

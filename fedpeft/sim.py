@@ -27,8 +27,8 @@ from fedpeft.models import adapter_state, build_model, check_model, fit_size_kno
 from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.reporting import summary_table
 from fedpeft.store import check_store_is_free, claim_store, store_owner
+from fedpeft.strategies import make_strategy
 from fedpeft.wandb_preflight import check_wandb_online
-from strategies import make_strategy
 
 RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 
