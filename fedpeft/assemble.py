@@ -7,7 +7,9 @@ are checked here, above the registries, by every entry point before anything sta
 
 from __future__ import annotations
 
-from fedpeft.config import Config
+from typing import Any
+
+from fedpeft.config import Config, build_config
 from fedpeft.data import benchmark_family
 from fedpeft.plugins import import_plugins
 from fedpeft.strategies import get_strategy_class
@@ -20,3 +22,8 @@ def check_names(config: Config) -> Config:
     get_strategy_class(config.federation.strategy)
     benchmark_family(config.data.benchmark)
     return config
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> Config:
+    """The checked config of a ``flwr run`` (Flower's run config: fedpeft's dotted keys)."""
+    return check_names(build_config([], list(run_config.items())))

@@ -171,8 +171,7 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server_app = make_server_app(config, prepared.run_dir, results, prepared.initial_shared, prepared.accounting,
-                                         prepared.identity, prepared.resume)
+            server_app = make_server_app(config, prepared, results)
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=num_users, backend_config=backend_config(config))
     except Exception:
