@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import uuid
@@ -56,7 +57,8 @@ def check_ray_address(address: str) -> None:
 
 
 def run_dir_path(config: Config) -> Path:
-    name = config.output.name or f"{config.federation.strategy}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
+    strategy = re.sub(r"[^\w.-]+", "_", config.federation.strategy)  # a plug-in's module:Class
+    name = config.output.name or f"{strategy}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
     return (Path(config.output.dir) / name).resolve()
 
 
