@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_wheel_holds_fedpeft_strategies_and_no_top_level_strategies(tmp_path):
     src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info next to the sources
+    src.mkdir()
     for name in ("pyproject.toml", "README.md", "fedpeft", "strategies", "configs"):
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
         copy(REPO / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
