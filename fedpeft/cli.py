@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedpeft.assemble import check_names
+from fedpeft.assemble import apply_sweep_parameters, check_names
 from fedpeft.checkpoint import RESUME_MAY_CHANGE, resume_config
 from fedpeft.config import (
     FLAG_ALIASES,
@@ -78,4 +78,4 @@ def sim_args(argv: list[str]) -> tuple[Config, bool]:
     settings = flags + overrides + [parse_override(a) for a in positional]
     if args.resume:
         return check_names(resume_config(args.resume, args.config, settings)), True
-    return check_names(build_config(args.config, settings)), False
+    return check_names(apply_sweep_parameters(build_config(args.config, settings))), False
