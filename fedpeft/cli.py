@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fedpeft.assemble import apply_sweep_parameters, check_names
 from fedpeft.checkpoint import RESUME_MAY_CHANGE, resume_config
 from fedpeft.config import (
     FLAG_ALIASES,
@@ -76,5 +77,5 @@ def sim_args(argv: list[str]) -> tuple[Config, bool]:
     flags = [(k, v) for k, v in vars(args).items() if k not in ("config", "resume")]
     settings = flags + overrides + [parse_override(a) for a in positional]
     if args.resume:
-        return resume_config(args.resume, args.config, settings), True
-    return build_config(args.config, settings), False
+        return check_names(resume_config(args.resume, args.config, settings)), True
+    return check_names(apply_sweep_parameters(build_config(args.config, settings))), False

@@ -31,8 +31,8 @@ from fedpeft.data import Benchmark, get_benchmark
 from fedpeft.messages import Request, make_reply, read_request
 from fedpeft.scoring import score
 from fedpeft.store import OWNER_FILE, AdapterStore, StoreError, store_owner, timeout_note
+from fedpeft.strategies import make_strategy
 from fedpeft.training import call_seed, round_lr, train_user
-from strategies import make_strategy
 
 app = ClientApp()
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -27,7 +27,7 @@ import numpy as np
 from fedpeft.cli import config_from_args
 from fedpeft.config import Config, ConfigError
 from fedpeft.metrics import LOWER_IS_BETTER, gain
-from strategies import STRATEGIES, get_strategy_class
+from fedpeft.strategies import STRATEGIES, get_strategy_class
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], str, Path | None, Config]:

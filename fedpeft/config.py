@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import json
 import re
 import typing
@@ -88,7 +87,7 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
-    strategy: str = field(default="local_only", metadata={"help": "strategy (see strategies/): which adapter keys are shared"})
+    strategy: str = field(default="local_only", metadata={"help": "strategy (see strategies/): which adapter keys are shared; also module:Class or an installed fedpeft.strategies entry point"})
     rounds: int = field(default=8, metadata={"help": "number of rounds (of the main phase)"})
     cohort_fraction: float = field(default=1.0, metadata={"help": "fraction of users sampled per round, in (0, 1]"})
     cohort_size: int = field(default=0, metadata={"help": "users sampled per round; > 0 replaces cohort_fraction"})
@@ -355,27 +354,13 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"Config key '{key}' got {value!r}; allowed: {allowed}.")
 
 
-def import_plugins(modules: list[str]) -> None:
-    """Import the user's own modules (``plugins``), which register benchmarks or strategies."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise ConfigError(f"Config key 'plugins' names the module '{name}', which cannot be imported ({err}). "
-                              "Give an importable module name (on PYTHONPATH of the driver and of every Ray node).") from None
-
-
 def validate(config: Config) -> None:
-    """Check values that types alone do not catch; names of registries are checked too."""
-    from fedpeft.data import benchmark_family  # late imports: registries import this module
-    from strategies import get_strategy_class
-
-    import_plugins(config.plugins)
+    """Check values that types alone do not catch. Names that registries resolve (strategy,
+    benchmark, plugins) are checked where a run's config is assembled, :mod:`fedpeft.assemble`:
+    this module imports nothing of fedpeft."""
     flat = _flatten(config.to_dict())
     for key, allowed in CHOICES.items():
         _check(flat[key] in allowed, key, flat[key], ", ".join(allowed))
-    get_strategy_class(config.federation.strategy)  # raises with the known names
-    benchmark_family(config.data.benchmark)  # raises with the known benchmarks
     fed = config.federation
     _check(fed.rounds > 0, "federation.rounds", fed.rounds, "an integer >= 1")
     _check(0 < fed.cohort_fraction <= 1, "federation.cohort_fraction", fed.cohort_fraction, "a number in (0, 1]")

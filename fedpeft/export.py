@@ -29,7 +29,7 @@ from fedpeft.models import (
     load_adapter_state,
     resolve_model_path,
 )
-from strategies import make_strategy
+from fedpeft.strategies import make_strategy
 
 
 def merged_lora(config: Config, loaded: LoadedModel, num_labels: int) -> LoadedModel:

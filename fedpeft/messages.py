@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedpeft.config import Config, import_plugins
+from fedpeft.config import Config
+from fedpeft.plugins import import_plugins
 
 QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
 

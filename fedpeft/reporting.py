@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ class RunReporter:
             mode=wb.mode, project=wb.project, entity=wb.entity or None, group=wb.group or None,
             name=wb.name or self.run_dir.name, tags=wb.tags or None, dir=str(self.run_dir),
             config={**self.config.to_dict(), **meta}, reinit="finish_previous",
-            id=wandb_id, resume="allow" if resumed else None,
+            # under a sweep agent the run is the agent's (WANDB_RUN_ID), or the sweep never sees it
+            id=os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else wandb_id,
+            resume="allow" if resumed else None,
         )
 
     def log_round(self, record: dict[str, Any]) -> None:

@@ -30,8 +30,8 @@ from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
 from fedpeft.reporting import RunReporter
 from fedpeft.scoring import corpus_scores
 from fedpeft.store import AdapterStore, timeout_note
-from strategies import make_strategy
-from strategies.base import Phase
+from fedpeft.strategies import make_strategy
+from fedpeft.strategies.base import Phase
 
 NODE_WAIT_SECONDS = 120
 UNAVAILABLE_RETRIES, UNAVAILABLE_WAIT = 60, 1.0  # a worker Ray restarts takes calls again within a minute
@@ -438,15 +438,21 @@ def partition_id(reply: Message) -> int:
     return int(reply.content.metric_records["metrics"]["partition_id"])
 
 
-def make_server_app(config: Config, run_dir: Path, results: dict[str, Any], initial_shared: dict[str, torch.Tensor],
-                    accounting: dict[str, Any], identity: RunIdentity, resume: Checkpoint | None = None) -> ServerApp:
-    """A ServerApp whose main runs one :class:`FederatedRun` and puts its results in ``results``."""
+def run_prepared(config: Config, prepared: Any, grid: Grid) -> dict[str, Any]:
+    """Run one :class:`FederatedRun` on ``grid`` from what :func:`fedpeft.sim.prepare_run` made;
+    the one code path of both entry points (``python -m fedpeft.sim`` and ``flwr run .``)."""
+    return FederatedRun(config, prepared.run_dir, grid, prepared.initial_shared, prepared.accounting,
+                        prepared.identity, prepared.resume).run()
+
+
+def make_server_app(config: Config, prepared: Any, results: dict[str, Any]) -> ServerApp:
+    """A ServerApp whose main runs :func:`run_prepared` and puts its results in ``results``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            results.update(FederatedRun(config, run_dir, grid, initial_shared, accounting, identity, resume).run())
+            results.update(run_prepared(config, prepared, grid))
         except Exception as err:  # Flower only logs it: hand it to the entry point, which reports it
             results["_error"] = err
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import uuid
@@ -27,8 +28,8 @@ from fedpeft.models import adapter_state, build_model, check_model, fit_size_kno
 from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.reporting import summary_table
 from fedpeft.store import check_store_is_free, claim_store, store_owner
+from fedpeft.strategies import make_strategy
 from fedpeft.wandb_preflight import check_wandb_online
-from strategies import make_strategy
 
 RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 
@@ -56,7 +57,8 @@ def check_ray_address(address: str) -> None:
 
 
 def run_dir_path(config: Config) -> Path:
-    name = config.output.name or f"{config.federation.strategy}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
+    strategy = re.sub(r"[^\w.-]+", "_", config.federation.strategy)  # a plug-in's module:Class
+    name = config.output.name or f"{strategy}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
     return (Path(config.output.dir) / name).resolve()
 
 
@@ -171,8 +173,7 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server_app = make_server_app(config, prepared.run_dir, results, prepared.initial_shared, prepared.accounting,
-                                         prepared.identity, prepared.resume)
+            server_app = make_server_app(config, prepared, results)
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=simulated_nodes(config, num_users), backend_config=backend_config(config))
     except Exception:

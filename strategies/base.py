@@ -113,7 +113,7 @@ class Strategy:
         """Refuse, before anything starts, an adapter this strategy cannot split."""
         why = self.incompatibility(keys)
         if why:
-            from strategies import STRATEGIES
+            from fedpeft.strategies import STRATEGIES
 
             fits = [n for n, cls in sorted(STRATEGIES.items()) if cls(self.config).incompatibility(keys) is None]
             raise ConfigError(f"Strategy '{self.name}' does not fit this adapter: {why}. "

@@ -7,8 +7,8 @@ epochs locally. The fine-tuned copy is private and is what the user is scored wi
 
 from __future__ import annotations
 
-from strategies import register_strategy
-from strategies.base import Phase, Strategy
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.base import Phase, Strategy
 
 
 @register_strategy

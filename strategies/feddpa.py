@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from fedpeft.config import ConfigError
-from strategies import register_strategy
-from strategies.base import Phase, Strategy, is_head
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.base import Phase, Strategy, is_head
 
 GLOBAL, LOCAL = "default", "local"
 PER_INPUT_UNSUPPORTED = ("lora_magnitude_vector", "lora_embedding_")  # DoRA; LoRA on embedding layers

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from strategies import register_strategy
-from strategies.base import Strategy, is_head, layer_index
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.base import Strategy, is_head, layer_index
 
 
 @register_strategy

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from strategies import register_strategy
-from strategies.base import Phase, Strategy, is_head
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.base import Phase, Strategy, is_head
 
 
 @register_strategy

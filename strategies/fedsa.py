@@ -5,8 +5,8 @@ A learns general knowledge and is aggregated; B captures the user-specific part 
 
 from __future__ import annotations
 
-from strategies import register_strategy
-from strategies.base import Strategy, is_lora_a
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.base import Strategy, is_lora_a
 
 
 @register_strategy

@@ -6,8 +6,8 @@ A never trains and never travels: every user rebuilds it from the common seed.
 
 from __future__ import annotations
 
-from strategies import register_strategy
-from strategies.base import Strategy, is_lora_a, is_lora_b
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.base import Strategy, is_lora_a, is_lora_b
 
 
 @register_strategy

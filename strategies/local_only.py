@@ -7,8 +7,8 @@ would get training alone with the same seed.
 
 from __future__ import annotations
 
-from strategies import register_strategy
-from strategies.base import Strategy
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.base import Strategy
 
 
 @register_strategy

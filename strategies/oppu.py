@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from strategies import register_strategy
-from strategies.base import Phase, Strategy, is_head
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.base import Phase, Strategy, is_head
 
 TASK, PERSONAL = "default", "personal"
 

@@ -73,10 +73,10 @@ def run_in_process(config: Any, reply_order_seed: int | None = None, resume: boo
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedpeft.data import get_benchmark
-    from fedpeft.server_app import FederatedRun, simulated_nodes
+    from fedpeft.server_app import run_prepared, simulated_nodes
     from fedpeft.sim import prepare_run
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # the ServerApp's identity
     p = prepare_run(config, resume)
     grid = grid_class(simulated_nodes(config, len(get_benchmark(config).user_ids())), reply_order_seed)
-    return FederatedRun(config, p.run_dir, grid, p.initial_shared, p.accounting, p.identity, p.resume).run(), p.run_dir
+    return run_prepared(config, p, grid), p.run_dir

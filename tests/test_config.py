@@ -113,3 +113,22 @@ def test_wandb_online_without_a_key_stops_before_ray_starts(capsys, tmp_path: Pa
 def test_resume_is_refused_outside_the_entry_point():
     with pytest.raises(ConfigError, match="--resume RUN_DIR is an option of `python -m fedpeft.sim`"):
         config_from_args(["--resume", "runs/x"])
+
+
+def test_config_is_a_leaf_of_fedpeft():
+    """config.py imports nothing of fedpeft, not even inside a function: the name checks live
+    where a run's config is assembled (fedpeft.assemble)."""
+    import ast
+    import subprocess
+    import sys
+
+    import fedpeft.config
+
+    tree = ast.parse(Path(fedpeft.config.__file__).read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.split(".")[0] in ("fedpeft", "strategies")], imported
+    code = ("import sys; from fedpeft.config import build_config; build_config(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fedpeft', 'strategies')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['fedpeft', 'fedpeft.config']"

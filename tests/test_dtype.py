@@ -18,8 +18,8 @@ from fedpeft.config import Config, ConfigError
 from fedpeft.messages import TRAIN, make_content, make_reply, read_request
 from fedpeft.models import _dtype, get_model, load_adapter_state
 from fedpeft.sim import main
-from strategies import make_strategy
-from strategies.base import Strategy, is_head
+from fedpeft.strategies import make_strategy
+from fedpeft.strategies.base import Strategy, is_head
 from tests.conftest import tiny_args
 
 

@@ -22,8 +22,8 @@ from fedpeft.data import TaskSpec, UserData, get_benchmark
 from fedpeft.messages import Request
 from fedpeft.models import LoadedModel, adapter_state, compose_user_model, get_model
 from fedpeft.store import AdapterStore
+from fedpeft.strategies import make_strategy
 from fedpeft.training import predict, train_user
-from strategies import make_strategy
 
 MARKERS = ("alpha bravo charlie delta echo golf india juliet lima mike november oscar papa romeo sierra "
            "tango uniform victor yankee zebra").split()  # one token each in the MiniLM vocabulary
@@ -266,7 +266,7 @@ def test_fixed_mode_is_unchanged(kind, backbones, tmp_path):
 # ---- the pieces ---------------------------------------------------------------------------------------
 
 def test_similarity_is_the_mean_over_other_texts_clipped():
-    from strategies.feddpa import similarity_to_others
+    from fedpeft.strategies.feddpa import similarity_to_others
 
     e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     refs, ref_texts = torch.stack([e1, e2, e1]), ["a", "b", "a"]

@@ -11,7 +11,7 @@ from fedpeft.messages import Request
 from fedpeft.models import adapter_state, build_model, fit_size_knob, get_model
 from fedpeft.peft_methods import METHODS, NO_TRAINING
 from fedpeft.sim import prepare_adapter
-from strategies import make_strategy
+from fedpeft.strategies import make_strategy
 
 # LyCORIS methods in peft adapt nn.Linear/Conv layers only; GPT-2 uses transformers' Conv1D.
 UNSUPPORTED = {("gpt2", "loha"), ("gpt2", "lokr")}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from fedpeft.config import Config
 from fedpeft.data import UserData, register_benchmark
 from fedpeft.data.synthetic import SyntheticBenchmark
-from strategies import STRATEGIES
+from fedpeft.strategies import STRATEGIES
 from tests.inprocess_grid import run_in_process
 
 
@@ -99,7 +99,7 @@ def test_export_predicts_what_the_simulation_predicted(strategy, tiny_bert, tmp_
     from fedpeft.data import get_benchmark
     from fedpeft.export import export_user
     from fedpeft.messages import Request
-    from strategies import make_strategy
+    from fedpeft.strategies import make_strategy
 
     cfg = tiny_config(tiny_bert, tmp_path, strategy, strategy)
     _, run = run_in_process(cfg)

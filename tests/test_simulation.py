@@ -125,7 +125,7 @@ def test_exported_adapter_loads_with_peft_and_predicts_the_same(runs, tmp_path):
     assert row["predictions"] == preds
 
 
-@pytest.mark.parametrize("name", sorted(__import__("strategies").STRATEGIES))
+@pytest.mark.parametrize("name", sorted(__import__("fedpeft.strategies", fromlist=["STRATEGIES"]).STRATEGIES))
 def test_every_strategy_runs_through_the_entry_point(name, tiny_bert, tmp_path, ray_shutdown):
     extra = ["strategy.fedper_layers=1", "strategy.oppu_task_rounds=1", "strategy.finetune_epochs=1"]
     assert main(tiny_args(tiny_bert, tmp_path, name, "--strategy", name, *extra)) == 0

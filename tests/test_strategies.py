@@ -12,9 +12,9 @@ from fedpeft.config import Config, ConfigError
 from fedpeft.messages import Request
 from fedpeft.models import adapter_state, get_model
 from fedpeft.store import AdapterStore
+from fedpeft.strategies import STRATEGIES, get_strategy_class, make_strategy
+from fedpeft.strategies.base import Strategy, flower_aggregator
 from fedpeft.training import round_lr
-from strategies import STRATEGIES, get_strategy_class, make_strategy
-from strategies.base import Strategy, flower_aggregator
 
 
 @pytest.fixture(autouse=True)

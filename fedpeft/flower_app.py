@@ -1,0 +1,69 @@
+"""fedpeft as a Flower app: ``flwr run .`` (``[tool.flwr.app]`` in pyproject.toml).
+
+The run config holds fedpeft's config under the same dotted keys (``[tool.flwr.app.config]``
+lists every key of the schema with its default; ``flwr run . --run-config "train.lr=0.001"``
+sets one). The ServerApp assembles and checks the config like ``python -m fedpeft.sim``, then
+goes the same way: :func:`fedpeft.sim.prepare_run`, then :func:`fedpeft.server_app.run_prepared`.
+The ClientApp is :data:`fedpeft.client_app.app`. What runs is the installed fedpeft: the app's
+FAB carries its pyproject.toml and configs only (``fab-include``), never a second copy of the code.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft.config import Config, ConfigError, iter_fields
+
+server_app = ServerApp()
+NODES_SETTLE_SECONDS, NODES_MAX_WAIT = 2.0, 60.0
+
+
+def run_config_defaults() -> dict[str, bool | int | float | str]:
+    """What ``[tool.flwr.app.config]`` must hold: every schema key with its default (Flower's run
+    config has no lists: a list is a comma string, as on fedpeft's command line)."""
+    return {key: ",".join(default) if isinstance(default, list) else default for key, _, default, _ in iter_fields()}
+
+
+def wait_for_nodes(grid: Grid, expected: int, num_users: int) -> None:
+    """Refuse a federation whose number of SuperNodes is not the run's node count
+    (:func:`fedpeft.server_app.simulated_nodes`: one per user, up to 2 x message_window)."""
+    deadline, count, settled = time.time() + NODES_MAX_WAIT, -1, time.time()
+    while time.time() < deadline:
+        now = len(list(grid.get_node_ids()))
+        if now != count:
+            count, settled = now, time.time()
+        elif count >= expected or time.time() - settled > NODES_SETTLE_SECONDS:
+            break
+        time.sleep(0.2)
+    if count != expected:
+        raise ConfigError(f"The federation has {count} SuperNodes, but this run carries its {num_users} users' calls on "
+                          f"{expected} nodes (federation.num_nodes; 0 = one per user, up to 2 x federation.message_window). "
+                          f"Run `flwr run . --federation-config \"num-supernodes={expected}\"`.")
+
+
+def run_flower(config: Config, grid: Grid) -> dict[str, Any]:
+    """One fedpeft run on a Flower grid started by ``flwr run``: the checks and the code path of
+    ``python -m fedpeft.sim`` (Flower has already started the simulation engine)."""
+    from fedpeft.data import get_benchmark
+    from fedpeft.reporting import summary_table
+    from fedpeft.server_app import run_prepared, simulated_nodes
+    from fedpeft.sim import prepare_run
+    from fedpeft.wandb_preflight import check_wandb_online
+
+    check_wandb_online(config)
+    num_users = len(get_benchmark(config).user_ids())
+    wait_for_nodes(grid, simulated_nodes(config, num_users), num_users)
+    results = run_prepared(config, prepare_run(config), grid)
+    print(summary_table(results), flush=True)
+    return results
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    from fedpeft.assemble import config_from_run_config
+
+    run_flower(config_from_run_config(dict(context.run_config)), grid)
