@@ -188,6 +188,7 @@ FLAG_ALIASES: dict[str, str] = {
     "model": "model.name",
     "rounds": "federation.rounds",
     "seed": "seed",
+    "select": "federation.select",
     "wandb": "wandb.mode",
     "peft": "peft.method",
     "dtype": "model.dtype",

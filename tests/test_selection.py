@@ -139,3 +139,18 @@ def test_a_run_scores_validation_every_round_and_reports_each_user_at_its_chosen
         assert results[rule]["summary"]["accuracy"] == pytest.approx(sum(test[(u, picked[u])] for u in users) / len(users))
     per_user_rounds = {int(r["selected_round"]) for r in _csv(tmp_path / "best_val_per_user" / "per_user.csv")}
     assert per_user_rounds != {4}, "the fixture should make some user's best validation round an earlier one"
+
+
+def test_lamp_takes_final_only_and_says_why(tmp_path):
+    """LaMP's headline is corpus-level over the final model and its users have no validation split."""
+    from fedpeft.config import Config, ConfigError
+    from fedpeft.selection import check_selection
+    from tests.test_lamp import simple_questions, write_lamp
+
+    cfg = Config()
+    cfg.data.benchmark, cfg.data.path = "lamp/LaMP-2", str(write_lamp(tmp_path, 2, simple_questions(2)))
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    check_selection(cfg)  # final
+    cfg.federation.select = "best_val_per_user"
+    with pytest.raises(ConfigError, match="no validation split.*Use federation.select=final"):
+        check_selection(cfg)
