@@ -9,6 +9,7 @@ with the shared part only. An exception marks this user failed in the reply; the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -127,7 +128,10 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
 
 
 def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], dict[str, list[str] | str], str]:
-    """Score one user's personalised model (private + current shared) on its own test split."""
+    """Score one user's personalised model (private + current shared) on its own test split and,
+    in the same call, on its validation split: test metrics under their plain names, validation
+    ones as ``val_<metric>`` (none for a user without validation examples, ``n_val`` 0). The
+    predictions returned are the test split's."""
     config = request.config
     strategy = make_strategy(config)
     loaded, user_id = user_model(request, user_index)
@@ -140,6 +144,11 @@ def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], d
     preds = strategy.predict(loaded, user, task)
     scores = score(task.kind, preds, [list(ex.labels) for ex in user.test], labels=task.labels or None)
     scores["n_test"] = float(len(user.test))
+    scores["n_val"] = float(len(user.val))
+    if user.val:  # the same model: predict() reads a user's test split, so hand it the validation split as one
+        val_preds = strategy.predict(loaded, dataclasses.replace(user, test=user.val), task)
+        val_scores = score(task.kind, val_preds, [list(ex.labels) for ex in user.val], labels=task.labels or None)
+        scores.update({f"val_{name}": value for name, value in val_scores.items()})
     outputs = {"sample_ids": [ex.id for ex in user.test], "predictions": preds,
                "golds": json.dumps([list(ex.labels) for ex in user.test])}
     return scores, outputs, user_id

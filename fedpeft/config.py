@@ -101,6 +101,7 @@ class FederationConfig:
     server_tau: float = field(default=1e-3, metadata={"help": "fedadam/fedyogi: adaptivity (epsilon)"})
     proximal_mu: float = field(default=0.01, metadata={"help": "fedprox: weight of the proximal term on shared keys"})
     call_timeout: float = field(default=1800.0, metadata={"help": "seconds one client call may run; a longer call is that user's failure for the round and its worker process is replaced"})
+    select: str = field(default="final", metadata={"help": "which round's test score each user reports, chosen on validation, never on test: final (the last round: today's numbers), best_val (the round with the best mean validation score), best_val_per_user (each user's own best validation round). predictions.jsonl and exports are the final model either way"})
     message_window: int = field(default=64, metadata={"help": "messages in flight at once (0: a whole round at once); results do not depend on it. Flower's simulation scans every node for every message in flight, so thousands of users want a window"})
     num_nodes: int = field(default=0, metadata={"help": "simulated Flower nodes that carry the users' calls (every message names its user; a call's messages go round-robin over the nodes, so results do not depend on it); 0 = one per user, up to 2 x message_window. Flower scans every node for every message in flight, so one node per user would make each message cost grow with the users"})
 
@@ -122,6 +123,8 @@ class CompareConfig:
     strategies: list[str] = field(default_factory=list, metadata={"help": "sims/compare.py: strategies side by side (comma list); empty = all"})
     baseline: str = field(default="local_only", metadata={"help": "sims/compare.py: strategy gains are measured against"})
     out: str = field(default="", metadata={"help": "sims/compare.py: comparison folder; '' = <output.dir>/compare-<time>"})
+    seeds: list[int] = field(default_factory=list, metadata={"help": "sims/compare.py: model seeds, each strategy runs once per seed (comma list; data.seed stays fixed, so users are the same); empty = the run's seed"})
+    select: str = field(default="best_val", metadata={"help": "sims/compare.py: round rule of the per-user paired statistics, p10 and scatter plot (final, best_val, best_val_per_user); the table gives the headline under best_val and final either way"})
 
 
 @dataclass
@@ -185,6 +188,7 @@ FLAG_ALIASES: dict[str, str] = {
     "model": "model.name",
     "rounds": "federation.rounds",
     "seed": "seed",
+    "select": "federation.select",
     "wandb": "wandb.mode",
     "peft": "peft.method",
     "dtype": "model.dtype",
@@ -203,6 +207,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.kind": ("auto", "encoder", "seq2seq", "causal"),
     "train.lr_schedule": ("constant", "linear", "cosine"),
     "federation.server_optimizer": ("fedavg", "fedprox", "fedadam", "fedyogi"),
+    "federation.select": ("final", "best_val", "best_val_per_user"),
+    "compare.select": ("final", "best_val", "best_val_per_user"),
     "strategy.feddpa_mode": ("fixed", "per_input"),
     "strategy.oppu_task_mode": ("federated", "pooled"),
     "wandb.mode": ("disabled", "offline", "online"),
@@ -244,7 +250,8 @@ def coerce(key: str, value: Any, target: Any) -> Any:
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, (list, tuple)):
                 raise TypeError
-            return [str(v) for v in value]
+            (item,) = typing.get_args(target) or (str,)
+            return [coerce(key, v, item) for v in value]
         if target is bool:
             if isinstance(value, bool):
                 return value
@@ -269,6 +276,8 @@ def coerce(key: str, value: Any, target: Any) -> Any:
             return "" if value is None else str(value)
     except (TypeError, ValueError):
         name = getattr(target, "__name__", str(target))
+        if origin is list:
+            name = f"comma list of {(typing.get_args(target) or (str,))[0].__name__}"
         raise ConfigError(
             f"Config key '{key}' got {value!r}, which is not a valid {name}. "
             f"Give a {name}, for example `{key}={_example(target)}`."
@@ -277,6 +286,8 @@ def coerce(key: str, value: Any, target: Any) -> Any:
 
 
 def _example(target: Any) -> str:
+    if typing.get_args(target) == (int,):
+        return "0,1,2"
     return {int: "3", float: "0.01", bool: "true", str: "text"}.get(target, "a,b")
 
 
@@ -368,6 +379,8 @@ def validate(config: Config) -> None:
     _check(fed.cohort_size >= 0, "federation.cohort_size", fed.cohort_size, "0 (use cohort_fraction) or a positive count")
     _check(fed.eval_max_users >= 0, "federation.eval_max_users", fed.eval_max_users, "0 (no cap) or a positive count")
     _check(fed.eval_every >= 1, "federation.eval_every", fed.eval_every, "an integer >= 1")
+    _check(len(set(config.compare.seeds)) == len(config.compare.seeds), "compare.seeds", config.compare.seeds,
+           "distinct model seeds, e.g. compare.seeds=0,1,2")
     tr = config.train
     _check(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
     _check(tr.epochs >= 1 or tr.steps >= 1, "train.epochs", tr.epochs, "an integer >= 1 (or set train.steps)")

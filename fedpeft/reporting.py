@@ -1,4 +1,4 @@
-"""The run folder and W&B: config.yaml, metrics.jsonl, per_user.csv, results.json, summary table."""
+"""The run folder and W&B: config.yaml, metrics.jsonl, rounds_per_user.jsonl, per_user.csv, results.json, summary table."""
 
 from __future__ import annotations
 
@@ -16,10 +16,14 @@ import yaml
 import fedpeft
 from fedpeft.config import Config
 from fedpeft.files import atomic_write_text
+from fedpeft.selection import ROUNDS_FILE
 
 
-def per_user_columns(metric_names: list[str]) -> list[str]:
-    return ["user_id", "partition_id", "status", *metric_names, "n_test", "rounds_trained", "examples_processed",
+def per_user_columns(metric_names: list[str], selected: bool = False) -> list[str]:
+    """``selected``: the scores are those of a round chosen on validation (``federation.select``
+    other than final), which the columns ``selected_round`` and ``val_<headline>`` name."""
+    chosen = ["selected_round", f"val_{metric_names[0]}"] if selected else []
+    return ["user_id", "partition_id", "status", *metric_names, *chosen, "n_test", "rounds_trained", "examples_processed",
             "failed_calls", "error"]
 
 
@@ -55,8 +59,10 @@ class RunReporter:
         meta = {"fedpeft_version": fedpeft.__version__, "git_commit": git_commit()}
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({**meta, **config.to_dict()}, sort_keys=False))
         self.metrics_path = run_dir / "metrics.jsonl"
-        kept = completed_rounds(self.metrics_path, resume_after) if resume_after is not None else []
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        self.rounds_path = run_dir / ROUNDS_FILE
+        for path in (self.metrics_path, self.rounds_path):
+            kept = completed_rounds(path, resume_after) if resume_after is not None else []
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         self.wandb_run = self._start_wandb(meta, wandb_id, resume_after is not None)
 
     def _start_wandb(self, meta: dict[str, str], wandb_id: str, resumed: bool) -> Any:
@@ -80,11 +86,16 @@ class RunReporter:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=int(record["round"]))
 
+    def log_user_rounds(self, rows: list[dict[str, Any]]) -> None:
+        """Append one evaluated round's per-user validation and test scores (one line per user)."""
+        with self.rounds_path.open("a") as f:  # whole lines; a torn last line is dropped on resume
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+
     def write_final(self, per_user: list[dict[str, Any]], results: dict[str, Any], predictions: list[dict[str, Any]],
-                    metric_names: list[str], failures: list[dict[str, Any]]) -> None:
+                    metric_names: list[str], failures: list[dict[str, Any]], selected: bool = False) -> None:
         """The run's final files; ``failures.json`` is the history of failed calls (round, call,
         user, reason), a user's final status is in ``per_user.csv``."""
-        columns = per_user_columns(metric_names)
+        columns = per_user_columns(metric_names, selected)
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -113,6 +124,8 @@ def summary_table(results: dict[str, Any]) -> str:
     """A plain-text table of the summary over users, for the console."""
     summary = results["summary"]
     rows = [("strategy", results["strategy"]), ("users", results["num_users"]), ("rounds", results["rounds"])]
+    selection = results.get("selection", {"rule": "final"})
+    rows.append(("round of each user's score", selection.get("description", selection["rule"])))
     for metric in results["metrics"]:
         if results.get("headline") == "corpus":  # LaMP: the benchmark's own score over all questions
             rows.append((f"{metric} (all questions)", summary[metric]))

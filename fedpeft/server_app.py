@@ -29,6 +29,7 @@ from fedpeft.files import atomic_write
 from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
 from fedpeft.reporting import RunReporter
 from fedpeft.scoring import corpus_scores
+from fedpeft.selection import ROUNDS_FILE, apply_selection, describe, read_rounds, round_row
 from fedpeft.store import AdapterStore, timeout_note
 from fedpeft.strategies import make_strategy
 from fedpeft.strategies.base import Phase
@@ -123,8 +124,10 @@ class FederatedRun:
         self.shared = dict(initial_shared)
         self.done_rounds, self.wall_before = 0, 0.0
         self.call_seconds = 0.0  # time spent inside client calls (the workers' side), for timings
+        self.round_scores: list[dict[str, Any]] = []  # per user and evaluated round: val and test scores
         if resume is not None:
             self.restore(resume)
+            self.round_scores = read_rounds(run_dir, up_to=self.done_rounds)
         # a call has federation.call_timeout (then its worker ends itself); this is the backstop
         self.no_reply_timeout = 1.2 * config.federation.call_timeout + 120
         self.window = config.federation.message_window
@@ -278,6 +281,8 @@ class FederatedRun:
         return self.call(users, EVALUATE, server_round, self.shared, phase)[0]
 
     def eval_users(self, server_round: int) -> list[int]:
+        """Everyone at the last round; at an intermediate one a seeded sample, the same users every
+        round (so that per-round scores, and the rounds chosen on validation, compare like with like)."""
         fed = self.config.federation
         everyone = list(range(len(self.user_ids)))
         size = max(1, round(fed.eval_fraction * len(everyone)))
@@ -285,7 +290,7 @@ class FederatedRun:
             size = min(size, fed.eval_max_users)
         if server_round == self.total_rounds or size >= len(everyone):
             return everyone
-        return sorted(np.random.default_rng([self.config.seed, 30, server_round]).choice(everyone, size, replace=False).tolist())
+        return sorted(np.random.default_rng([self.config.seed, 30]).choice(everyone, size, replace=False).tolist())
 
     def schedule(self) -> list[tuple[int, Phase]]:
         """(global round number, phase) for every round of every phase."""
@@ -322,6 +327,7 @@ class FederatedRun:
                 final = self.evaluate(server_round, eval_users, phase.name)
                 messages += len(eval_users)
                 record.update(self.scores(final))
+                record.update(self.log_round_scores(server_round, final))
                 record["n_evaluated"] = len(final)
                 if server_round == self.total_rounds:
                     self.timings["final_eval_s"] = time.time() - eval_start
@@ -344,20 +350,38 @@ class FederatedRun:
         self.bar.close()
         return self.finish(final, self.wall_before + time.time() - self.started)
 
+    def log_round_scores(self, server_round: int, replies: list[Message]) -> dict[str, float]:
+        """Keep (and append to ``rounds_per_user.jsonl``) each scored user's validation and test
+        scores of this round; returns the mean validation scores (``val_<metric>``)."""
+        rows = [round_row(server_round, self.user_ids[partition_id(r)], partition_id(r), r.content.metric_records["metrics"],
+                          self.metric_names) for r in replies]
+        self.round_scores += rows
+        self.reporter.log_user_rounds(rows)
+        out = {}
+        for name in self.metric_names:
+            values = [row["val"][name] for row in rows if name in row["val"]]
+            out[f"val_{name}"] = float(np.mean(values)) if values else float("nan")
+        return out
+
     def scores(self, replies: list[Message]) -> dict[str, float]:
         """Each metric's headline value under its plain name (LaMP: the benchmark's own corpus-level
         score over all questions; PEFT-U and synthetic: the unweighted mean over users of per-user
         scores) and its per-user distribution (``_mean``, ``_median``, ``_p10``, ``_min``)."""
-        out: dict[str, float] = {}
-        for name in self.metric_names:
-            stats = M.summarize([r.content.metric_records["metrics"][name] for r in replies])
-            out.update({f"{name}_{k}": stats[k] for k in ("mean", "median", "p10", "min")})
-            out[name] = stats["mean"]
+        out = self.distribution({name: [r.content.metric_records["metrics"][name] for r in replies] for name in self.metric_names})
         if self.task.corpus_metrics and replies:
             infos = [r.content.config_records["info"] for r in replies]
             predictions = [p for info in infos for p in info["predictions"]]
             golds = [g for info in infos for g in json.loads(str(info["golds"]))]
             out.update(corpus_scores(self.task, predictions, golds))
+        return out
+
+    def distribution(self, values: dict[str, list[float]]) -> dict[str, float]:
+        """Per metric: the mean over users under its plain name, and ``_mean``, ``_median``, ``_p10``, ``_min``."""
+        out: dict[str, float] = {}
+        for name in self.metric_names:
+            stats = M.summarize(values[name])
+            out.update({f"{name}_{k}": stats[k] for k in ("mean", "median", "p10", "min")})
+            out[name] = stats["mean"]
         return out
 
     def finish(self, final: list[Message], wall: float) -> dict[str, Any]:
@@ -386,14 +410,23 @@ class FederatedRun:
         ok = [row for row in per_user if row["status"] == "ok"]
         n_failed = len(per_user) - len(ok)
         skipped = get_benchmark(self.config).skipped_users()
-        summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed, "n_skipped": len(skipped),
-                                   **self.scores([scores[row["partition_id"]] for row in ok])}
+        rule = self.config.federation.select
+        selection_info: dict[str, Any] = {"rule": rule, "metric": self.metric_names[0], "file": ROUNDS_FILE}
+        if rule == "final":
+            chosen = self.scores([scores[row["partition_id"]] for row in ok])
+        else:  # corpus-level benchmarks are refused at start (fedpeft.selection.check_selection)
+            selection = apply_selection(per_user, self.round_scores, rule, self.metric_names,
+                                        self.metric_names[0] in M.LOWER_IS_BETTER, self.total_rounds)
+            chosen = self.distribution({name: [row[name] for row in ok] for name in self.metric_names})
+            selection_info.update(round=selection.round, fallback=selection.counts(),
+                                  description=describe(selection, self.total_rounds))
+        summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed, "n_skipped": len(skipped), **chosen}
         results = {
             "metrics": self.metric_names,
             "headline": "corpus" if self.task.corpus_metrics else "mean over users",
             "strategy": self.config.federation.strategy, "benchmark": self.config.data.benchmark,
             "model": self.config.model.name, "num_users": len(self.user_ids), "rounds": self.total_rounds,
-            "summary": summary, "wall_seconds": wall, "run_dir": str(self.run_dir),
+            "summary": summary, "selection": selection_info, "wall_seconds": wall, "run_dir": str(self.run_dir),
             "communication": {**totals, "bytes_total": totals["bytes_down"] + totals["bytes_up"]},
             "parameters": {k: v for k, v in self.accounting.items() if k != "pretrain_examples"},
             "private_bytes_per_user": {"mean": float(np.mean(stored)) if stored else 0.0, "max": int(max(stored, default=0))},
@@ -408,7 +441,7 @@ class FederatedRun:
             "timings": {**getattr(self, "timings", {}),
                         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
-        self.reporter.write_final(per_user, results, predictions, self.metric_names, self.failures)
+        self.reporter.write_final(per_user, results, predictions, self.metric_names, self.failures, selected=rule != "final")
         return results
 
 

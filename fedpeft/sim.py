@@ -27,6 +27,7 @@ from fedpeft.data import get_benchmark
 from fedpeft.models import adapter_state, build_model, check_model, fit_size_knob
 from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.reporting import summary_table
+from fedpeft.selection import check_selection
 from fedpeft.store import check_store_is_free, claim_store, store_owner
 from fedpeft.strategies import make_strategy
 from fedpeft.wandb_preflight import check_wandb_online
@@ -131,6 +132,7 @@ def prepare_run(config: Config, resume: bool = False) -> PreparedRun:
     and parameter accounting), the run folder, its identity and the adapter store, which a fresh
     run must find free and a resumed run must own. Sets ``output.store_dir``."""
     check_model(config)
+    check_selection(config)
     run_dir = run_dir_path(config)
     store_dir = Path(config.output.store_dir or run_dir / "adapters").resolve()
     if resume:

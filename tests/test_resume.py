@@ -43,8 +43,9 @@ class KilledInRound3(InProcessGrid):
         return super().push_messages(messages)
 
 
-def config(tiny_bert: Path, out: Path, name: str, strategy: str = "fedavg") -> Config:
+def config(tiny_bert: Path, out: Path, name: str, strategy: str = "fedavg", select: str = "final") -> Config:
     cfg = Config()
+    cfg.federation.select = select
     cfg.model.name = str(tiny_bert)
     cfg.federation.strategy, cfg.federation.rounds, cfg.federation.cohort_fraction = strategy, 4, 0.5
     cfg.federation.server_optimizer, cfg.federation.server_lr = "fedadam", 0.05
@@ -63,14 +64,17 @@ def assert_same_results(run: Path, reference: Path) -> None:
     assert (run / "per_user.csv").read_bytes() == (reference / "per_user.csv").read_bytes()
     assert (run / "shared_final.safetensors").read_bytes() == (reference / "shared_final.safetensors").read_bytes()
     assert (run / "predictions.jsonl").read_bytes() == (reference / "predictions.jsonl").read_bytes()
+    assert (run / "rounds_per_user.jsonl").read_bytes() == (reference / "rounds_per_user.jsonl").read_bytes()
     assert scores(run) == scores(reference)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedsa"])  # fedsa: private B and head, which must not leak
-def test_a_run_killed_in_round_3_resumes_to_the_uninterrupted_results(strategy, tiny_bert, tmp_path):
-    run_in_process(config(tiny_bert, tmp_path, "whole", strategy))
+# fedsa: private B and head, which must not leak; best_val_per_user: rounds chosen on validation scores
+# the killed run kept in rounds_per_user.jsonl
+@pytest.mark.parametrize("strategy, select", [("fedavg", "final"), ("fedsa", "best_val_per_user")])
+def test_a_run_killed_in_round_3_resumes_to_the_uninterrupted_results(strategy, select, tiny_bert, tmp_path):
+    run_in_process(config(tiny_bert, tmp_path, "whole", strategy, select))
     with pytest.raises(DriverKilled):
-        run_in_process(config(tiny_bert, tmp_path, "killed", strategy), grid_class=KilledInRound3)
+        run_in_process(config(tiny_bert, tmp_path, "killed", strategy, select), grid_class=KilledInRound3)
     killed = tmp_path / "killed"
     assert Checkpoint.load(killed).round == 2 and len(scores(killed)) == 2
     store = AdapterStore(killed / "adapters")

@@ -158,7 +158,7 @@ def test_compare_writes_table_per_user_table_and_plots(tiny_bert, tmp_path, ray_
     with (out / "per_user.csv").open() as f:
         per_user = list(csv.DictReader(f))
     assert len(per_user) == 6 and set(per_user[0]) == {"user_id", "local_only", "fedsa"}
-    for png in ("rounds.png", "distribution.png"):
+    for png in ("rounds.png", "distribution.png", "scatter.png"):
         assert (out / png).stat().st_size > 10_000
 
 
