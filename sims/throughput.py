@@ -484,6 +484,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="model seed (fedpeft's seed)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads of the one-process variants (fedpeft's actors keep ray.client_cpus)")
+    ap.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved; "
+                    "the table shows each variant's median (a shared machine is noisy)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list, run in this order")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--run-variant", help=argparse.SUPPRESS)  # internal: run one in-process variant
@@ -520,19 +522,32 @@ def main(argv: list[str] | None = None) -> int:
         expected = build_workload(overrides).training_examples()
         print(f"workload: {args.users} users x {args.rounds} rounds x {args.steps} steps x {args.batch_size} examples "
               f"= {expected:,} training examples; model {args.model}", file=sys.stderr, flush=True)
-        for variant in variants:
-            strategy = variant.split("-", 1)[1]
-            if variant.startswith("fedpeft-"):
-                row = run_fedpeft(strategy, overrides, Path(tmp) / "runs")
-            else:
-                row = run_subprocess(variant, args, model)
-            rows.append({"variant": variant, **row})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(table(rows, expected))
+        for repeat in range(args.repeat):  # variants interleaved: a busy spell hits all of them
+            for variant in variants:
+                strategy = variant.split("-", 1)[1]
+                if variant.startswith("fedpeft-"):
+                    row = run_fedpeft(strategy, overrides, Path(tmp) / f"runs-{repeat}")
+                else:
+                    row = run_subprocess(variant, args, model)
+                rows.append({"variant": variant, "repeat": repeat, **row})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    medians = [median_row([r for r in rows if r["variant"] == v]) for v in variants]
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} repeats")
+    print(table(medians, expected))
     if args.json:
         args.json.write_text(json.dumps({"expected_examples": expected, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "rows": rows}, indent=2))
+                                         "medians": medians, "rows": rows}, indent=2))
     return 0
+
+
+def median_row(rows: list[dict]) -> dict:
+    """One variant's repeats: the median of each timing, the rest from the first repeat."""
+    out = dict(rows[0])
+    for key in ("whole_s", "train_s", "eval_s", "before_round1_s"):
+        if key in out:
+            out[key] = float(np.median([r[key] for r in rows]))
+    return out
 
 
 if __name__ == "__main__":
