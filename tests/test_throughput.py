@@ -1,0 +1,78 @@
+"""sims/throughput.py's reference loops do exactly fedpeft's workload: the same batches, the same
+tokens, the same number of examples, and (same init, same steps) the same losses."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _throughput():
+    spec = importlib.util.spec_from_file_location("sims_throughput", ROOT / "sims" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bert):
+    tp = _throughput()
+    # 6 examples, batches of 4, 3 steps: a short batch at the epoch's end, then a reshuffle
+    overrides = [f"model.name={tiny_bert}", "data.num_users=2", "data.train_per_user=6", "data.test_per_user=3",
+                 "federation.rounds=1", "train.steps=3", "train.batch_size=4"]
+    return tp, tp.build_workload(overrides)
+
+
+def test_reference_batches_and_examples_are_fedpeft_s(setup):
+    from fedpeft import models
+    from fedpeft.data import get_benchmark
+    from fedpeft.training import CallTokens, batch_listener, call_seed, train_user
+
+    tp, work = setup
+    config = work.config
+    bench = get_benchmark(config)
+    loaded = models.build_model(config, len(bench.task().labels))
+    fedpeft_examples, fedpeft_losses = 0, []
+    for u in range(len(work.users)):
+        seen: list[list[int]] = []
+        models.compose_user_model(loaded, {}, None)  # local_only: every user starts from the common init
+        user = bench.load_user(u)
+        with batch_listener(lambda examples, rows, seen=seen: seen.append(list(rows))):
+            result = train_user(loaded, user.train, bench.task(), config, call_seed(config, u, 1))
+        assert seen == work.steps(u, 1)  # the same rows in the same order
+        assert [len(rows) for rows in seen] == [4, 2, 4]
+        tokens = CallTokens(loaded, config)
+        for rows in seen:  # the same model inputs, padded the same way
+            ours, _ = tp.batch(work.users[u].train, rows)
+            theirs = tokens.batch([user.train[i] for i in rows])
+            assert set(ours) == set(theirs)
+            for key in ours:
+                assert torch.equal(ours[key], theirs[key]), key
+        fedpeft_examples += int(result["examples"])
+        fedpeft_losses.append(result["train_loss"])
+    assert fedpeft_examples == work.training_examples() == 20
+
+    plain = tp.run_plain(work)
+    flowertune = tp.run_flowertune(work)
+    assert plain["examples"] == flowertune["examples"] == fedpeft_examples
+    assert flowertune["model_builds"] == 1 + 2 + 2  # the initial one, one per training call, one per evaluation
+    # same init, same batches, same optimizer: the same losses as fedpeft's train_user
+    mean_fedpeft = sum(fedpeft_losses) / len(fedpeft_losses)
+    assert plain["train_loss_last_round"] == pytest.approx(mean_fedpeft, abs=1e-5)
+    assert flowertune["train_loss_last_round"] == pytest.approx(mean_fedpeft, abs=1e-5)
+
+
+def test_pfl_trains_the_same_examples(setup):
+    pytest.importorskip("pfl")
+    tp, work = setup
+    pfl = tp.run_pfl(work)
+    plain = tp.run_plain(work, "fedavg")
+    assert pfl["examples"] == plain["examples"] == work.training_examples()
+    assert pfl["accuracy"] == pytest.approx(plain["accuracy"])  # FedAvg of the same updates
