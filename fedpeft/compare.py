@@ -150,13 +150,6 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in cols) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _with_interval(row: dict[str, Any], key: str) -> str:
     if math.isnan(row[key]):
         return "n/a"

@@ -29,10 +29,6 @@ from fedpeft.testing import save_tiny_bert
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_bert(path: Path) -> Path:
-    return save_tiny_bert(path)
-
-
 def run_one(users: int, model: Path, out: Path, extra: list[str]) -> dict:
     name = f"scale-{users}"
     args = [sys.executable, "-m", "fedpeft.sim", "--model", str(model), "--out", str(out), "--name", name,
@@ -87,7 +83,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedpeft-scale-") as tmp:
-        model = tiny_bert(Path(tmp) / "tiny-bert")
+        model = save_tiny_bert(Path(tmp) / "tiny-bert")
         for users in [int(u) for u in args.users.split(",")]:
             rows.append(run_one(users, model, Path(tmp) / "runs", args.overrides))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
