@@ -33,6 +33,7 @@ from fedpeft.messages import Request, make_reply, read_request
 from fedpeft.scoring import score
 from fedpeft.store import OWNER_FILE, AdapterStore, StoreError, store_owner, timeout_note
 from fedpeft.strategies import make_strategy
+from fedpeft.strategies.base import NEW_USERS
 from fedpeft.training import call_seed, round_lr, train_user
 
 app = ClientApp()
@@ -95,6 +96,8 @@ def user_model(request: Request, user_index: int) -> tuple[models.LoadedModel, s
 
 def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
     """Train one user for one round; the private part goes to the store, the shared part is returned."""
+    if request.phase == NEW_USERS:
+        return run_new_user(request, user_index)
     config, shared = request.config, request.shared
     strategy = make_strategy(config)
     phases = strategy.phases()
@@ -127,6 +130,30 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
     return new_shared, stats, user_id
 
 
+def run_new_user(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
+    """A new user (``data.new_users``), once, after the last round: on top of the final shared part
+    (the message's), train what :meth:`Strategy.new_user_keys` names on its own training split for
+    ``federation.new_user_epochs`` epochs (0: the last phase's local budget of one round), and
+    store all of it as the user's private part. Nothing goes up."""
+    config = request.config
+    strategy = make_strategy(config)
+    last = strategy.phases()[-1]
+    loaded, user_id = user_model(request, user_index)
+    strategy.configure_model(loaded, last.name)
+    bench = get_benchmark(config)
+    user = bench.load_user(user_index)
+    trained = set(strategy.new_user_keys(loaded.adapter_keys))
+    epochs = config.federation.new_user_epochs or last.epochs
+    result = train_user(loaded, user.train, bench.task(), config, call_seed(config, user_index, request.server_round),
+                        trainable=trained.__contains__, epochs=epochs, lr=config.train.lr)
+    private = {k: v for k, v in models.adapter_state(loaded).items() if k in trained}
+    store = AdapterStore(config.output.store_dir, request.run_id)
+    store.save(user_id, private, request.server_round, NEW_USERS, previous_round=request.private_round)
+    stats = {"train_loss": result["train_loss"], "steps": result["steps"], "examples_processed": result["examples"],
+             "num-examples": float(len(user.train)), "private_bytes": float(store.bytes_stored(user_id, request.server_round))}
+    return {}, stats, user_id
+
+
 def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], dict[str, list[str] | str], str]:
     """Score one user's personalised model (private + current shared) on its own test split and,
     in the same call, on its validation split: test metrics under their plain names, validation
@@ -145,6 +172,7 @@ def run_evaluate(request: Request, user_index: int) -> tuple[dict[str, float], d
     scores = score(task.kind, preds, [list(ex.labels) for ex in user.test], labels=task.labels or None)
     scores["n_test"] = float(len(user.test))
     scores["n_val"] = float(len(user.val))
+    scores["n_train"] = float(len(user.train))
     if user.val:  # the same model: predict() reads a user's test split, so hand it the validation split as one
         val_preds = strategy.predict(loaded, dataclasses.replace(user, test=user.val), task)
         val_scores = score(task.kind, val_preds, [list(ex.labels) for ex in user.val], labels=task.labels or None)

@@ -37,6 +37,7 @@ class DataConfig:
     seed: int = field(default=0, metadata={"help": "data seed (users, splits, personas); separate from the model seed"})
     num_users: int = field(default=20, metadata={"help": "synthetic: number of users"})
     train_per_user: int = field(default=16, metadata={"help": "synthetic: training examples per user"})
+    train_per_user_min: int = field(default=0, metadata={"help": "synthetic: users of different activity: each user's training examples drawn uniformly from [train_per_user_min, train_per_user]; 0 = every user has train_per_user"})
     val_per_user: int = field(default=8, metadata={"help": "synthetic: validation examples per user"})
     test_per_user: int = field(default=24, metadata={"help": "synthetic: test examples per user"})
     personas: int = field(default=4, metadata={"help": "synthetic: latent personas that decide most labels"})
@@ -44,6 +45,8 @@ class DataConfig:
     noise: float = field(default=0.1, metadata={"help": "synthetic: chance that a user departs from its persona on a (topic, tone) cell"})
     num_labels: int = field(default=3, metadata={"help": "synthetic: number of labels"})
     pool_size: int = field(default=400, metadata={"help": "synthetic: size of the shared pool of texts users label"})
+    new_users: float = field(default=0.0, metadata={"help": "users held out of every training cohort (drawn with data.seed, the same for every strategy): a fraction in [0, 1) or a count >= 1. At the end each one takes the final shared part, trains its private part on its own training split (federation.new_user_epochs) and is scored as its own group"})
+    max_train_per_user: int = field(default=0, metadata={"help": "cap each user's training split at this many examples (a seeded draw, the same for every strategy; a smaller cap keeps a subset of a larger one); validation and test unchanged; 0 = all"})
     max_length: int = field(default=0, metadata={"help": "tokens per model input; retrieved history is cut first, the question last (in its middle); 0 = the benchmark's default (synthetic 32, peft-u 128, lamp 512)"})
 
 
@@ -102,6 +105,7 @@ class FederationConfig:
     proximal_mu: float = field(default=0.01, metadata={"help": "fedprox: weight of the proximal term on shared keys"})
     call_timeout: float = field(default=1800.0, metadata={"help": "seconds one client call may run; a longer call is that user's failure for the round and its worker process is replaced"})
     select: str = field(default="final", metadata={"help": "which round's test score each user reports, chosen on validation, never on test: final (the last round: today's numbers), best_val (the round with the best mean validation score), best_val_per_user (each user's own best validation round). predictions.jsonl and exports are the final model either way"})
+    new_user_epochs: int = field(default=0, metadata={"help": "epochs a new user (data.new_users) trains its private part on top of the final shared part before it is scored; 0 = the run's local budget of one round (train.steps or train.epochs)"})
     message_window: int = field(default=64, metadata={"help": "messages in flight at once (0: a whole round at once); results do not depend on it. Flower's simulation scans every node for every message in flight, so thousands of users want a window"})
     num_nodes: int = field(default=0, metadata={"help": "simulated Flower nodes that carry the users' calls (every message names its user; a call's messages go round-robin over the nodes, so results do not depend on it); 0 = one per user, up to 2 x message_window. Flower scans every node for every message in flight, so one node per user would make each message cost grow with the users"})
 
@@ -124,6 +128,7 @@ class CompareConfig:
     baseline: str = field(default="local_only", metadata={"help": "sims/compare.py: strategy gains are measured against"})
     out: str = field(default="", metadata={"help": "sims/compare.py: comparison folder; '' = <output.dir>/compare-<time>"})
     seeds: list[int] = field(default_factory=list, metadata={"help": "sims/compare.py: model seeds, each strategy runs once per seed (comma list; data.seed stays fixed, so users are the same); empty = the run's seed"})
+    train_caps: list[str] = field(default_factory=lambda: ["4", "8", "16", "all"], metadata={"help": "sims/where_sharing_pays.py: the training examples per user (data.max_train_per_user) of each comparison, comma list; 'all' = every example"})
     select: str = field(default="best_val", metadata={"help": "sims/compare.py: round rule of the per-user paired statistics, p10 and scatter plot (final, best_val, best_val_per_user); the table gives the headline under best_val and final either way"})
 
 
@@ -404,6 +409,12 @@ def validate(config: Config) -> None:
     for split in ("train_per_user", "val_per_user", "test_per_user"):
         _check(getattr(da, split) >= 1, f"data.{split}", getattr(da, split), "an integer >= 1")
     _check(da.max_length == 0 or da.max_length >= 8, "data.max_length", da.max_length, "0 (the benchmark's default) or an integer >= 8")
+    _check(da.new_users >= 0 and (da.new_users < 1 or float(da.new_users).is_integer()), "data.new_users", da.new_users,
+           "0 (none), a fraction in (0, 1) of the users, or a whole count >= 1")
+    _check(0 <= da.train_per_user_min <= da.train_per_user, "data.train_per_user_min", da.train_per_user_min,
+           f"0 (every user has data.train_per_user) or a count in 1..{da.train_per_user} (data.train_per_user)")
+    _check(da.max_train_per_user >= 0, "data.max_train_per_user", da.max_train_per_user, "0 (all) or a positive count")
+    _check(fed.new_user_epochs >= 0, "federation.new_user_epochs", fed.new_user_epochs, "0 (one round's local budget) or a positive count")
     _check(da.retrieval_k >= 0, "data.retrieval_k", da.retrieval_k, "0 (off) or a positive count")
     _check(0 <= tr.lr_min_factor <= 1, "train.lr_min_factor", tr.lr_min_factor, "a number in [0, 1]")
     _check(fed.proximal_mu >= 0, "federation.proximal_mu", fed.proximal_mu, "a number >= 0")

@@ -1,4 +1,9 @@
-"""Per-user scores and their summary over users."""
+"""Single-label scores of one user, and their summary over users.
+
+:func:`accuracy` and :func:`macro_f1` score one predicted label per example against a gold label
+set; :mod:`fedpeft.scoring` reduces each task kind's predictions to that (a multi-label
+prediction to its most confident valid label) and adds the multi-label set metrics.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ def gain(metric: str, value: float, baseline: float) -> float:
 
 
 def accuracy(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> float:
-    """Share of examples whose prediction is in the gold label set (PEFT-U's rule)."""
+    """Share of examples whose (single) predicted label is in the gold label set (PEFT-U's rule
+    for one predicted label)."""
     if not predictions:
         raise ValueError("accuracy of zero examples is undefined")
     return float(np.mean([p in set(g) for p, g in zip(predictions, golds, strict=True)]))

@@ -19,12 +19,15 @@ from fedpeft.files import atomic_write_text
 from fedpeft.selection import ROUNDS_FILE
 
 
-def per_user_columns(metric_names: list[str], selected: bool = False) -> list[str]:
+def per_user_columns(metric_names: list[str], selected: bool = False, as_is: bool = False) -> list[str]:
     """``selected``: the scores are those of a round chosen on validation (``federation.select``
-    other than final), which the columns ``selected_round`` and ``val_<headline>`` name."""
+    other than final), which the columns ``selected_round`` and ``val_<headline>`` name. ``group``
+    is ``trained`` or ``new`` (``data.new_users``: scored after their fine-tune at the end); with
+    ``as_is``, new users' scores before it (the final shared part alone) are ``as_is_<metric>``."""
     chosen = ["selected_round", f"val_{metric_names[0]}"] if selected else []
-    return ["user_id", "partition_id", "status", *metric_names, *chosen, "n_test", "rounds_trained", "examples_processed",
-            "failed_calls", "error"]
+    before = [f"as_is_{name}" for name in metric_names] if as_is else []
+    return ["user_id", "partition_id", "group", "status", *metric_names, *chosen, *before, "n_test", "n_train",
+            "rounds_trained", "examples_processed", "failed_calls", "error"]
 
 
 def git_commit() -> str:
@@ -92,10 +95,11 @@ class RunReporter:
             f.write("".join(json.dumps(row) + "\n" for row in rows))
 
     def write_final(self, per_user: list[dict[str, Any]], results: dict[str, Any], predictions: list[dict[str, Any]],
-                    metric_names: list[str], failures: list[dict[str, Any]], selected: bool = False) -> None:
+                    metric_names: list[str], failures: list[dict[str, Any]], selected: bool = False,
+                    as_is: bool = False) -> None:
         """The run's final files; ``failures.json`` is the history of failed calls (round, call,
         user, reason), a user's final status is in ``per_user.csv``."""
-        columns = per_user_columns(metric_names, selected)
+        columns = per_user_columns(metric_names, selected, as_is)
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -131,6 +135,15 @@ def summary_table(results: dict[str, Any]) -> str:
             rows.append((f"{metric} (all questions)", summary[metric]))
         for stat in ("mean", "median", "p10", "min"):
             rows.append((f"{metric} {stat} over users", summary[f"{metric}_{stat}"]))
+    headline = results["metrics"][0]
+    if f"selected_val_{headline}" in summary:  # the sweep metric: never a test score
+        rows.append((f"validation {headline} at that round (selected_val_{headline})", summary[f"selected_val_{headline}"]))
+    groups = results.get("groups", {})
+    for group, label in (("new", "new users, fine-tuned"), ("new_as_is", "new users, as is (before the fine-tune)")):
+        if group in groups:
+            g = groups[group]
+            rows += [(f"{label}: {m} mean", g[f"{m}_mean"]) for m in results["metrics"]]
+            rows.append((f"{label}: scored / failed", f"{g['n_evaluated']} of {g['users']} / {g['n_failed']}"))
     rows += [("users evaluated", summary["n_evaluated"]), ("users failed", summary["n_failed"]),
              ("users skipped (unusable data)", summary["n_skipped"]),
              ("bytes communicated", results["communication"]["bytes_total"]),

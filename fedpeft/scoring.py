@@ -4,17 +4,28 @@ classification (PEFT-U single-label tasks, LaMP-1, LaMP-2)
     ``accuracy`` and ``macro_f1`` from :mod:`fedpeft.metrics`: a prediction is correct when it is
     in the gold set (PEFT-U's rule; LaMP has one gold, so it is exact match), macro-F1 averages
     over the labels present in the golds or predictions of this user. Predictions and golds are
-    stripped of surrounding whitespace, as LaMP's ``postprocess_text_classification``.
+    stripped of surrounding whitespace, as LaMP's ``postprocess_text_classification``. A
+    prediction given as a list of labels is read as its top label (:func:`top_label`).
     LaMP's own F1 is corpus-level over its full label list; :func:`lamp_macro_f1` computes it on
     pooled predictions.
 multilabel (PEFT-U studemo, goemotion ...)
-    A prediction is a set of labels (a list, or a string "a, b" split on commas as PEFT-U's
-    ``GetPredId`` does). It is reduced to one label as PEFT-U does: predicted labels outside
-    ``labels`` (when given) are dropped; the first remaining predicted label that is gold is the
-    prediction (correct); else the first remaining predicted label (wrong); else '' (no valid
-    label: wrong). ``accuracy`` = share of examples whose prediction set meets the gold set (any
-    overlap counts, PEFT-U's rule). ``macro_f1`` is over PEFT-U's (prediction, truth) pairs: truth
-    = the prediction when correct, else the first gold label.
+    A prediction is an ordered list of labels, most confident first (a list, or a string "a, b"
+    split on commas as PEFT-U's ``GetPredId`` does): the encoder lists its labels by decreasing
+    logit, a text-to-text model in the order it generated them. Predicted labels outside
+    ``labels`` (when given) are dropped, and repeats; what is left is the *valid* prediction P
+    (possibly empty); G is the gold set. Per user, averaged over its examples:
+
+    - ``accuracy`` (the headline): the *top label* (the first valid predicted label) is in G. An
+      example without a valid label is wrong. Adding labels after the top one never raises it.
+    - ``macro_f1``: :func:`fedpeft.metrics.macro_f1` over (top label, truth) pairs, truth = the
+      top label when it is gold, else the first gold label; '' (no valid label) is a wrong
+      prediction of its own label ''. Only the top label counts, so extra labels do not raise it.
+    - ``example_f1``: 2|P ∩ G| / (|P| + |G|); 0 when P is empty.
+    - ``jaccard``: |P ∩ G| / |P ∪ G|; 0 when P is empty.
+      (Each predicted label that is not gold lowers these two; each gold one found raises them,
+      so where gold sets are large a constant set of frequent labels beats one label on them.)
+    - ``accuracy_any``: PEFT-U's lenient rule, correct when any label of P is in G (so predicting
+      every label scores 1.0; reported for comparison with PEFT-U, never the headline).
 rating (LaMP-3)
     ``mae`` and ``rmse``. A prediction that does not parse as a number (LaMP's
     ``create_metric_mae_rmse``: ``float(x.strip())`` fails) counts as the rating farthest from
@@ -45,9 +56,10 @@ from fedpeft import metrics as M
 if TYPE_CHECKING:
     from fedpeft.data import TaskSpec
 
+# Each kind's metrics, in the order a task lists them; the first is the headline.
 KIND_METRICS = {
     "classification": ("accuracy", "macro_f1"),
-    "multilabel": ("accuracy", "macro_f1"),
+    "multilabel": ("accuracy", "macro_f1", "example_f1", "jaccard", "accuracy_any"),
     "rating": ("mae", "rmse"),
     "generation": ("rouge1", "rougeL"),
 }
@@ -67,14 +79,36 @@ def prediction_set(prediction: Prediction, split_commas: bool) -> list[str]:
     return [p.strip() for p in prediction if p.strip()]
 
 
-def reduce_prediction(predicted: Sequence[str], gold: Sequence[str], labels: Sequence[str] | None = None) -> tuple[str, str]:
-    """PEFT-U's GetPredId: (prediction, truth) for one example from a set of predicted labels."""
-    valid = [p for p in predicted if labels is None or p in labels]
-    first_gold = gold[0] if gold else ""
-    for p in valid:
-        if p in gold:
-            return p, p
-    return (valid[0] if valid else ""), first_gold
+def valid_labels(predicted: Sequence[str], labels: Sequence[str] | None = None) -> list[str]:
+    """The predicted labels that are in ``labels`` (all of them when ``labels`` is None), in
+    predicted order, each once."""
+    known = None if labels is None else set(labels)
+    return list(dict.fromkeys(p for p in predicted if known is None or p in known))
+
+
+def top_label(predicted: Sequence[str], labels: Sequence[str] | None = None) -> str:
+    """The most confident valid label of a prediction list (its first valid one), '' when none."""
+    valid = valid_labels(predicted, labels)
+    return valid[0] if valid else ""
+
+
+def multilabel_scores(predicted: Sequence[Sequence[str]], golds: Sequence[Sequence[str]],
+                      labels: Sequence[str] | None = None) -> dict[str, float]:
+    """The multilabel metrics (see the module doc) of one user's prediction lists, most
+    confident label first, against its gold label lists."""
+    valid = [valid_labels(p, labels) for p in predicted]
+    top = [v[0] if v else "" for v in valid]
+    example_f1, jaccard, any_hit = [], [], []
+    for v, g in zip(valid, golds, strict=True):
+        p_set, g_set = set(v), set(g)
+        hits = len(p_set & g_set)
+        example_f1.append(2 * hits / (len(p_set) + len(g_set)) if p_set else 0.0)
+        jaccard.append(hits / len(p_set | g_set) if p_set else 0.0)
+        any_hit.append(hits > 0)
+    truths = [[t] if t in g else list(g[:1]) for t, g in zip(top, golds)]
+    n = len(valid)
+    return {"accuracy": M.accuracy(top, golds), "macro_f1": M.macro_f1(top, truths),
+            "example_f1": sum(example_f1) / n, "jaccard": sum(jaccard) / n, "accuracy_any": sum(any_hit) / n}
 
 
 def peft_u_parse(decoded: str, labels: Sequence[str]) -> list[str]:
@@ -117,7 +151,9 @@ def score(kind: str, predictions: Sequence[Prediction], golds: Sequence[str | Se
     """Metric name -> value for one user's predictions against its golds (see the module doc).
 
     ``golds`` are gold strings or sequences of gold strings (``Example.labels``); ``labels`` is
-    the task's label list, used by multilabel scoring to drop predicted labels outside it.
+    the task's label list, used to drop predicted labels outside it from a prediction list
+    (multilabel, or a classification prediction given as a list). The keys are
+    ``KIND_METRICS[kind]``, in that order.
     """
     if kind not in KIND_METRICS:
         raise ValueError(f"unknown task kind {kind!r}; known: {', '.join(KIND_METRICS)}")
@@ -126,13 +162,12 @@ def score(kind: str, predictions: Sequence[Prediction], golds: Sequence[str | Se
     if not predictions:
         raise ValueError("scores of zero examples are undefined")
     gold_lists = _golds(golds)
-    if kind in ("classification", "multilabel"):
-        if kind == "classification" and all(isinstance(p, str) for p in predictions):
-            preds = [p.strip() for p in predictions]
-            return {"accuracy": M.accuracy(preds, gold_lists), "macro_f1": M.macro_f1(preds, gold_lists)}
-        pairs = [reduce_prediction(prediction_set(p, split_commas=kind == "multilabel"), g, labels) for p, g in zip(predictions, gold_lists)]
-        preds = [p for p, _ in pairs]
-        return {"accuracy": M.accuracy(preds, gold_lists), "macro_f1": M.macro_f1(preds, [[t] for _, t in pairs])}
+    if kind == "multilabel":
+        return multilabel_scores([prediction_set(p, split_commas=True) for p in predictions], gold_lists, labels)
+    if kind == "classification":
+        preds = [p.strip() if isinstance(p, str) else top_label(prediction_set(p, split_commas=False), labels)
+                 for p in predictions]
+        return {"accuracy": M.accuracy(preds, gold_lists), "macro_f1": M.macro_f1(preds, gold_lists)}
     if kind == "rating":
         errors = []
         for p, g in zip(predictions, gold_lists):
@@ -175,8 +210,10 @@ def corpus_scores(task: TaskSpec, predictions: Sequence[Prediction], golds: Sequ
     ``predictions`` and ``golds`` are every evaluated user's predictions and golds concatenated
     (users in any order; ``golds[i]`` is the gold list of ``predictions[i]``). Classification: accuracy (gold-set rule, exact
     match for LaMP's one gold) and :func:`lamp_macro_f1` over the full label list ``task.labels``
-    against the first gold; rating: MAE and RMSE over all errors; generation (and multilabel): the
-    per-example scores of :func:`score` averaged over all examples.
+    against the first gold; rating: MAE and RMSE over all errors; generation: the per-example
+    scores of :func:`score` averaged over all examples; multilabel: :func:`multilabel_scores` of
+    all examples pooled (its per-example scores averaged over all examples, macro-F1 over the
+    pooled (top label, truth) pairs).
     """
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} golds; pass one gold list per "
@@ -185,7 +222,8 @@ def corpus_scores(task: TaskSpec, predictions: Sequence[Prediction], golds: Sequ
         raise ValueError("corpus scores of zero questions are undefined; pass every evaluated user's predictions")
     pooled = score(task.kind, predictions, golds, labels=task.labels or None)
     if task.kind == "classification" and task.labels:
-        flat = [p if isinstance(p, str) else ",".join(p) for p in predictions]
+        flat = [p if isinstance(p, str) else top_label(prediction_set(p, split_commas=False), task.labels)
+                for p in predictions]
         pooled["macro_f1"] = lamp_macro_f1(flat, [g[0] for g in _golds(golds)], task.labels)
     missing = [m for m in task.metrics if m not in pooled]
     if missing:

@@ -16,7 +16,8 @@ best_val_per_user
 
 Ties go to the earliest round. Means are exact sums (``math.fsum``), so they do not depend on the
 order of users. :func:`select_rounds` sees validation scores only; :func:`selected_rows` looks up
-the test scores of the rounds it chose.
+the test scores of the rounds it chose; :func:`selected_validation` gives the validation score the
+rule chose by (``selected_val_<metric>`` in the run's summary: the number to tune a sweep on).
 
 A row of ``rounds_per_user.jsonl`` (one per user and evaluated round, written by the server):
 ``{"round", "user_id", "partition_id", "n_val", "n_test", "val": {metric: score}, "test": {metric: score}}``
@@ -39,17 +40,20 @@ ROUNDS_FILE = "rounds_per_user.jsonl"
 NO_VAL = "no validation examples"
 NOT_SCORED = "not scored at the chosen round"
 NO_PANEL = "no user has a validation score at every evaluated round"
+SELECTED_VAL = "selected_val_{}"  # the summary key of selected_validation's score of a metric
 
 
 @dataclass(frozen=True)
 class Selection:
     """Each user's chosen round; ``round`` is best_val's one round (None for the other rules or
-    with no panel); ``fallback`` names the users that report the final round instead, and why."""
+    with no panel) and ``panel`` the users whose mean validation score chose it; ``fallback``
+    names the users that report the final round instead, and why."""
 
     rule: str
     rounds: dict[str, int]
     round: int | None = None
     fallback: dict[str, str] = field(default_factory=dict)
+    panel: tuple[str, ...] = ()
 
     def counts(self) -> dict[str, int]:
         """How many users fell back to the final round, per reason."""
@@ -100,7 +104,8 @@ def select_rounds(val: Mapping[str, Mapping[int, float]], rule: str, lower_is_be
         if r == candidates[0] or _better(mean, best_mean, lower_is_better):
             chosen, best_mean = r, mean
     rounds = {u: chosen if chosen in val[u] else final_round for u in users}
-    return Selection(rule, rounds, round=chosen, fallback={u: NOT_SCORED for u in users if chosen not in val[u]})
+    return Selection(rule, rounds, round=chosen, fallback={u: NOT_SCORED for u in users if chosen not in val[u]},
+                     panel=tuple(panel))
 
 
 def selected_rows(rows: list[dict[str, Any]], rule: str, metric: str, lower_is_better: bool,
@@ -115,6 +120,24 @@ def selected_rows(rows: list[dict[str, Any]], rule: str, metric: str, lower_is_b
     by_key = {(row["user_id"], int(row["round"])): row for row in rows}
     chosen = {u: by_key[(u, r)] for u, r in selection.rounds.items() if (u, r) in by_key}
     return chosen, selection
+
+
+def selected_validation(rows: list[dict[str, Any]], rule: str, metric_names: list[str], lower_is_better: bool,
+                        final_round: int) -> dict[str, float]:
+    """``selected_val_<metric>`` for each metric: the mean validation score, at the rounds ``rule``
+    picks (on the headline, ``metric_names[0]``), of the users the rule chose by. final: every
+    user scored at the last round; best_val: the panel at the chosen round (for the headline, the
+    mean the rule optimised); best_val_per_user: each user at its own best round. Users without
+    validation examples, and those that fell back to the final round, are left out of the mean;
+    NaN when no user is left (e.g. no validation split at all). This one number is what a sweep
+    tunes on (offline or through a W&B agent), never a test score."""
+    chosen, selection = selected_rows(rows, rule, metric_names[0], lower_is_better, final_round)
+    users = selection.panel if selection.round is not None else [u for u in chosen if u not in selection.fallback]
+    out = {}
+    for metric in metric_names:
+        values = [float(chosen[u]["val"][metric]) for u in users if u in chosen and _finite(chosen[u]["val"].get(metric))]
+        out[SELECTED_VAL.format(metric)] = math.fsum(values) / len(values) if values else math.nan
+    return out
 
 
 def read_rounds(run_dir: Path, up_to: int | None = None) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import resource
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,80 +21,30 @@ from tqdm.auto import tqdm
 
 from fedpeft import messages as wire
 from fedpeft import metrics as M
+from fedpeft.activity import by_activity
 from fedpeft.checkpoint import Checkpoint, RunIdentity
 from fedpeft.config import Config
 from fedpeft.data import get_benchmark
+from fedpeft.data.user_groups import new_user_indices
+from fedpeft.exchange import LazyMessages, exchange, worker_unavailable
 from fedpeft.files import atomic_write
 from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
 from fedpeft.reporting import RunReporter
 from fedpeft.scoring import corpus_scores
-from fedpeft.selection import ROUNDS_FILE, apply_selection, describe, read_rounds, round_row
+from fedpeft.selection import (
+    ROUNDS_FILE,
+    apply_selection,
+    describe,
+    read_rounds,
+    round_row,
+    selected_validation,
+)
 from fedpeft.store import AdapterStore, timeout_note
 from fedpeft.strategies import make_strategy
-from fedpeft.strategies.base import Phase
+from fedpeft.strategies.base import NEW_USERS, Phase
 
 NODE_WAIT_SECONDS = 120
 UNAVAILABLE_RETRIES, UNAVAILABLE_WAIT = 60, 1.0  # a worker Ray restarts takes calls again within a minute
-
-
-def worker_unavailable(reply: Message) -> bool:
-    """A call that reached a worker while Ray was restarting it: it never ran. (The call that was
-    running when the worker died says "Socket closed" or "died" instead, and is not sent again.)"""
-    return reply.has_error() and "actor is restarting" in reply.error.reason
-
-
-class LazyMessages(Sequence):
-    """``count`` messages, each built by ``build(i)`` only when a slice of them is taken (as the
-    message window reaches them), so that a call to thousands of users does not hold thousands
-    of messages, each with its own copy of the run's config, at once."""
-
-    def __init__(self, count: int, build: Callable[[int], Message]) -> None:
-        self.count, self.build = count, build
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self.build(i) for i in range(*index.indices(self.count))]
-        if not -self.count <= index < self.count:
-            raise IndexError(index)
-        return self.build(index % self.count)
-
-
-def exchange(grid: Grid, messages: Sequence[Message], no_reply_timeout: float,
-             on_reply: Callable[[Message], None] | None = None, window: int = 0) -> list[Message | None]:
-    """Push messages and pull their replies, calling ``on_reply`` as each one arrives; at most
-    ``window`` messages are in flight at once (0: all of them). Returns each message's reply, in
-    the order of ``messages``; None for those still unanswered (or never pushed) when no reply at
-    all has arrived for ``no_reply_timeout`` seconds (a lost worker or node).
-
-    Why a window: Flower's in-memory simulation state keeps the messages in flight in one store,
-    and its fleet thread (``vce_api.add_messages_to_queue``) calls ``get_message_ins`` for every
-    node every 0.1 s, which scans that whole store; so a scan costs nodes x messages in flight."""
-    window = window or len(messages)
-    ids: list[str] = []
-    pending: set[str] = set()
-    replies: dict[str, Message] = {}
-    last_reply = time.monotonic()
-    while pending or len(ids) < len(messages):
-        if len(pending) < window and len(ids) < len(messages):
-            pushed = list(grid.push_messages(messages[len(ids):len(ids) + window - len(pending)]))
-            ids += pushed
-            pending.update(pushed)
-        got = list(grid.pull_messages(pending))
-        for reply in got:
-            pending.discard(reply.metadata.reply_to_message_id)
-            replies[reply.metadata.reply_to_message_id] = reply
-            if on_reply:
-                on_reply(reply)
-        if got:
-            last_reply = time.monotonic()
-        elif time.monotonic() - last_reply > no_reply_timeout:
-            break
-        else:
-            time.sleep(0.05)
-    return [replies.get(i) for i in ids] + [None] * (len(messages) - len(ids))
 
 
 class FederatedRun:
@@ -115,12 +64,15 @@ class FederatedRun:
         self.task = get_benchmark(config).task()
         self.metric_names = list(self.task.metrics)  # the first one is the headline
         n = len(self.user_ids)
+        self.new_users = new_user_indices(config, n)  # held out of every cohort; trained and scored at the end
+        held_out = set(self.new_users)
+        self.trained_users = [i for i in range(n) if i not in held_out]
         self.failures: list[dict[str, Any]] = []  # one record per failed call: round, call, user, reason
         self.rounds_trained = np.zeros(n, dtype=int)
         self.last_round = np.zeros(n, dtype=int)  # the round that wrote each user's stored adapter
         self.examples_processed = np.zeros(n, dtype=np.int64)
         self.worker_loads: dict[int, int] = {}
-        self.totals = {"bytes_down": 0, "bytes_up": 0}
+        self.totals = {"bytes_down": 0, "bytes_up": 0, "bytes_down_eval": 0}
         self.shared = dict(initial_shared)
         self.done_rounds, self.wall_before = 0, 0.0
         self.call_seconds = 0.0  # time spent inside client calls (the workers' side), for timings
@@ -152,7 +104,7 @@ class FederatedRun:
         self.examples_processed[:] = p["examples_processed"]
         self.failures = list(p["failures"])
         self.worker_loads = {int(k): int(v) for k, v in p["worker_loads"].items()}
-        self.totals = dict(p["totals"])
+        self.totals = {"bytes_down_eval": 0, **p["totals"]}
         self.wall_before = float(p["wall_seconds"])
 
     # ---- plumbing ------------------------------------------------------------------------
@@ -256,7 +208,7 @@ class FederatedRun:
     # ---- the run ------------------------------------------------------------------------
     def train_round(self, server_round: int, phase: Phase) -> dict[str, Any]:
         """Train a cohort and aggregate into ``self.shared``; returns the round's record."""
-        cohort = self.strategy.sample_cohort(list(range(len(self.user_ids))), server_round, phase)
+        cohort = self.strategy.sample_cohort(self.trained_users, server_round, phase)
         ok, down = self.call(cohort, TRAIN, server_round, self.shared, phase.name)
         for reply in ok:
             user = partition_id(reply)
@@ -278,13 +230,16 @@ class FederatedRun:
         }
 
     def evaluate(self, server_round: int, users: list[int], phase: str) -> list[Message]:
-        return self.call(users, EVALUATE, server_round, self.shared, phase)[0]
+        """Score ``users``; evaluation messages carry the shared part too (``bytes_down_eval``)."""
+        replies, down = self.call(users, EVALUATE, server_round, self.shared, phase)
+        self.totals["bytes_down_eval"] += down
+        return replies
 
     def eval_users(self, server_round: int) -> list[int]:
         """Everyone at the last round; at an intermediate one a seeded sample, the same users every
         round (so that per-round scores, and the rounds chosen on validation, compare like with like)."""
         fed = self.config.federation
-        everyone = list(range(len(self.user_ids)))
+        everyone = self.trained_users  # new users are scored once, after their fine-tune at the end
         size = max(1, round(fed.eval_fraction * len(everyone)))
         if fed.eval_max_users:
             size = min(size, fed.eval_max_users)
@@ -307,10 +262,10 @@ class FederatedRun:
                                         "rounds_s": [], "messages": [], "call_s": [], "final_eval_s": 0.0,
                                         "workers": simulation_workers(self.config)}
         final: list[Message] = []
-        users = list(range(len(self.user_ids)))
+        users = self.trained_users
         calls = {r: len(self.strategy.sample_cohort(users, r, phase)) + (len(self.eval_users(r)) if self.evaluated(r) else 0)
                  for r, phase in self.schedule()}
-        self.bar.total = sum(calls.values())
+        self.bar.total = sum(calls.values()) + len(self.new_users) * (3 if self.accounting.get("new_users_as_is") else 2)
         self.bar.update(sum(n for r, n in calls.items() if r <= self.done_rounds))
         if self.done_rounds:
             self.bar.write(f"resuming {self.run_dir.name} after round {self.done_rounds}/{self.total_rounds}")
@@ -318,6 +273,7 @@ class FederatedRun:
             if server_round <= self.done_rounds:
                 continue
             round_start, self.call_seconds = time.time(), 0.0
+            eval_bytes_before = self.totals["bytes_down_eval"]
             record = self.train_round(server_round, phase)
             self.totals["bytes_down"] += record["bytes_down"]
             self.totals["bytes_up"] += record["bytes_up"]
@@ -331,12 +287,14 @@ class FederatedRun:
                 record["n_evaluated"] = len(final)
                 if server_round == self.total_rounds:
                     self.timings["final_eval_s"] = time.time() - eval_start
+            record["bytes_down_eval"] = self.totals["bytes_down_eval"] - eval_bytes_before
             self.timings["rounds_s"].append(time.time() - round_start)
             self.timings["messages"].append(messages)
             self.timings["call_s"].append(self.call_seconds)
             record.update({"round": server_round, "seconds": time.time() - round_start,
                            "failed_calls_total": len(self.failures),
-                           "bytes_down_total": self.totals["bytes_down"], "bytes_up_total": self.totals["bytes_up"]})
+                           "bytes_down_total": self.totals["bytes_down"], "bytes_up_total": self.totals["bytes_up"],
+                           "bytes_down_eval_total": self.totals["bytes_down_eval"]})
             self.reporter.log_round(record)
             self.done_rounds = server_round
             self.checkpoint().save(self.run_dir)  # the round is complete
@@ -347,8 +305,39 @@ class FederatedRun:
             eval_start = time.time()
             final = self.evaluate(self.total_rounds, users, self.schedule()[-1][1].name)
             self.timings["final_eval_s"] = time.time() - eval_start
+        new_start = time.time()
+        new = self.run_new_users()
+        self.timings["new_users_s"] = time.time() - new_start
         self.bar.close()
-        return self.finish(final, self.wall_before + time.time() - self.started)
+        return self.finish(final, new, self.wall_before + time.time() - self.started)
+
+    def run_new_users(self) -> dict[str, list[Message]]:
+        """The new users (``data.new_users``), after the last round: each takes the final shared
+        part, trains what the strategy gives a new user (its private part; fedavg: the whole
+        model) on its own training split, and is scored. Where the final shared part is a new
+        user's whole model (fedavg), it is also scored before the fine-tune ("as_is"). The
+        checkpoint then records each new user's adapter (for export); a resumed run does it all
+        again from the start (the same final shared part and seeds: the same results)."""
+        if not self.new_users:
+            return {"new": [], "as_is": []}
+        self.last_round[self.new_users] = 0  # they start from the common init, also when done before
+        self.examples_processed[self.new_users] = 0
+        last = self.schedule()[-1][1].name
+        fine_tune_round = self.total_rounds + 1  # its seed and store file; never a round of the schedule
+        as_is = self.evaluate(self.total_rounds, self.new_users, last) if self.accounting.get("new_users_as_is") else []
+        trained, down = self.call(self.new_users, TRAIN, fine_tune_round, self.shared, NEW_USERS)
+        self.totals["bytes_down"] += down
+        for reply in trained:
+            user = partition_id(reply)
+            self.last_round[user] = fine_tune_round
+            self.examples_processed[user] += int(reply.content.metric_records["metrics"]["examples_processed"])
+        self.checkpoint().save(self.run_dir)
+        new = self.evaluate(fine_tune_round, [partition_id(r) for r in trained], last)
+        headline = self.metric_names[0]
+        values = [r.content.metric_records["metrics"][headline] for r in new]
+        self.bar.write(f"new users: fine-tuned {len(trained)}/{len(self.new_users)}, {headline} "
+                       f"{float(np.mean(values)) if values else float('nan'):.4f}")
+        return {"new": new, "as_is": as_is}
 
     def log_round_scores(self, server_round: int, replies: list[Message]) -> dict[str, float]:
         """Keep (and append to ``rounds_per_user.jsonl``) each scored user's validation and test
@@ -384,16 +373,21 @@ class FederatedRun:
             out[name] = stats["mean"]
         return out
 
-    def finish(self, final: list[Message], wall: float) -> dict[str, Any]:
+    def finish(self, final: list[Message], new: dict[str, list[Message]], wall: float) -> dict[str, Any]:
+        """The run's results: ``final``, the trained users' last evaluation; ``new``, the new users'
+        scores after their fine-tune (and, fedavg, before it: "as_is")."""
         totals = self.totals
         if self.shared:
             tensors = {k: v.contiguous() for k, v in self.shared.items()}
             atomic_write(self.run_dir / "shared_final.safetensors", lambda tmp: save_file(tensors, tmp))
-        scores = {partition_id(r): r for r in final}
+        scores = {partition_id(r): r for r in final + new["new"]}
+        as_is = {partition_id(r): r for r in new["as_is"]}
+        held_out = set(self.new_users)
         last_failure = {f["partition_id"]: f for f in self.failures}  # the latest failure of each user
         per_user, predictions = [], []
         for index, user_id in enumerate(self.user_ids):
-            row: dict[str, Any] = {"user_id": user_id, "partition_id": index, "rounds_trained": int(self.rounds_trained[index]),
+            row: dict[str, Any] = {"user_id": user_id, "partition_id": index, "group": "new" if index in held_out else "trained",
+                                   "rounds_trained": int(self.rounds_trained[index]),
                                    "examples_processed": int(self.examples_processed[index]),
                                    "failed_calls": sum(f["partition_id"] == index for f in self.failures)}
             if index not in scores:  # a user scored at the end counts as scored, whatever failed before
@@ -401,14 +395,18 @@ class FederatedRun:
                 row.update(status="failed", error=failure["error"], traceback=failure["traceback"])
             else:
                 m, info = scores[index].content.metric_records["metrics"], scores[index].content.config_records["info"]
-                row.update(status="ok", n_test=int(m["n_test"]), error="", **{name: m[name] for name in self.metric_names})
-                predictions.append({"user_id": user_id, "sample_ids": list(info["sample_ids"]), "predictions": list(info["predictions"])})
+                row.update(status="ok", n_test=int(m["n_test"]), n_train=int(m["n_train"]), error="",
+                           **{name: m[name] for name in self.metric_names})
+                if index in as_is:
+                    row.update({f"as_is_{name}": as_is[index].content.metric_records["metrics"][name] for name in self.metric_names})
+                predictions.append({"user_id": user_id, "group": row["group"], "sample_ids": list(info["sample_ids"]),
+                                    "predictions": list(info["predictions"])})
             per_user.append(row)
         store = AdapterStore(self.config.output.store_dir, self.identity.run_id)
         store.keep_only(dict(zip(self.user_ids, self.last_round.tolist())))  # each user's final adapter only
         stored = [store.bytes_stored(u, int(r)) for u, r in zip(self.user_ids, self.last_round)]
-        ok = [row for row in per_user if row["status"] == "ok"]
-        n_failed = len(per_user) - len(ok)
+        ok = [row for row in per_user if row["status"] == "ok" and row["group"] == "trained"]
+        n_failed = len(self.trained_users) - len(ok)
         skipped = get_benchmark(self.config).skipped_users()
         rule = self.config.federation.select
         selection_info: dict[str, Any] = {"rule": rule, "metric": self.metric_names[0], "file": ROUNDS_FILE}
@@ -421,13 +419,23 @@ class FederatedRun:
             selection_info.update(round=selection.round, fallback=selection.counts(),
                                   description=describe(selection, self.total_rounds))
         summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed, "n_skipped": len(skipped), **chosen}
+        # the sweep metric: the validation score the rule chose by (never a test score)
+        summary.update(selected_validation(self.round_scores, rule, self.metric_names,
+                                           self.metric_names[0] in M.LOWER_IS_BETTER, self.total_rounds))
+        groups = {"trained": {"users": len(self.trained_users), **summary}}
+        if self.new_users:
+            groups.update(self.new_user_groups(per_user, scores, as_is))
+            summary.update({f"{group}_{key}": value for group in ("new", "new_as_is") for key, value in groups.get(group, {}).items()
+                            if key in self.metric_names or key in ("n_evaluated", "n_failed")})
         results = {
             "metrics": self.metric_names,
             "headline": "corpus" if self.task.corpus_metrics else "mean over users",
             "strategy": self.config.federation.strategy, "benchmark": self.config.data.benchmark,
             "model": self.config.model.name, "num_users": len(self.user_ids), "rounds": self.total_rounds,
-            "summary": summary, "selection": selection_info, "wall_seconds": wall, "run_dir": str(self.run_dir),
-            "communication": {**totals, "bytes_total": totals["bytes_down"] + totals["bytes_up"]},
+            "summary": summary, "groups": groups, "by_activity": self.activity(per_user), "selection": selection_info, "wall_seconds": wall, "run_dir": str(self.run_dir),
+            # bytes_total: the training traffic (down and up); evaluation messages carry the shared part down too
+            "communication": {**totals, "bytes_total": totals["bytes_down"] + totals["bytes_up"],
+                              "bytes_total_with_eval": totals["bytes_down"] + totals["bytes_up"] + totals["bytes_down_eval"]},
             "parameters": {k: v for k, v in self.accounting.items() if k != "pretrain_examples"},
             "private_bytes_per_user": {"mean": float(np.mean(stored)) if stored else 0.0, "max": int(max(stored, default=0))},
             "failed_users": {row["user_id"]: row["error"] for row in per_user if row["status"] != "ok"},
@@ -441,8 +449,32 @@ class FederatedRun:
             "timings": {**getattr(self, "timings", {}),
                         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
-        self.reporter.write_final(per_user, results, predictions, self.metric_names, self.failures, selected=rule != "final")
+        self.reporter.write_final(per_user, results, predictions, self.metric_names, self.failures, selected=rule != "final",
+                                  as_is=bool(as_is))
         return results
+
+    def new_user_groups(self, per_user: list[dict[str, Any]], scores: dict[int, Message],
+                        as_is: dict[int, Message]) -> dict[str, dict[str, Any]]:
+        """The new users' summaries: after the fine-tune ("new") and, fedavg, before it ("new_as_is")."""
+        scored = [row["partition_id"] for row in per_user if row["group"] == "new" and row["status"] == "ok"]
+        count = len(self.new_users)
+        groups = {"new": {"users": count, "n_evaluated": len(scored), "n_failed": count - len(scored),
+                          **self.scores([scores[i] for i in scored])}}
+        if as_is:
+            groups["new_as_is"] = {"users": count, "n_evaluated": len(as_is), "n_failed": count - len(as_is),
+                                   **self.scores(list(as_is.values()))}
+        return groups
+
+    def activity(self, per_user: list[dict[str, Any]]) -> dict[str, Any]:
+        """Per group, the scored users binned by their number of training examples
+        (:func:`fedpeft.activity.by_activity`), every metric's mean per bin."""
+        out: dict[str, Any] = {}
+        for group in ("trained", "new"):
+            rows = [row for row in per_user if row["group"] == group and row["status"] == "ok"]
+            if rows:
+                out[group] = by_activity({row["user_id"]: row for row in rows}, {row["user_id"]: row["n_train"] for row in rows},
+                                         self.metric_names)
+        return out
 
 
 def simulated_nodes(config: Config, num_users: int) -> int:

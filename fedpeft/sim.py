@@ -24,6 +24,7 @@ from fedpeft.checkpoint import Checkpoint, RunIdentity
 from fedpeft.cli import sim_args
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark
+from fedpeft.data.user_groups import new_user_indices
 from fedpeft.models import adapter_state, build_model, check_model, fit_size_knob
 from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.reporting import summary_table
@@ -92,7 +93,9 @@ def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, 
                           f"but '{config.model.name}' is an encoder with a classification head. Pick one with --model.")
     keys = loaded.adapter_keys
     strategy.check_compatible(keys)
-    stats = strategy.pretrain(loaded, lambda: [bench.load_user(i) for i in range(len(bench.user_ids()))], bench.task())
+    held_out = set(new_user_indices(config, len(bench.user_ids())))  # new users never train before the end
+    stats = strategy.pretrain(loaded, lambda: [bench.load_user(i) for i in range(len(bench.user_ids())) if i not in held_out],
+                              bench.task())
     if stats is not None:
         print(f"{strategy.name}: trained centrally in the driver before the simulation: {stats}")
     state = adapter_state(loaded)
@@ -105,8 +108,11 @@ def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, 
     def numel(subset: list[str]) -> int:
         return int(sum(state[k].numel() for k in subset))
 
+    new_user = strategy.new_user_keys(keys)  # what a new user trains on top of the final shared part
     accounting = {"adapter_params": numel(keys), "trainable_params_per_user": numel(trainable),
-                  "shared_params": numel(shared), "private_params": numel(private),
+                  "shared_params": numel(shared), "private_params": numel(private), "new_user_params": numel(new_user),
+                  # the final shared part alone is a new user's whole model (fedavg): scored before its fine-tune too
+                  "new_users_as_is": int(set(new_user) <= set(shared)),
                   "pretrain_examples": int(stats["examples"]) if stats else 0}
     return {k: state[k] for k in shared}, accounting
 

@@ -5,7 +5,11 @@ Each run is started exactly as ``wandb agent`` starts it (:func:`agent_command`,
 ``wandb.wandb_agent.Agent._command_run`` with wandb's own command helpers): the sweep's
 ``command`` with its macros (``${args}``, ``${args_json_file}``, ...), ``WANDB_SWEEP_ID``,
 ``WANDB_RUN_ID`` and ``WANDB_SWEEP_PARAM_PATH`` set, and W&B offline (``wandb sync`` later).
-The metric in ``metric.name`` is read back from what the run logged and given to the engine.
+The metric in ``metric.name`` is read back from the run's summary, built as W&B builds the run's
+summary (:func:`logged_metrics`), and given to the engine: an offline sweep and a ``wandb agent``
+see the same number. Tune on ``selected_val_<metric>`` (e.g. ``selected_val_accuracy``), the
+validation score at the rounds ``federation.select`` picks; ``accuracy`` and ``accuracy_mean``
+are test scores.
 
 The engine is the ``sweeps`` package (``next_run``); it pins numpy < 2, so it runs in an
 interpreter of its own: ``--engine-python PATH`` (a venv with ``pip install sweeps``), or this
@@ -24,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fedpeft.selection import SELECTED_VAL
 
 ENGINE = """
 import json, sys
@@ -80,15 +86,40 @@ def agent_command(sweep: dict[str, Any], args: dict[str, Any], run_id: str, swee
     return command, env
 
 
+def _numbers(record: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.items() if isinstance(v, (int, float))}
+
+
 def logged_metrics(search_root: Path, run_id: str) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """(last values, history) of what the fedpeft run with W&B id ``run_id`` logged with
-    ``wandb.log``: the run folder holding ``wandb/offline-run-*-<run_id>``, its metrics.jsonl."""
+    """(summary, history) of the fedpeft run with W&B id ``run_id`` (the run folder holding
+    ``wandb/offline-run-*-<run_id>``), built as W&B builds them: the history is metrics.jsonl (what
+    ``RunReporter.log_round`` logs every round), the summary each key's last logged value, then
+    overwritten by ``results.json``'s ``summary`` (what ``RunReporter.write_final`` puts into the
+    W&B summary; absent when the run did not finish)."""
     found = sorted(search_root.rglob(f"offline-run-*-{run_id}"))
     if not found:
         return {}, []
-    lines = (found[0].parent.parent / "metrics.jsonl").read_text().splitlines()
-    history = [{k: v for k, v in json.loads(line).items() if isinstance(v, (int, float))} for line in lines]
-    return (history[-1] if history else {}), history
+    run_dir = found[0].parent.parent
+    history = [_numbers(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary: dict[str, float] = {}
+    for record in history:
+        summary.update(record)
+    results = run_dir / "results.json"
+    if results.is_file():
+        summary.update(_numbers(json.loads(results.read_text())["summary"]))
+    return summary, history
+
+
+def tuning_on_test_warning(metric: str, summary: dict[str, float]) -> str:
+    """A warning when ``metric`` is a test score (``accuracy``, ``accuracy_mean``, ...) of a metric
+    the run also reports as a validation score at the selected rounds; '' otherwise."""
+    prefix = SELECTED_VAL.format("")
+    for key in sorted(summary):
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name and (metric == name or metric.startswith(f"{name}_")):
+            return (f"fedpeft.sweep: warning: metric.name '{metric}' is a TEST score; a sweep tuned on it reports "
+                    f"test scores chosen on test. Tune on the validation score: metric: {{name: {key}, goal: ...}}")
+    return ""
 
 
 def run_sweep(sweep: dict[str, Any], count: int, engine_python: str, cwd: Path) -> list[dict[str, Any]]:
@@ -109,6 +140,8 @@ def run_sweep(sweep: dict[str, Any], count: int, engine_python: str, cwd: Path) 
         if metric and metric not in summary and code == 0:
             raise SystemExit(f"fedpeft.sweep: metric.name '{metric}' was not logged by the run; fedpeft logs "
                              f"{', '.join(sorted(summary)) or 'nothing (is --wandb=offline in the command?)'}.")
+        if metric and not runs and tuning_on_test_warning(metric, summary):
+            print(tuning_on_test_warning(metric, summary), file=sys.stderr, flush=True)
         runs.append({"name": run_id, "state": "finished" if code == 0 else "failed", "config": args,
                      "summary": summary, "history": history, "exitcode": code})
     return runs

@@ -2,10 +2,12 @@
 
 Two paths, chosen by the backbone's kind:
 - encoder: a classification head; cross-entropy over the task's labels (``classification`` and
-  ``rating``), or per-label sigmoid (``multilabel``: labels above 0.5, at least the top one);
+  ``rating``), or per-label sigmoid (``multilabel``: the labels above 0.5, at least the top one,
+  listed by decreasing logit, so the first is the most confident: the one the headline scores);
 - seq2seq / causal (text-to-text): the target is the label text (multi-label joined by ", "),
   the rating, or the gold text; the loss covers the answer tokens only; predictions are greedy
-  generations mapped back to labels leniently.
+  generations mapped back to labels leniently (multi-label: in the order generated, so the
+  first valid label is the one the headline scores; see :mod:`fedpeft.scoring`).
 """
 
 from __future__ import annotations
@@ -321,7 +323,8 @@ def few_shot_layout(n_history: int) -> Layout:
 @torch.no_grad()
 def predict(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config: Config,
             shots: list[Example] | None = None) -> list[str]:
-    """One prediction per example: a label, labels joined by ', ' (multilabel), or text."""
+    """One prediction per example: a label, labels joined by ', ' (multilabel: most confident
+    first), or text."""
     model = loaded.model
     if model.training:  # train_user leaves it in eval mode; switching walks every module
         model.eval()
@@ -334,7 +337,8 @@ def predict(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config
         if loaded.kind == "encoder":
             logits = model(**tokens.batch(chunk)).logits.float()
             if task.kind == "multilabel":
-                chosen = [(row > 0).nonzero().flatten().tolist() or [int(row.argmax())] for row in logits]
+                ranked = logits.argsort(dim=-1, descending=True, stable=True).tolist()  # ties: label order
+                chosen = [[i for i in order if row[i] > 0] or order[:1] for row, order in zip(logits.tolist(), ranked)]
                 out += [", ".join(task.labels[i] for i in ids) for ids in chosen]
             else:
                 out += [task.labels[i] for i in logits.argmax(-1).tolist()]

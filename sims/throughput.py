@@ -12,8 +12,10 @@ tokens, padded per batch to its longest row), the same backbone and adapter (LoR
 ``peft.*`` of the config, head trained, seeded as ``fedpeft.models.build_model`` seeds it), R
 rounds of S optimizer steps of B examples per user, the same batches in the same order (each
 call's shuffle drawn from the seed of (seed, user, round), as fedpeft's clients draw it), a fresh
-AdamW per call, and at the end every user's test split predicted once. Each variant runs in its
-own fresh interpreter, one after another:
+AdamW per call, and at the end every user's test and validation splits predicted once (fedpeft
+scores both in every evaluation, since validation chooses the reported round; the reference loops
+do the same work, and the table counts the examples each variant predicted). Each variant runs in
+its own fresh interpreter, one after another:
 
 - ``fedpeft-local_only`` / ``fedpeft-fedavg``: ``python -m fedpeft.sim`` (Flower on Ray, its
   default actors: ``ray.client_cpus=1``, one actor per core, one torch thread each);
@@ -31,7 +33,8 @@ own fresh interpreter, one after another:
 evaluation; it includes Flower's messages and each worker's first backbone build); "whole
 process" is the subprocess's wall time from launch to exit (interpreter start, imports, model
 loads, Ray, the final evaluation). Examples/s counts training examples (forward + backward) in
-both. Ratios are to the plain loop of the same strategy.
+both; evaluation examples count the test and validation rows predicted at the end. Ratios are to
+the plain loop of the same strategy.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 def workload_overrides(args: argparse.Namespace, model: str) -> list[str]:
     """The fedpeft config keys of the workload: what every variant reads, and fedpeft.sim gets."""
     return [f"model.name={model}", f"data.num_users={args.users}", f"data.train_per_user={args.train_per_user}",
-            f"data.test_per_user={args.test_per_user}", f"federation.rounds={args.rounds}",
+            f"data.val_per_user={args.val_per_user}", f"data.test_per_user={args.test_per_user}",
+            f"federation.rounds={args.rounds}",
             f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
             f"seed={args.seed}"]
 
@@ -97,6 +101,7 @@ class UserWork:
     user_id: str
     train: dict[str, torch.Tensor]  # input_ids, token_type_ids, attention_mask (padded to max_length), labels
     test: dict[str, torch.Tensor]
+    val: dict[str, torch.Tensor]  # empty without validation examples
 
 
 @dataclass
@@ -113,6 +118,10 @@ class Workload:
         """Examples trained on (forward + backward) over the whole run, all users and rounds."""
         return sum(len(rows) for u in range(len(self.users)) for r in range(1, self.config.federation.rounds + 1)
                    for rows in self.steps(u, r))
+
+    def eval_examples(self) -> int:
+        """Examples predicted in the final evaluation: every user's test and validation splits."""
+        return sum(len(w.test["labels"]) + len(w.val.get("labels", ())) for w in self.users)
 
 
 def model_path(name: str) -> str:
@@ -149,6 +158,8 @@ def build_workload(overrides: list[str]) -> Workload:
     index = {label: i for i, label in enumerate(task.labels)}
 
     def tensors(examples) -> dict[str, torch.Tensor]:
+        if not examples:
+            return {}
         for ex in examples:
             if ex.history or len(tokenizer(ex.text)["input_ids"]) > budget:
                 raise ValueError(f"example {ex.id} has history or is over {budget} tokens: fedpeft would fit its "
@@ -162,7 +173,7 @@ def build_workload(overrides: list[str]) -> Workload:
     users = []
     for i, user_id in enumerate(bench.user_ids()):
         data = bench.load_user(i)
-        users.append(UserWork(user_id, tensors(data.train), tensors(data.test)))
+        users.append(UserWork(user_id, tensors(data.train), tensors(data.test), tensors(data.val)))
     return Workload(config, path, tuple(task.labels), users)
 
 
@@ -226,15 +237,34 @@ def train_call(model, work: Workload, user_index: int, server_round: int) -> tup
 
 
 @torch.no_grad()
-def accuracy(model, work: Workload, user_index: int) -> float:
-    """Predict the user's test split (``train.eval_batch_size`` rows at a time); its accuracy."""
-    model.eval()
-    data, bs, right = work.users[user_index].test, work.config.train.eval_batch_size, 0
-    n = len(data["labels"])
-    for start in range(0, n, bs):
-        inputs, labels = batch(data, slice(start, start + bs))
+def split_accuracy(model, data: dict[str, torch.Tensor], batch_size: int) -> tuple[float, int]:
+    """Predict one split (``batch_size`` rows at a time): (accuracy, rows predicted)."""
+    n, right = len(data.get("labels", ())), 0
+    for start in range(0, n, batch_size):
+        inputs, labels = batch(data, slice(start, start + batch_size))
         right += int((model(**inputs).logits.argmax(-1) == labels).sum())
-    return right / n
+    return (right / n if n else float("nan")), n
+
+
+def evaluate_user(model, work: Workload, user_index: int) -> tuple[float, int]:
+    """The user's final evaluation as fedpeft's ``run_evaluate`` does it: the test split and the
+    validation split predicted (``train.eval_batch_size`` rows at a time); (test accuracy, rows
+    predicted). The validation accuracy is computed, as fedpeft does, and not reported."""
+    model.eval()
+    user, bs = work.users[user_index], work.config.train.eval_batch_size
+    test_accuracy, n_test = split_accuracy(model, user.test, bs)
+    _val_accuracy, n_val = split_accuracy(model, user.val, bs)
+    return test_accuracy, n_test + n_val
+
+
+def final_evaluation(model_of, work: Workload) -> tuple[float, int]:
+    """Every user evaluated with ``model_of(u)``: (mean test accuracy over users, rows predicted)."""
+    scores, predicted = [], 0
+    for u in range(len(work.users)):
+        score, n = evaluate_user(model_of(u), work, u)
+        scores.append(score)
+        predicted += n
+    return float(np.mean(scores)), predicted
 
 
 def fedavg(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
@@ -262,13 +292,14 @@ def run_plain(work: Workload, strategy: str = "local_only") -> dict:
             states = {u: shared for u in states}
     train_s = time.time() - started
     started = time.time()
-    scores = []
-    for u in range(len(work.users)):
+
+    def with_adapter(u: int):
         load_adapter(model, states[u])
-        scores.append(accuracy(model, work, u))
-    return {"train_s": train_s, "eval_s": time.time() - started, "examples": examples,
-            "accuracy": float(np.mean(scores)), "train_loss_last_round": _last_round_loss(losses, work),
-            "model_builds": 1}
+        return model
+
+    score, predicted = final_evaluation(with_adapter, work)
+    return {"train_s": train_s, "eval_s": time.time() - started, "examples": examples, "eval_examples": predicted,
+            "accuracy": score, "train_loss_last_round": _last_round_loss(losses, work), "model_builds": 1}
 
 
 def run_flowertune(work: Workload) -> dict:
@@ -289,15 +320,17 @@ def run_flowertune(work: Workload) -> dict:
             del model
     train_s = time.time() - started
     started = time.time()
-    scores = []
-    for u in range(len(work.users)):
+
+    def built(u: int):
+        nonlocal builds
         model = build_peft_model(work, seeded=False)
         builds += 1
         load_adapter(model, states[u])
-        scores.append(accuracy(model, work, u))
-    return {"train_s": train_s, "eval_s": time.time() - started, "examples": examples,
-            "accuracy": float(np.mean(scores)), "train_loss_last_round": _last_round_loss(losses, work),
-            "model_builds": builds}
+        return model
+
+    score, predicted = final_evaluation(built, work)
+    return {"train_s": train_s, "eval_s": time.time() - started, "examples": examples, "eval_examples": predicted,
+            "accuracy": score, "train_loss_last_round": _last_round_loss(losses, work), "model_builds": builds}
 
 
 def _last_round_loss(losses: list[float], work: Workload) -> float:
@@ -383,9 +416,9 @@ def run_pfl(work: Workload) -> dict:
     if sorted(set(calls.values())) != [rounds]:
         raise RuntimeError(f"pfl did not train every user once per round: calls per user {calls}")
     started = time.time()
-    scores = [accuracy(net.net, work, u) for u in range(n_users)]
-    return {"train_s": train_s, "eval_s": time.time() - started, "examples": examples,
-            "accuracy": float(np.mean(scores)), "model_builds": 1}
+    score, predicted = final_evaluation(lambda u: net.net, work)
+    return {"train_s": train_s, "eval_s": time.time() - started, "examples": examples, "eval_examples": predicted,
+            "accuracy": score, "model_builds": 1}
 
 
 IN_PROCESS = {"plain-local_only": lambda w: run_plain(w, "local_only"), "plain-fedavg": lambda w: run_plain(w, "fedavg"),
@@ -424,8 +457,17 @@ def run_fedpeft(strategy: str, overrides: list[str], out: Path) -> dict:
     t = results["timings"]
     return {"whole_s": whole, "train_s": sum(t["rounds_s"]) - t["final_eval_s"], "eval_s": t["final_eval_s"],
             "before_round1_s": t["run_started_at"] + t["discovery_s"] - launched,
-            "examples": results["compute"]["examples_processed_total"], "accuracy": results["summary"]["accuracy"],
+            "examples": results["compute"]["examples_processed_total"],
+            "eval_examples": fedpeft_eval_examples(out / name, results["rounds"]),
+            "accuracy": results["summary"]["accuracy"],
             "model_builds": 1 + sum(results["workers"].values()) if results.get("workers") else None}
+
+
+def fedpeft_eval_examples(run_dir: Path, final_round: int) -> int:
+    """The rows a fedpeft run predicted in its final evaluation: each user's test and validation
+    examples, as its ``rounds_per_user.jsonl`` records them for the last round."""
+    rows = [json.loads(line) for line in (run_dir / "rounds_per_user.jsonl").read_text().splitlines()]
+    return sum(r["n_test"] + r["n_val"] for r in rows if r["round"] == final_round)
 
 
 def run_subprocess(variant: str, args: argparse.Namespace, model: str) -> dict:
@@ -433,9 +475,9 @@ def run_subprocess(variant: str, args: argparse.Namespace, model: str) -> dict:
         result_file = Path(f.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--run-variant", variant, "--result-file", str(result_file),
            "--model", model, "--users", str(args.users), "--train-per-user", str(args.train_per_user),
-           "--test-per-user", str(args.test_per_user), "--rounds", str(args.rounds), "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
-           "--threads", str(args.threads)]
+           "--val-per-user", str(args.val_per_user), "--test-per-user", str(args.test_per_user),
+           "--rounds", str(args.rounds), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads)]
     launched = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     whole = time.time() - launched
@@ -447,19 +489,21 @@ def run_subprocess(variant: str, args: argparse.Namespace, model: str) -> dict:
         result_file.unlink(missing_ok=True)
 
 
-def table(rows: list[dict], expected: int) -> str:
+def table(rows: list[dict], expected: int, expected_eval: int) -> str:
     by_name = {r["variant"]: r for r in rows}
-    lines = ["| variant | whole process | training | final eval | training examples | examples/s whole "
-             "| examples/s training | ratio to plain (whole / training) | accuracy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | whole process | training | final eval | training examples | evaluation examples "
+             "| examples/s whole | examples/s training | ratio to plain (whole / training) | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         plain = by_name.get(f"plain-{r['variant'].split('-', 1)[1]}")
         ratio = "—"
         if plain:
             ratio = f"{plain['whole_s'] / r['whole_s']:.2f}x / {plain['train_s'] / r['train_s']:.2f}x"
         flag = "" if r["examples"] == expected else f" (expected {expected})"
+        eval_flag = "" if r["eval_examples"] == expected_eval else f" (expected {expected_eval})"
         lines.append(f"| {r['variant']} | {r['whole_s']:.1f} s | {r['train_s']:.1f} s | {r['eval_s']:.1f} s | "
-                     f"{r['examples']:,}{flag} | {r['examples'] / r['whole_s']:.1f} | {r['examples'] / r['train_s']:.1f} | "
+                     f"{r['examples']:,}{flag} | {r['eval_examples']:,}{eval_flag} | "
+                     f"{r['examples'] / r['whole_s']:.1f} | {r['examples'] / r['train_s']:.1f} | "
                      f"{ratio} | {r['accuracy']:.4f} |")
     if "fedpeft-fedavg" in by_name and "pfl-fedavg" in by_name:
         f, p = by_name["fedpeft-fedavg"], by_name["pfl-fedavg"]
@@ -476,6 +520,9 @@ def parser() -> argparse.ArgumentParser:
                     "2-layer random BERT built in a temporary folder) or a local folder")
     ap.add_argument("--users", type=int, default=20, help="synthetic users (data.num_users)")
     ap.add_argument("--train-per-user", type=int, default=16, help="training examples per user")
+    ap.add_argument("--val-per-user", type=int, default=Config().data.val_per_user,
+                    help="validation examples per user, predicted once at the end with the test examples "
+                    "(fedpeft scores both in every evaluation)")
     ap.add_argument("--test-per-user", type=int, default=24, help="test examples per user, predicted once at the end")
     ap.add_argument("--rounds", type=int, default=3, help="rounds: every user trains once per round")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per user per round (train.steps)")
@@ -519,9 +566,11 @@ def main(argv: list[str] | None = None) -> int:
 
             model = str(save_tiny_bert(Path(tmp) / "tiny-bert"))
         overrides = workload_overrides(args, model)
-        expected = build_workload(overrides).training_examples()
+        work = build_workload(overrides)
+        expected, expected_eval = work.training_examples(), work.eval_examples()
         print(f"workload: {args.users} users x {args.rounds} rounds x {args.steps} steps x {args.batch_size} examples "
-              f"= {expected:,} training examples; model {args.model}", file=sys.stderr, flush=True)
+              f"= {expected:,} training examples, {expected_eval:,} evaluation examples (test + validation); "
+              f"model {args.model}", file=sys.stderr, flush=True)
         for repeat in range(args.repeat):  # variants interleaved: a busy spell hits all of them
             for variant in variants:
                 strategy = variant.split("-", 1)[1]
@@ -534,9 +583,10 @@ def main(argv: list[str] | None = None) -> int:
     medians = [median_row([r for r in rows if r["variant"] == v]) for v in variants]
     if args.repeat > 1:
         print(f"medians of {args.repeat} repeats")
-    print(table(medians, expected))
+    print(table(medians, expected, expected_eval))
     if args.json:
-        args.json.write_text(json.dumps({"expected_examples": expected, "args": {k: str(v) for k, v in vars(args).items()},
+        args.json.write_text(json.dumps({"expected_examples": expected, "expected_eval_examples": expected_eval,
+                                         "args": {k: str(v) for k, v in vars(args).items()},
                                          "medians": medians, "rows": rows}, indent=2))
     return 0
 

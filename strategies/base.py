@@ -25,6 +25,7 @@ from fedpeft.messages import transport_state
 State = dict[str, torch.Tensor]
 HEAD_PATTERN = re.compile(r"(^|\.)(classifier|score)\.")
 LAYER_PATTERN = re.compile(r"\.(?:layer|layers|block|h)\.(\d+)\.")
+NEW_USERS = "new_users"  # the phase name of a new user's fine-tune (data.new_users), after the last round
 
 
 def is_head(key: str) -> bool:
@@ -95,6 +96,14 @@ class Strategy:
 
     def phases(self) -> list[Phase]:
         return [Phase("federated", self.config.federation.rounds)]
+
+    def new_user_keys(self, keys: list[str]) -> list[str]:
+        """What a new user (``data.new_users``) trains on top of the final shared part: the keys
+        private in the last phase (its own personal part); with nothing private there (fedavg),
+        every key the last phase trains: the global model, fine-tuned."""
+        last = self.phases()[-1].name
+        trained = [k for k in keys if not self.is_frozen(k, last)]
+        return [k for k in trained if not self.is_shared(k, last)] or trained
 
     def shared_keys(self, keys: list[str]) -> list[str]:
         """Keys shared in any phase: what the server holds and sends down."""

@@ -50,6 +50,7 @@ class Phase:
     frozen: Key = never
     work: list[tuple[Key, int | None]] = field(default_factory=list)  # (keys trained, explicit epochs) per pass
     everyone: bool = False
+    epochs: int | None = None  # the phase's own epoch budget (None: train.steps / train.epochs)
 
 
 def phases(cfg: Config) -> tuple[list[Phase], tuple[str, ...]]:
@@ -63,7 +64,7 @@ def phases(cfg: Config) -> tuple[list[Phase], tuple[str, ...]]:
         return [Phase("federated", rounds, shared=always, work=plain)], ()
     if name == "fedavg_ft":
         return [Phase("federated", rounds, shared=always, work=plain),
-                Phase("finetune", 1, work=[(always, s.finetune_epochs)], everyone=True)], ()
+                Phase("finetune", 1, work=[(always, s.finetune_epochs)], everyone=True, epochs=s.finetune_epochs)], ()
     if name == "fedper":
         def lower(k: str) -> bool:
             return not is_head(k) and layer_of(k) is not None and layer_of(k) < s.fedper_layers
@@ -96,14 +97,25 @@ def phases(cfg: Config) -> tuple[list[Phase], tuple[str, ...]]:
     raise ValueError(f"the reference does not know strategy {name!r}")
 
 
-def cohort(cfg: Config, n: int, server_round: int) -> list[int]:
+def cohort(cfg: Config, users: list[int], server_round: int) -> list[int]:
     fed = cfg.federation
+    n = len(users)
     size = fed.cohort_size if fed.cohort_size > 0 else round(fed.cohort_fraction * n)
     size = max(1, min(n, size))
     if size == n:
-        return list(range(n))
+        return list(users)
     rng = np.random.default_rng([cfg.seed, 10, server_round])
-    return sorted(int(u) for u in rng.choice(list(range(n)), size=size, replace=False))
+    return sorted(int(u) for u in rng.choice(list(users), size=size, replace=False))
+
+
+def new_users(cfg: Config, n: int) -> list[int]:
+    """data.new_users as its documentation states it: a fraction (rounded, at least 1) or a count,
+    drawn with data.seed alone."""
+    share = cfg.data.new_users
+    if share <= 0:
+        return []
+    count = max(1, round(share * n)) if share < 1 else int(share)
+    return sorted(int(i) for i in np.random.default_rng([cfg.data.seed, 60]).choice(n, size=count, replace=False))
 
 
 def call_seed(cfg: Config, user: int, server_round: int) -> int:
@@ -155,6 +167,9 @@ class Outcome:
     shared: State
     private: dict[str, State]
     scores: dict[str, dict[str, float]]
+    new_users: list[str] = field(default_factory=list)
+    as_is: dict[str, dict[str, float]] = field(default_factory=dict)  # new users before the fine-tune (fedavg)
+    new_examples: dict[str, float] = field(default_factory=dict)  # examples each new user's fine-tune processed
 
 
 def run_reference(cfg: Config) -> Outcome:
@@ -174,12 +189,14 @@ def run_reference(cfg: Config) -> Outcome:
         if "local" in extra:
             set_feddpa_mix(loaded.model, cfg.peft.alpha, cfg.peft.r, cfg.strategy.feddpa_mix)
 
+    held_out = new_users(cfg, len(users))
+    trained = [u for u in range(len(users)) if u not in held_out]
     server_round = 0
     for phase in plan:
         for _ in range(phase.rounds):
             server_round += 1
             sent = []
-            for u in (range(len(users)) if phase.everyone else cohort(cfg, len(users), server_round)):
+            for u in (trained if phase.everyone else cohort(cfg, trained, server_round)):
                 compose(u)
                 anchor = {k: v for k, v in server.items() if phase.shared(k)} if fedprox else None
                 examples = bench.load_user(u).train
@@ -197,15 +214,30 @@ def run_reference(cfg: Config) -> Outcome:
                 for k, v in update(server_round, current, sent).items():
                     server[k] = torch.from_numpy(np.asarray(v, dtype=np.float32))
 
-    scores = {}
-    for u, user_id in enumerate(users):
+    def score(u: int) -> dict[str, float]:
         compose(u)
         test = bench.load_user(u).test
         predicted = predict(loaded, test, task, cfg)
         golds = [set(ex.labels) for ex in test]
-        scores[user_id] = {"accuracy": float(np.mean([p in g for p, g in zip(predicted, golds)])),
-                           "macro_f1": macro_f1(predicted, golds)}
-    return Outcome(server, {users[u]: state for u, state in private.items()}, scores)
+        return {"accuracy": float(np.mean([p in g for p, g in zip(predicted, golds)])), "macro_f1": macro_f1(predicted, golds)}
+
+    # new users: the final shared part, then the last phase's private keys (all it trains when it
+    # keeps nothing private: fedavg) trained on the user's own data for new_user_epochs (0: the
+    # last phase's budget), one pass, seeded with the round after the last
+    last = plan[-1]
+    own = [k for k in keys if not last.shared(k) and not last.frozen(k)] or [k for k in keys if not last.frozen(k)]
+    as_is = {users[u]: score(u) for u in held_out} if all(k in shared_any for k in own) else {}
+    new_examples = {}
+    for u in held_out:
+        compose(u)
+        new_examples[users[u]] = train_user(loaded, bench.load_user(u).train, task, cfg, call_seed(cfg, u, server_round + 1),
+                   trainable=set(own).__contains__, epochs=cfg.federation.new_user_epochs or last.epochs, lr=cfg.train.lr)["examples"]
+        state = adapter_state(loaded)
+        private[u] = {k: state[k] for k in own}
+
+    scores = {user_id: score(u) for u, user_id in enumerate(users)}
+    return Outcome(server, {users[u]: state for u, state in private.items()}, scores, [users[u] for u in held_out], as_is,
+                   new_examples)
 
 
 def macro_f1(predicted: list[str], golds: list[set[str]]) -> float:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 
 from fedpeft.data import TaskSpec
 from fedpeft.scoring import (
+    KIND_METRICS,
     corpus_scores,
     lamp_macro_f1,
     lamp_rating,
     peft_u_parse,
-    reduce_prediction,
     score,
+    top_label,
+    valid_labels,
 )
 
 STUDEMO = ("anger", "anticipation", "arousal", "disgust", "fear", "joy", "sadness", "surprise", "trust", "valence")
@@ -30,20 +33,93 @@ def test_classification_gold_set_rule():
     assert score("classification", ["x", "y"], [("x", "z"), ("z",)])["accuracy"] == 0.5
 
 
-def test_multilabel_any_overlap_and_peft_u_pairs():
-    preds = [["joy", "fear"], "sadness, joy", ["anger"], [], ["bogus", "trust"]]
-    golds = [("fear",), ("joy",), ("joy", "trust"), ("joy",), ("trust",)]
+def test_multilabel_metrics_by_hand():
+    preds = [["joy", "fear"], "sadness, joy", ["anger"], [], ["bogus", "trust", "trust"], ["fear", "joy"]]
+    golds = [("fear",), ("joy",), ("joy", "trust"), ("joy",), ("trust",), ("joy", "fear")]
     out = score("multilabel", preds, golds, labels=STUDEMO)
-    # reduced (pred, truth): (fear, fear) (joy, joy) (anger, joy) ('', joy) (trust, trust)
-    # F1: fear 1, joy 2/(2+2)=0.5, anger 0, '' 0, trust 1 -> 2.5 / 5
-    assert out == pytest.approx({"accuracy": 0.6, "macro_f1": 0.5})
+    # valid P (bogus dropped, repeat dropped) | top | top gold? | any | 2|P&G|/(|P|+|G|) | |P&G|/|P|G|
+    # 1 {joy, fear}      vs {fear}        joy      no   yes   2/3   1/2
+    # 2 {sadness, joy}   vs {joy}         sadness  no   yes   2/3   1/2
+    # 3 {anger}          vs {joy, trust}  anger    no   no    0     0
+    # 4 {}               vs {joy}         ''       no   no    0     0   (no valid label: wrong, 0)
+    # 5 {trust}          vs {trust}       trust    yes  yes   1     1
+    # 6 {fear, joy}      vs {joy, fear}   fear     yes  yes   1     1
+    # macro-F1 pairs (top, truth = top if gold else first gold):
+    # (joy, fear) (sadness, joy) (anger, joy) ('', joy) (trust, trust) (fear, fear)
+    # '' 0, anger 0, sadness 0; fear tp 1 fn 1 -> 2/3; joy fp 1 fn 3 -> 0; trust 1  => (2/3 + 1) / 6
+    expected = {"accuracy": 2 / 6, "macro_f1": (2 / 3 + 1) / 6, "example_f1": (2 / 3 + 2 / 3 + 1 + 1) / 6,
+                "jaccard": (1 / 2 + 1 / 2 + 1 + 1) / 6, "accuracy_any": 4 / 6}
+    assert out == pytest.approx(expected)
+    assert list(out) == list(KIND_METRICS["multilabel"])
 
 
-def test_reduce_prediction_follows_get_pred_id():
-    assert reduce_prediction(["a", "b"], ["b", "c"]) == ("b", "b")           # first predicted label that is gold
-    assert reduce_prediction(["a", "d"], ["b", "c"]) == ("a", "b")           # wrong: first prediction vs first gold
-    assert reduce_prediction(["zz", "d"], ["b"], labels=["b", "d"]) == ("d", "b")  # labels outside the list dropped
-    assert reduce_prediction(["zz"], ["b"], labels=["b", "d"]) == ("", "b")
+def test_multilabel_metric_list_puts_the_top_label_accuracy_first():
+    assert KIND_METRICS["multilabel"] == ("accuracy", "macro_f1", "example_f1", "jaccard", "accuracy_any")
+
+
+def test_multilabel_without_a_label_list_keeps_every_predicted_label():
+    out = score("multilabel", ["bogus, joy"], [("joy",)])
+    # top 'bogus' (wrong); P {bogus, joy}: example-F1 2/3, Jaccard 1/2, any overlap
+    assert out == pytest.approx({"accuracy": 0.0, "macro_f1": 0.0, "example_f1": 2 / 3, "jaccard": 0.5, "accuracy_any": 1.0})
+
+
+def test_top_label_is_the_first_valid_predicted_label():
+    assert top_label(["a", "b"]) == "a"                                    # order is confidence, not gold
+    assert top_label(["zz", "d", "b"], labels=["b", "d"]) == "d"           # labels outside the list dropped
+    assert top_label(["zz"], labels=["b", "d"]) == "" and top_label([]) == ""
+    assert valid_labels(["d", "zz", "b", "d"], labels=["b", "d"]) == ["d", "b"]  # order kept, repeats dropped
+    # a classification prediction given as a list is its top label too, never "any of them"
+    assert score("classification", [["b", "a"]], [("a",)], labels=["a", "b"])["accuracy"] == 0.0
+
+
+# A hand-made multi-label user: its training gold sets rank a (5) > b (3) > c (2) > d (1) > e (0);
+# its test gold sets are mostly single labels. (With large gold sets, as studemo's 3.7 of 10, a
+# constant top-k does raise example-F1 and Jaccard; the headline and macro-F1 never rise.)
+LABELS5 = ("a", "b", "c", "d", "e")
+TRAIN_GOLDS = [("a",), ("a", "b"), ("a",), ("a", "c"), ("a",), ("b",), ("b", "c"), ("d",)]
+TEST_GOLDS = [("a",), ("a",), ("a", "b"), ("b",), ("c",), ("a",), ("d",), ("a", "c")]
+
+
+def _constant(prediction: list[str]) -> dict[str, float]:
+    return score("multilabel", [prediction] * len(TEST_GOLDS), TEST_GOLDS, labels=LABELS5)
+
+
+def test_predicting_more_labels_never_beats_the_top_label():
+    ranked = [label for label, _ in Counter(x for g in TRAIN_GOLDS for x in g).most_common()]
+    assert ranked == ["a", "b", "c", "d"]
+    top1 = _constant(ranked[:1])
+    assert top1["accuracy"] == pytest.approx(5 / 8)  # top-1 'a': gold in 5 of 8 test examples
+    guesses = {"top-2": ranked[:2], "top-3": ranked[:3], "all, by frequency": [*ranked, "e"],
+               "all, in label order": list(LABELS5), "all, reversed": list(reversed(LABELS5))}
+    for name, guess in guesses.items():
+        out = _constant(guess)
+        for metric in ("accuracy", "macro_f1", "example_f1", "jaccard"):
+            assert out[metric] <= top1[metric] + 1e-12, (name, metric, out[metric], top1[metric])
+        assert out["accuracy_any"] >= top1["accuracy_any"], name
+    for name in ("top-2", "top-3", "all, by frequency"):  # the same top label: the same headline and macro-F1
+        out = _constant(guesses[name])
+        assert (out["accuracy"], out["macro_f1"]) == pytest.approx((top1["accuracy"], top1["macro_f1"])), name
+    assert top1["accuracy_any"] == pytest.approx(5 / 8)  # one label: the lenient rule is the headline
+    everything = _constant(list(LABELS5))
+    assert everything["accuracy_any"] == 1.0  # PEFT-U's rule: every label predicted, every example "right"
+    assert everything["accuracy"] == pytest.approx(5 / 8)  # top label 'a' again
+    assert _constant(list(reversed(LABELS5)))["accuracy"] == 0.0  # top label 'e' is never gold
+    # all five labels: example-F1 per example 2|G| / (5 + |G|), Jaccard |G| / 5
+    assert everything["example_f1"] == pytest.approx((6 * 2 / 6 + 2 * 4 / 7) / 8)
+    assert everything["jaccard"] == pytest.approx((6 * 1 / 5 + 2 * 2 / 5) / 8)
+
+
+def test_corpus_scores_of_a_multilabel_task_pool_every_example():
+    task = TaskSpec("multilabel", LABELS5, KIND_METRICS["multilabel"])
+    users = [([["a", "b"], ["c"]], [("b",), ("c", "d")]), ([["e", "a"]], [("a",)])]
+    preds = [p for ps, _ in users for p in ps]
+    golds = [g for _, gs in users for g in gs]
+    out = corpus_scores(task, preds, golds)
+    assert list(out) == list(KIND_METRICS["multilabel"])
+    # tops a (wrong), c (right), e (wrong); pairs (a, b) (c, c) (e, a): a 0, b 0, c 1, e 0 -> 1/4
+    # P {a,b} vs {b}: F1 2/3, J 1/2; {c} vs {c,d}: 2/3, 1/2; {e,a} vs {a}: 2/3, 1/2
+    assert out == pytest.approx({"accuracy": 1 / 3, "macro_f1": 1 / 4, "example_f1": 2 / 3,
+                                 "jaccard": 1 / 2, "accuracy_any": 1.0})
 
 
 def test_peft_u_lenient_parse():

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.selection import NO_PANEL, NO_VAL, NOT_SCORED, select_rounds, selected_rows
+from fedpeft.selection import (
+    NO_PANEL,
+    NO_VAL,
+    NOT_SCORED,
+    select_rounds,
+    selected_rows,
+    selected_validation,
+)
 from tests.inprocess_grid import run_in_process
 from tests.test_run_outputs import tiny_config
 
@@ -92,6 +99,42 @@ def test_no_test_score_influences_the_choice(rule):
     if rule != "final":  # while the validation scores do decide
         moved = {**VAL, "a": {**VAL["a"], 5: 0.99}, "b": {**VAL["b"], 5: 0.99}}
         assert selected_rows(rows_of(moved, tests[0]), rule, "accuracy", False, 5)[1].rounds["a"] == 5
+
+
+def two_metric_rows(val: dict[str, dict[int, float]]) -> list[dict]:
+    """Rows with validation accuracy ``val`` and a second metric, macro_f1 = round / 10 (+ 0.01 for
+    "b"), that no rule chooses by; test scores 1 - val (they never count)."""
+    return [{"round": r, "user_id": u, "partition_id": i, "n_val": 0 if math.isnan(v) else 8, "n_test": 10,
+             "val": {} if math.isnan(v) else {"accuracy": v, "macro_f1": r / 10 + 0.01 * (u == "b")},
+             "test": {"accuracy": 1 - v, "macro_f1": 0.0}}
+            for i, u in enumerate(sorted(val)) for r, v in sorted(val[u].items())]
+
+
+@pytest.mark.parametrize("rule, accuracy, macro_f1", [
+    ("final", (0.55 + 0.65) / 2, (0.5 + 0.51) / 2),  # a and b at round 5; c has no validation examples
+    ("best_val", (0.60 + 0.70) / 2, (0.4 + 0.41) / 2),  # round 4's mean over the panel (a, b): what the rule maximised
+    ("best_val_per_user", (0.75 + 0.70) / 2, (0.2 + 0.41) / 2),  # a at 2, b at 4; c (no validation) left out
+])
+def test_selected_validation_is_the_validation_score_the_rule_chose_by(rule, accuracy, macro_f1):
+    got = selected_validation(two_metric_rows(VAL), rule, ["accuracy", "macro_f1"], False, 5)
+    assert got == {"selected_val_accuracy": pytest.approx(accuracy), "selected_val_macro_f1": pytest.approx(macro_f1)}
+
+
+def test_selected_validation_leaves_out_the_users_that_fell_back_and_is_nan_without_validation():
+    # s: outside the intermediate sample; f: failed round 2 (see the panel test above)
+    val = {"a": {1: 0.2, 2: 0.9, 3: 0.5}, "b": {1: 0.4, 2: 0.8, 3: 0.6}, "s": {3: 1.0}, "f": {1: 1.0, 3: 0.0}}
+    rows = two_metric_rows(val)
+    assert selected_validation(rows, "best_val", ["accuracy"], False, 3) == {"selected_val_accuracy": pytest.approx(0.85)}
+    assert selected_validation(rows, "best_val_per_user", ["accuracy"], False, 3)["selected_val_accuracy"] == \
+        pytest.approx((0.9 + 0.8 + 1.0 + 1.0) / 4)
+    assert selected_validation(rows, "final", ["accuracy"], False, 3)["selected_val_accuracy"] == \
+        pytest.approx((0.5 + 0.6 + 1.0 + 0.0) / 4)
+    mae = {"a": {1: 1.0, 2: 0.5, 3: 0.5, 4: 0.9}, "b": {1: 0.8, 2: 0.9, 3: 0.3, 4: 0.2}}
+    assert selected_validation(two_metric_rows(mae), "best_val", ["accuracy"], True, 4)["selected_val_accuracy"] == \
+        pytest.approx(0.4)  # lower is better: round 3
+    none = {"a": {1: math.nan, 2: math.nan}, "b": {1: math.nan, 2: math.nan}}
+    for rule in ("final", "best_val", "best_val_per_user"):
+        assert math.isnan(selected_validation(two_metric_rows(none), rule, ["accuracy"], False, 2)["selected_val_accuracy"])
 
 
 # ---- through a run --------------------------------------------------------------------------

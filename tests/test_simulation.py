@@ -197,7 +197,7 @@ def test_peft_u_multilabel_task_runs_through_the_entry_point(tiny_bert, tmp_path
     results = json.loads((tmp_path / "peftu" / "results.json").read_text())
     assert results["num_users"] == 3 and results["summary"]["n_evaluated"] == 3
     assert results["summary"]["n_skipped"] == 1 and "annotator9" in results["skipped_users"]
-    assert results["metrics"] == ["accuracy", "macro_f1"]
+    assert results["metrics"] == ["accuracy", "macro_f1", "example_f1", "jaccard", "accuracy_any"]  # top label first
     preds = [json.loads(line) for line in (tmp_path / "peftu" / "predictions.jsonl").read_text().splitlines()]
     assert all(set(p.split(", ")) <= set(labels) for row in preds for p in row["predictions"])
 

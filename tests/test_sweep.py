@@ -16,7 +16,7 @@ import yaml
 
 from fedpeft.assemble import apply_sweep_parameters
 from fedpeft.config import Config, ConfigError
-from fedpeft.sweep import agent_command, run_sweep
+from fedpeft.sweep import agent_command, logged_metrics, run_sweep, tuning_on_test_warning
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ENGINE_VENV = Path(os.environ.get("FEDPEFT_SWEEPS_VENV", Path.home() / ".cache" / "fedpeft-test-sweeps"))
@@ -57,6 +57,29 @@ def test_agent_command_is_wandbs_and_sweep_parameters_reach_the_config(tmp_path,
         apply_sweep_parameters(Config())
 
 
+def test_logged_metrics_are_the_runs_wandb_summary_and_history(tmp_path):
+    """What the offline engine gets, built as W&B builds a run's summary: each key's last logged
+    value (metrics.jsonl), overwritten by results.json's summary (RunReporter.write_final); a run
+    that did not finish has no results.json, and the history alone makes its summary."""
+    run = tmp_path / "runs" / "r"
+    (run / "wandb" / "offline-run-20260101_000000-abc123").mkdir(parents=True)
+    lines = [{"round": 1, "phase": "federated", "accuracy": 0.5, "val_accuracy": 0.4, "train_loss": 1.0},
+             {"round": 2, "phase": "federated", "train_loss": 0.5}]  # round 2 not evaluated
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary, history = logged_metrics(tmp_path, "abc123")
+    assert history == [{"round": 1, "accuracy": 0.5, "val_accuracy": 0.4, "train_loss": 1.0}, {"round": 2, "train_loss": 0.5}]
+    assert summary == {"round": 2, "accuracy": 0.5, "val_accuracy": 0.4, "train_loss": 0.5}
+    (run / "results.json").write_text(json.dumps({"summary": {"accuracy": 0.75, "selected_val_accuracy": 0.6, "n_failed": 0}}))
+    summary, _ = logged_metrics(tmp_path, "abc123")
+    assert summary == {"round": 2, "accuracy": 0.75, "val_accuracy": 0.4, "train_loss": 0.5, "selected_val_accuracy": 0.6,
+                       "n_failed": 0}
+    assert logged_metrics(tmp_path, "other") == ({}, [])
+    # tuning on a test score is named as such, with the validation score to use instead
+    for test_score in ("accuracy", "accuracy_mean", "accuracy_p10"):
+        assert "selected_val_accuracy" in tuning_on_test_warning(test_score, summary)
+    assert tuning_on_test_warning("selected_val_accuracy", summary) == tuning_on_test_warning("val_accuracy", summary) == ""
+
+
 TINY = {"model.name": None, "data.num_users": 2, "data.train_per_user": 8, "data.val_per_user": 2,
         "data.test_per_user": 4, "federation.rounds": 1, "train.steps": 1, "train.batch_size": 4,
         "output.progress": False, "ray.num_cpus": 2}
@@ -68,7 +91,7 @@ def test_readme_sweep_and_a_bayes_sweep_run_with_wandbs_engine(tiny_bert, tmp_pa
     constants = {k: {"value": str(tiny_bert) if v is None else v} for k, v in TINY.items()}
     grid = readme_sweep()
     grid["parameters"] = {**grid["parameters"], **constants}
-    bayes = {**grid, "method": "bayes", "metric": {"name": "accuracy_mean", "goal": "maximize"},
+    bayes = {**grid, "method": "bayes", "metric": {"name": "selected_val_accuracy", "goal": "maximize"},
              "parameters": {"train.lr": {"min": 0.001, "max": 0.01}, "peft.r": {"values": [4, 8]}, **constants}}
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -81,3 +104,7 @@ def test_readme_sweep_and_a_bayes_sweep_run_with_wandbs_engine(tiny_bert, tmp_pa
             assert ran["train"]["lr"] == float(run["config"]["train.lr"]["value"])
             assert ran["peft"]["r"] == run["config"]["peft.r"]["value"]
             assert 0 <= run["summary"]["accuracy_mean"] <= 1
+            # the engine got the run's validation score at the selected round, as a W&B agent would
+            summary = json.loads((offline.parent.parent / "results.json").read_text())["summary"]
+            assert run["summary"]["selected_val_accuracy"] == summary["selected_val_accuracy"]
+            assert 0 <= run["summary"]["selected_val_accuracy"] <= 1

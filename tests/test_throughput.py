@@ -1,8 +1,10 @@
 """sims/throughput.py's reference loops do exactly fedpeft's workload: the same batches, the same
-tokens, the same number of examples, and (same init, same steps) the same losses."""
+tokens, the same number of examples, (same init, same steps) the same losses, and in the final
+evaluation the same predicted examples (test and validation splits, as fedpeft scores both)."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -25,9 +27,41 @@ def _throughput():
 def setup(tiny_bert):
     tp = _throughput()
     # 6 examples, batches of 4, 3 steps: a short batch at the epoch's end, then a reshuffle
-    overrides = [f"model.name={tiny_bert}", "data.num_users=2", "data.train_per_user=6", "data.test_per_user=3",
-                 "federation.rounds=1", "train.steps=3", "train.batch_size=4"]
+    # 5 validation and 3 test examples, evaluated 4 rows at a time: a short batch in each split
+    overrides = [f"model.name={tiny_bert}", "data.num_users=2", "data.train_per_user=6", "data.val_per_user=5",
+                 "data.test_per_user=3", "federation.rounds=1", "train.steps=3", "train.batch_size=4",
+                 "train.eval_batch_size=4"]
     return tp, tp.build_workload(overrides)
+
+
+def fedpeft_predicted(work, tmp_path) -> tuple[int, Path]:
+    """(rows fedpeft's ClientApp predicted in its evaluate calls, the run folder): the workload
+    run in process as sims/throughput.py runs it (the last round evaluated only), every batch
+    of every evaluate call counted as fedpeft's predict announces it."""
+    from fedpeft.messages import EVALUATE
+    from fedpeft.training import batch_listener
+    from tests.inprocess_grid import InProcessGrid, run_in_process
+
+    predicted = []
+
+    class CountingGrid(InProcessGrid):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            app = self.client_app
+
+            def counted(message, context):
+                if message.metadata.message_type != EVALUATE:
+                    return app(message, context)
+                with batch_listener(lambda examples, rows: predicted.append(len(rows))):
+                    return app(message, context)
+
+            self.client_app = counted
+
+    config = copy.deepcopy(work.config)  # the workload's config, written to this test's folder
+    config.output.dir, config.output.name, config.output.progress = str(tmp_path), "fedpeft", False
+    config.federation.strategy, config.federation.eval_every = "local_only", 1000000
+    _, run = run_in_process(config, grid_class=CountingGrid)
+    return sum(predicted), run
 
 
 def test_reference_batches_and_examples_are_fedpeft_s(setup):
@@ -67,6 +101,22 @@ def test_reference_batches_and_examples_are_fedpeft_s(setup):
     mean_fedpeft = sum(fedpeft_losses) / len(fedpeft_losses)
     assert plain["train_loss_last_round"] == pytest.approx(mean_fedpeft, abs=1e-5)
     assert flowertune["train_loss_last_round"] == pytest.approx(mean_fedpeft, abs=1e-5)
+
+
+def test_every_variant_predicts_the_same_examples_in_evaluation(setup, tmp_path):
+    """Before: fedpeft predicted each user's test and validation splits, the reference loops the
+    test split only (3 of 8 rows per user), so fedpeft did 2.7x their evaluation work."""
+    tp, work = setup
+    expected = work.eval_examples()
+    assert expected == 2 * (5 + 3)
+    fedpeft, run = fedpeft_predicted(work, tmp_path)
+    assert fedpeft == expected
+    assert tp.fedpeft_eval_examples(run, work.config.federation.rounds) == expected  # what the script reports for it
+    counts = {"plain-local_only": tp.run_plain(work)["eval_examples"], "plain-fedavg": tp.run_plain(work, "fedavg")["eval_examples"],
+              "flowertune-local_only": tp.run_flowertune(work)["eval_examples"]}
+    if not tp.pfl_available():
+        counts["pfl-fedavg"] = tp.run_pfl(work)["eval_examples"]
+    assert counts == dict.fromkeys(counts, expected)
 
 
 def test_pfl_trains_the_same_examples(setup):

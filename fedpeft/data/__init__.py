@@ -105,7 +105,13 @@ def benchmark_family(name: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _cached_benchmark(family: str, data_json: str) -> Benchmark:
-    return BENCHMARKS[family](Config.from_dict({"data": json.loads(data_json)}))
+    config = Config.from_dict({"data": json.loads(data_json)})
+    bench = BENCHMARKS[family](config)
+    if config.data.max_train_per_user:  # every caller sees the same capped training splits
+        from fedpeft.data.user_groups import CappedBenchmark
+
+        return CappedBenchmark(bench, config.data.max_train_per_user, config.data.seed)  # type: ignore[return-value]
+    return bench
 
 
 def input_length(config: Config) -> int:

@@ -7,8 +7,11 @@
 
 Users are listed in the natural order of their ids (numbers compared as numbers, as PEFT-U's
 ``sort_user_ids``). The label set is the sorted union over all users of the file; the task is "multilabel" when any
-example has more than one label, else "classification"; metrics accuracy and macro-F1 (scored by
-:func:`fedpeft.scoring.score`, where a prediction is correct when any predicted label is gold).
+example has more than one label, else "classification"; its metrics are
+:data:`fedpeft.scoring.KIND_METRICS` of that kind, scored by :func:`fedpeft.scoring.score`:
+accuracy (a single-label prediction is correct when it is gold; a multi-label prediction when
+its most confident label is) and macro-F1, and for multi-label tasks also example-F1, Jaccard
+and PEFT-U's lenient ``accuracy_any`` (correct when any predicted label is gold).
 ``Example.text`` is the raw text; PEFT-U's instruction for the task is in :data:`INSTRUCTIONS`
 for backbones that want a prompt. A user whose train or test split is empty cannot be trained or
 scored: it is skipped with a warning and listed by ``skipped_users()``. Malformed input raises
@@ -74,10 +77,11 @@ from fedpeft.data.peft_u_tasks import (  # noqa: F401
     describe_tasks,
     read_raw,
 )
+from fedpeft.scoring import KIND_METRICS
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: multi-label tasks list the metrics of scoring.KIND_METRICS
 PREPARED_FILE = "user_data_leaked.json"
 DROPPED_FILE = "dropped_users.json"
 EMPTY_SPLITS_FILE = "users-with-empty-dataset-splits.json"
@@ -294,10 +298,11 @@ class PeftUBenchmark(CachedBenchmark):
             warnings.warn(f"PEFT-U {self.task_name}: skipped {len(skipped)} user(s) of {path}: {shown}{more}.", stacklevel=2)
         if not users:
             raise ConfigError(f"PEFT-U {self.task_name}: no usable user in {path} (every user has an empty train or test split).")
+        kind = "multilabel" if multi else "classification"
         return {
             "version": CACHE_VERSION, "family": self.name, "task": self.task_name, "source": str(path),
-            "kind": "multilabel" if multi else "classification", "labels": sorted(labels),
-            "metrics": ["accuracy", "macro_f1"], "users": users, "counts": counts, "skipped": skipped,
+            "kind": kind, "labels": sorted(labels),
+            "metrics": list(KIND_METRICS[kind]), "users": users, "counts": counts, "skipped": skipped,
         }
 
     def load_user(self, index: int) -> UserData:

@@ -109,4 +109,14 @@ class SyntheticBenchmark(Benchmark):
             for sid, text, cell in (self.pool[i] for i in picks)
         ]
         a, b = sizes[0], sizes[0] + sizes[1]
-        return UserData(f"user{index:04d}", examples[:a], examples[a:b], examples[b:])  # user_ids()[index]
+        return UserData(f"user{index:04d}", examples[:self.train_size(index)], examples[a:b], examples[b:])  # user_ids()[index]
+
+    def train_size(self, index: int) -> int:
+        """The user's training examples: ``data.train_per_user``, or with ``data.train_per_user_min``
+        > 0 a count drawn uniformly from [train_per_user_min, train_per_user] (users of different
+        activity; their validation and test examples stay those of the fixed size)."""
+        data = self.config.data
+        if not data.train_per_user_min:
+            return data.train_per_user
+        low = min(data.train_per_user_min, data.train_per_user)
+        return int(np.random.default_rng([data.seed, 4, index]).integers(low, data.train_per_user + 1))
