@@ -12,17 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import Config, ConfigError, build_config, load_yaml, set_key, validate
-from fedpeft.data import benchmark_family
+from fedpeft.data import check_data_keys
 from fedpeft.plugins import import_plugins
 from fedpeft.strategies import get_strategy_class
 
 
 def check_names(config: Config) -> Config:
     """Import the user's plugins, then check that the strategy and benchmark names resolve
-    (each raises a ConfigError listing the known names); returns ``config``."""
+    (each raises a ConfigError listing the known names) and that no ``data.*`` key is set that
+    only another benchmark reads (:func:`fedpeft.data.check_data_keys`); returns ``config``."""
     import_plugins(config.plugins)
     get_strategy_class(config.federation.strategy)
-    benchmark_family(config.data.benchmark)
+    check_data_keys(config)  # also resolves data.benchmark
     return config
 
 

@@ -12,12 +12,12 @@ scores at the round each rule picks come from ``rounds_per_user.jsonl`` (fedpeft
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft.files import json_value
 from fedpeft.metrics import LOWER_IS_BETTER
 from fedpeft.selection import NOT_SCORED, read_rounds, selected_rows
 
@@ -64,7 +64,7 @@ class SeedRun:
             table = list(csv.DictReader(f))
         run = cls(seed, results, {rule: {} for rule in rules})
         metrics_path = run_dir / "metrics.jsonl"
-        run.rounds = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        run.rounds = [json_value(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         ok_trained = set()
         for row in table:
             user, group = row["user_id"], row.get("group") or TRAINED

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -276,9 +277,15 @@ def coerce(key: str, value: Any, target: Any) -> Any:
         if target is float:
             if isinstance(value, bool):
                 raise TypeError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"Config key '{key}' got {value!r}, which is not a finite number: NaN and infinities "
+                                  f"are refused for every number key. Give a finite number, for example `{key}={_example(target)}`.")
+            return number
         if target is str:
             return "" if value is None else str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         name = getattr(target, "__name__", str(target))
         if origin is list:

@@ -15,7 +15,7 @@ import yaml
 
 import fedpeft
 from fedpeft.config import Config
-from fedpeft.files import atomic_write_text
+from fedpeft.files import atomic_write_text, json_text
 from fedpeft.selection import ROUNDS_FILE
 
 
@@ -85,14 +85,14 @@ class RunReporter:
 
     def log_round(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:  # one whole line per write; a torn last line is dropped on resume
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=int(record["round"]))
 
     def log_user_rounds(self, rows: list[dict[str, Any]]) -> None:
         """Append one evaluated round's per-user validation and test scores (one line per user)."""
         with self.rounds_path.open("a") as f:  # whole lines; a torn last line is dropped on resume
-            f.write("".join(json.dumps(row) + "\n" for row in rows))
+            f.write("".join(json_text(row) + "\n" for row in rows))
 
     def write_final(self, per_user: list[dict[str, Any]], results: dict[str, Any], predictions: list[dict[str, Any]],
                     metric_names: list[str], failures: list[dict[str, Any]], selected: bool = False,
@@ -105,9 +105,9 @@ class RunReporter:
         writer.writeheader()
         writer.writerows(per_user)
         atomic_write_text(self.run_dir / "per_user.csv", table.getvalue())
-        atomic_write_text(self.run_dir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in predictions))
-        atomic_write_text(self.run_dir / "failures.json", json.dumps(failures, indent=2))
-        atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=2, default=float))
+        atomic_write_text(self.run_dir / "predictions.jsonl", "".join(json_text(row) + "\n" for row in predictions))
+        atomic_write_text(self.run_dir / "failures.json", json_text(failures, indent=2))
+        atomic_write_text(self.run_dir / "results.json", json_text(results, indent=2))
         if self.wandb_run is not None:
             import wandb
 
@@ -144,7 +144,8 @@ def summary_table(results: dict[str, Any]) -> str:
             g = groups[group]
             rows += [(f"{label}: {m} mean", g[f"{m}_mean"]) for m in results["metrics"]]
             rows.append((f"{label}: scored / failed", f"{g['n_evaluated']} of {g['users']} / {g['n_failed']}"))
-    rows += [("users evaluated", summary["n_evaluated"]), ("users failed", summary["n_failed"]),
+    who = "trained users" if "new" in groups else "users"  # new users have their own lines above
+    rows += [(f"{who} evaluated", summary["n_evaluated"]), (f"{who} failed", summary["n_failed"]),
              ("users skipped (unusable data)", summary["n_skipped"]),
              ("bytes communicated", results["communication"]["bytes_total"]),
              ("trainable params / user", results["parameters"]["trainable_params_per_user"]),
@@ -158,6 +159,11 @@ def summary_table(results: dict[str, Any]) -> str:
     elif results.get("failed_calls"):
         lines.append(f"{results['failed_calls']} call(s) failed during the run, but every user was scored at the end: "
                      f"see {results['run_dir']}/failures.json")
+    diverged = results.get("diverged") or {}
+    if diverged.get("calls"):
+        lines.append(f"{diverged['users']} user(s) diverged in training ({diverged['calls']} call(s) with a non-finite "
+                     "loss or weights; each failed, and its user kept the adapter it had before): lower train.lr or check "
+                     f"the data (reasons in {results['run_dir']}/failures.json)")
     if summary["n_skipped"]:
         lines.append(f"{summary['n_skipped']} user(s) skipped while loading the benchmark: reasons in results.json (skipped_users)")
     return "\n".join(lines)

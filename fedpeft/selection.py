@@ -26,7 +26,6 @@ A row of ``rounds_per_user.jsonl`` (one per user and evaluated round, written by
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import CHOICES
+from fedpeft.files import json_value
 
 RULES = CHOICES["federation.select"]  # final, best_val, best_val_per_user
 ROUNDS_FILE = "rounds_per_user.jsonl"
@@ -147,7 +147,7 @@ def read_rounds(run_dir: Path, up_to: int | None = None) -> list[dict[str, Any]]
     rows = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
-            row = json.loads(line)
+            row = json_value(line)  # a null score is NaN again
         except ValueError:
             continue
         if isinstance(row, dict) and "round" in row and (up_to is None or row["round"] <= up_to):

@@ -24,7 +24,7 @@ from fedpeft import metrics as M
 from fedpeft.activity import by_activity
 from fedpeft.checkpoint import Checkpoint, RunIdentity
 from fedpeft.config import Config
-from fedpeft.data import get_benchmark
+from fedpeft.data import data_summary, get_benchmark
 from fedpeft.data.user_groups import new_user_indices
 from fedpeft.exchange import LazyMessages, exchange, worker_unavailable
 from fedpeft.files import atomic_write
@@ -42,6 +42,7 @@ from fedpeft.selection import (
 from fedpeft.store import AdapterStore, timeout_note
 from fedpeft.strategies import make_strategy
 from fedpeft.strategies.base import NEW_USERS, Phase
+from fedpeft.training import divergence_counts
 
 NODE_WAIT_SECONDS = 120
 UNAVAILABLE_RETRIES, UNAVAILABLE_WAIT = 60, 1.0  # a worker Ray restarts takes calls again within a minute
@@ -440,10 +441,12 @@ class FederatedRun:
             "private_bytes_per_user": {"mean": float(np.mean(stored)) if stored else 0.0, "max": int(max(stored, default=0))},
             "failed_users": {row["user_id"]: row["error"] for row in per_user if row["status"] != "ok"},
             "failed_calls": len(self.failures),
+            "diverged": divergence_counts(self.failures),  # failed calls whose loss or weights became non-finite
             "compute": {"examples_processed_per_user_mean": float(self.examples_processed.mean()) if len(self.user_ids) else 0.0,
                         "examples_processed_total": int(self.examples_processed.sum()),
                         "driver_pretrain_examples": int(self.accounting.get("pretrain_examples", 0))},
             "skipped_users": skipped,
+            "data": data_summary(get_benchmark(self.config)),  # labels, users and examples per split
             "workers": {str(pid): loads for pid, loads in sorted(self.worker_loads.items())},
             # this process's own: wall times of its phases and the driver's peak resident memory
             "timings": {**getattr(self, "timings", {}),

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from fedpeft.files import json_value
 from fedpeft.selection import SELECTED_VAL
 
 ENGINE = """
@@ -100,13 +101,13 @@ def logged_metrics(search_root: Path, run_id: str) -> tuple[dict[str, float], li
     if not found:
         return {}, []
     run_dir = found[0].parent.parent
-    history = [_numbers(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = [_numbers(json_value(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary: dict[str, float] = {}
     for record in history:
         summary.update(record)
     results = run_dir / "results.json"
     if results.is_file():
-        summary.update(_numbers(json.loads(results.read_text())["summary"]))
+        summary.update(_numbers(json_value(results.read_text())["summary"]))
     return summary, history
 
 

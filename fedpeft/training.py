@@ -223,6 +223,38 @@ def seed_torch(loaded: LoadedModel, seed: int) -> None:
 
 # ---- training ---------------------------------------------------------------------------------
 
+class TrainingDiverged(RuntimeError):
+    """A user's loss or trained adapter weights became non-finite (NaN or infinite). The client
+    reports it as that user's failure for the round, before anything is stored: the user's stored
+    adapter stays as the last good round left it."""
+
+
+def is_divergence(reason: str) -> bool:
+    """Whether a failed call's reason (the last line of the client's traceback, as
+    ``failures.json`` records it) is a :class:`TrainingDiverged`."""
+    return reason.startswith(f"{TrainingDiverged.__module__}.{TrainingDiverged.__qualname__}: training diverged")
+
+
+def divergence_counts(failures: list[dict[str, Any]]) -> dict[str, int]:
+    """Of a run's failed calls (``failures.json``'s records), the divergences: ``calls`` and the
+    distinct ``users`` they were of."""
+    diverged = [f for f in failures if is_divergence(f["error"])]
+    return {"calls": len(diverged), "users": len({f["partition_id"] for f in diverged})}
+
+
+def _diverged(what: str, lr: float, detail: str = "") -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged ({what}){detail}. Lower train.lr (this call used {lr:g}) or check "
+                            "this user's data")
+
+
+def _check_finite_weights(params: list[torch.nn.Parameter], step: int, lr: float) -> None:
+    """One device sync for all trained parameters: are they all finite?"""
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+    if not bool(finite):
+        raise _diverged(f"non-finite weights after step {step}", lr)
+
+
 def train_user(
     loaded: LoadedModel,
     examples: list[Example],
@@ -243,6 +275,8 @@ def train_user(
     steps when > 0, else ``train.epochs`` epochs. With ``mu`` > 0 a FedProx term
     mu/2 * ||w - anchor||^2 pulls the keys of ``anchor`` towards it. Returns the mean loss, the
     steps taken and ``examples``: examples processed (forward + backward), for compute accounting.
+    A step's loss that is not finite, or a trained weight that is not at the end, raises
+    :class:`TrainingDiverged`.
     """
     if config.peft.method in NO_TRAINING:
         return {"train_loss": float("nan"), "steps": 0.0, "examples": 0.0}
@@ -257,7 +291,8 @@ def train_user(
     params = set_trainable(loaded, trainable)
     if not params:
         return {"train_loss": float("nan"), "steps": 0.0, "examples": 0.0}
-    optimizer = torch.optim.AdamW(params, lr=lr or tr.lr, weight_decay=tr.weight_decay)
+    lr = lr or tr.lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=tr.weight_decay)
     by_name = loaded.parameters_by_name()
     prox = [(by_name[k], v.to(loaded.device)) for k, v in (anchor or {}).items() if by_name[k].requires_grad] if mu > 0 else []
     loss_fn = encoder_loss if loaded.kind == "encoder" else text_to_text_loss
@@ -272,7 +307,7 @@ def train_user(
     loaded.model.train()
     losses: list[float] = []
     order: list[int] = []
-    for _ in range(total_steps):
+    for step in range(1, total_steps + 1):
         if not order:
             order = rng.permutation(n).tolist()
         idx, order = order[: tr.batch_size], order[tr.batch_size :]
@@ -280,12 +315,15 @@ def train_user(
         announce_batch(examples, idx)
         loss = loss_fn(loaded, [examples[i] for i in idx], task, config, tokens)
         losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise _diverged(f"non-finite loss at step {step}", lr, f": the loss was {losses[-1]}")
         if prox:
             loss = loss + 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in prox)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     loaded.model.eval()
+    _check_finite_weights(params, total_steps, lr)
     return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(total_steps),
             "examples": float(processed)}
 

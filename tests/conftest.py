@@ -63,9 +63,12 @@ def ray_shutdown():
 
 
 def tiny_args(model: Path, out: Path, name: str, *extra: str) -> list[str]:
-    """Arguments of a small, fast run on the tiny model: 6 users, 2 rounds, a few steps."""
+    """Arguments of a small, fast run on the tiny model: 6 users, 2 rounds, a few steps. The
+    synthetic sizes are left out when ``extra`` picks another benchmark with ``--benchmark``
+    (which refuses synthetic-only keys)."""
+    other = "--benchmark" in extra and extra[extra.index("--benchmark") + 1] != "synthetic"
+    sizes = [] if other else ["data.num_users=6", "data.train_per_user=8", "data.val_per_user=2", "data.test_per_user=6"]
     return [
-        "--model", str(model), "--out", str(out), "--name", name, "--rounds", "2",
-        "data.num_users=6", "data.train_per_user=8", "data.val_per_user=2", "data.test_per_user=6",
+        "--model", str(model), "--out", str(out), "--name", name, "--rounds", "2", *sizes,
         "train.steps=2", "train.batch_size=4", "ray.num_cpus=2", "output.progress=false", *extra,
     ]

@@ -90,7 +90,8 @@ def write_prepared(tmp_path: Path, data: dict, name: str = "user_data_leaked.jso
     return path
 
 
-def config(path, tmp_path: Path, task: str = "tweeteval", **data) -> Config:
+def config(path, tmp_path: Path, task: str = "fixture-task", **data) -> Config:
+    """A task name PEFT-U does not have (the default) keeps the fixtures' labels x, y, z."""
     return Config.from_dict({"data": {"benchmark": f"peft-u/{task}", "path": str(path),
                                       "cache_dir": str(tmp_path / "cache"), **data}})
 
@@ -450,5 +451,5 @@ def test_concurrent_builders_agree(tmp_path):
     for t in threads:
         t.join()
     assert not errors and len(results) == 4 and all(r == results[0] for r in results)
-    cache_dirs = list((tmp_path / "cache" / "peft-u").glob("tweeteval-*"))
+    cache_dirs = list((tmp_path / "cache" / "peft-u").glob("fixture-task-*"))
     assert len(cache_dirs) == 1 and not list(cache_dirs[0].rglob("*.tmp"))

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedpeft.config import Config, ConfigError
 
@@ -59,10 +60,13 @@ class TaskSpec:
 
 
 class Benchmark:
-    """Base class: subclasses set ``name`` (the family) and implement the three methods."""
+    """Base class: subclasses set ``name`` (the family) and implement the three methods.
+    ``data_keys`` are the ``data.*`` keys only this family reads; setting one for another
+    benchmark is refused (:func:`check_data_keys`)."""
 
     name: str = ""
     default_max_length: int = 128  # tokens per input when data.max_length is 0
+    data_keys: tuple[str, ...] = ()
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -85,6 +89,26 @@ class Benchmark:
     def load_user(self, index: int) -> UserData:
         raise NotImplementedError
 
+    def split_counts(self) -> list[tuple[int, int, int]]:
+        """(train, val, test) examples of each user, in :meth:`user_ids` order. This default loads
+        every user; benchmarks that know the counts cheaply (a cache index, a config) override it."""
+        counts = []
+        for i in range(len(self.user_ids())):
+            user = self.load_user(i)
+            counts.append((len(user.train), len(user.val), len(user.test)))
+        return counts
+
+
+def data_summary(bench: Benchmark) -> dict[str, Any]:
+    """What a run trained and scored on, for its results.json: the benchmark, its kind and label
+    set, the number of users and of examples per split over all of them, and how many users
+    were skipped while loading (the reasons are in results.json's ``skipped_users``)."""
+    task = bench.task()
+    counts = bench.split_counts()
+    return {"benchmark": bench.config.data.benchmark, "kind": task.kind, "labels": list(task.labels),
+            "users": len(counts), "examples": {s: int(sum(c[i] for c in counts)) for i, s in enumerate(("train", "val", "test"))},
+            "skipped_users": len(bench.skipped_users())}
+
 
 BENCHMARKS: dict[str, type[Benchmark]] = {}
 
@@ -94,11 +118,31 @@ def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:
     return cls
 
 
+def _shown(family: str) -> str:
+    return f"{family}/<task>" if getattr(BENCHMARKS[family], "has_tasks", False) else family
+
+
+def check_data_keys(config: Config) -> None:
+    """Refuse a ``data.*`` key set (to a value other than its default) that only another
+    benchmark family reads, e.g. data.num_users with peft-u/tweeteval: it would be ignored."""
+    family = benchmark_family(config.data.benchmark)
+    own = set(BENCHMARKS[family].data_keys)
+    defaults = Config().data
+    for other, cls in sorted(BENCHMARKS.items()):
+        for key in cls.data_keys:
+            value, default = getattr(config.data, key), getattr(defaults, key)
+            if other != family and key not in own and value != default:
+                raise ConfigError(
+                    f"data.{key}={value!r} applies to the {_shown(other)} benchmark only, and data.benchmark="
+                    f"'{config.data.benchmark}' ignores it. Remove data.{key} (or set it back to {default!r}), or run "
+                    f"--benchmark {_shown(other)}.")
+
+
 def benchmark_family(name: str) -> str:
     """'peft-u/tweeteval' -> 'peft-u'; raises ConfigError for an unknown family."""
     family = name.partition("/")[0]
     if family not in BENCHMARKS:
-        known = ", ".join(f"{f}/<task>" if getattr(BENCHMARKS[f], "has_tasks", False) else f for f in sorted(BENCHMARKS))
+        known = ", ".join(_shown(f) for f in sorted(BENCHMARKS))
         raise ConfigError(f"Unknown benchmark '{name}'. Known benchmarks: {known}.")
     return family
 

@@ -14,6 +14,7 @@ not, they build the same files and the atomic moves keep every file whole.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import re
@@ -46,14 +47,64 @@ def format_error(file: str | Path, record: str, field: str, received: Any, allow
     )
 
 
-def read_json(path: str | Path, hint: str = "") -> Any:
-    """``json.load`` with errors that name the file (and where in it the JSON breaks)."""
+def label_error(file: str | Path, record: str, field: str, label: Any, allowed: tuple[str, ...] | list[str],
+                fix: str = "Fix the label.") -> DataFormatError:
+    """A :class:`DataFormatError` for a label outside the task's labels: names the allowed labels
+    and the closest one (a typo such as 'Hatefull' is the usual cause)."""
+    close = difflib.get_close_matches(str(label), [str(a) for a in allowed], n=1, cutoff=0.5)
+    closest = f"; the closest is '{close[0]}'" if close else ""
+    return format_error(file, record, field, label, f"one of the task's labels: {', '.join(allowed)}{closest}", fix)
+
+
+class JsonObject(dict):
+    """A JSON object read by :func:`read_json` with ``key_names``; ``repeated`` maps each key
+    given more than once to its count (Python's json keeps the last value silently)."""
+
+    repeated: dict[str, int] = {}
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> JsonObject:
+    obj = JsonObject(pairs)
+    if len(obj) != len(pairs):
+        counts: dict[str, int] = {}
+        for key, _ in pairs:
+            counts[key] = counts.get(key, 0) + 1
+        obj.repeated = {k: n for k, n in counts.items() if n > 1}
+    return obj
+
+
+def _first_repeated_key(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], str, int] | None:
+    """(keys leading to the object, the repeated key, its count) of the first object with a
+    repeated key, objects nested in lists included (their keys count as one level deeper)."""
+    if isinstance(value, JsonObject):
+        if value.repeated:
+            key, count = next(iter(value.repeated.items()))
+            return path, key, count
+        children = ((path + (str(k),), v) for k, v in value.items())
+    elif isinstance(value, list):
+        children = ((path, v) for v in value)
+    else:
+        return None
+    for child_path, child in children:
+        found = _first_repeated_key(child, child_path)
+        if found:
+            return found
+    return None
+
+
+def read_json(path: str | Path, hint: str = "", key_names: tuple[str, ...] = ()) -> Any:
+    """``json.load`` with errors that name the file (and where in it the JSON breaks).
+
+    With ``key_names`` (what the keys of an object are at each depth, e.g. ("user id", "split",
+    "sample id")), a key given twice in one object is refused, naming it, where it is, and the
+    file: json would keep the last and drop the others without a word.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"File '{path}' does not exist.{' ' + hint if hint else ''}")
     try:
         with path.open("r", encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f, object_pairs_hook=_json_object if key_names else None)
     except json.JSONDecodeError as err:
         raise DataFormatError(
             f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). "
@@ -61,6 +112,17 @@ def read_json(path: str | Path, hint: str = "") -> Any:
         ) from None
     except UnicodeDecodeError as err:
         raise DataFormatError(f"{path}: not UTF-8 text ({err}). Re-download or re-create the file.") from None
+    found = _first_repeated_key(data) if key_names else None
+    if found:
+        keys, key, count = found
+        name = key_names[len(keys)] if len(keys) < len(key_names) else "key"
+        inside = ", ".join(f"{key_names[i] if i < len(key_names) else 'key'} '{k}'" for i, k in enumerate(keys))
+        raise DataFormatError(
+            f"{path}: {name} '{key}' appears {count} times{' in ' + inside if inside else ''}; JSON keeps only the last "
+            f"one, so the others would be dropped silently. Give each {name} once (merge or rename the "
+            f"duplicates).{' ' + hint if hint else ''}"
+        )
+    return data
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -195,6 +257,9 @@ class CachedBenchmark(Benchmark):
 
     def skipped_users(self) -> dict[str, str]:
         return dict(self.index()["skipped"])
+
+    def split_counts(self) -> list[tuple[int, int, int]]:
+        return [(int(tr), int(va), int(te)) for tr, va, te in self.index()["counts"]]
 
     def driver_files(self) -> list[str]:
         self.index()

@@ -71,6 +71,7 @@ from fedpeft.data.common import (
     UserCache,
     cache_root,
     format_error,
+    label_error,
     read_json,
     source_fingerprint,
 )
@@ -78,7 +79,7 @@ from fedpeft.data.retrieval import PrefixBM25, bm25_top, chronological  # noqa: 
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: repeated question and gold ids refused
 EXAMPLES_VERSION = 2  # the formatted examples' layout: [id, text, [gold], [history items]]
 ITEM_WORDS = 768       # OPPU: get_first_k_tokens(q[key], 768) for the example's own fields
 RETRIEVED_WORDS = 368  # OPPU: get_first_k_tokens(p[key], 368) for retrieved history items
@@ -272,7 +273,16 @@ def _bad_label(task: LampTask, path: Path, record: str, field: str, value: Any) 
     if task.number == 2 and value in LAMP2_OLD_NEWS_CATEGORIES:
         hint = ("This is a news category of the old LaMP-2 (news categorization); this loader reads the current "
                 "LaMP-2 (movie tagging), served under LaMP_2/new/. " + DOWNLOAD_HINT)
-    return format_error(path, record, field, value, f"one of {', '.join(task.labels)}", hint)
+    return label_error(path, record, field, value, task.labels, hint)
+
+
+def _refuse_repeated_id(path: Path, what: str, qid: str, pos: int, first_position: dict[str, int]) -> None:
+    """Record ``qid``'s position; a second question (or gold) with the same id is refused: it
+    would overwrite or merge with the first one (a user lost, or two questions as one)."""
+    if qid in first_position:
+        raise format_error(path, f"{what} {pos}", "id", qid, f"an id no other {what} has (already the id of {what} "
+                           f"{first_position[qid]})", "Use the official LaMP files; each question id appears once.")
+    first_position[qid] = pos
 
 
 def read_questions(task: LampTask, path: Path, time_split: bool) -> list[dict[str, Any]]:
@@ -282,10 +292,13 @@ def read_questions(task: LampTask, path: Path, time_split: bool) -> list[dict[st
         raise format_error(path, "top level", "<root>", type(data).__name__, "a list of questions {id, input, profile}", DOWNLOAD_HINT)
     out = []
     needed = ("id", "input", "profile") + (("user_id",) if time_split else ())
+    first_position: dict[str, int] = {}
     for pos, q in enumerate(data):
         if not isinstance(q, dict):
             raise format_error(path, f"question {pos}", "<question>", type(q).__name__, "an object {id, input, profile}", DOWNLOAD_HINT)
         qid = str(q.get("id", f"<no id; position {pos}>"))
+        if "id" in q:
+            _refuse_repeated_id(path, "question", qid, pos, first_position)
         for key in needed:
             if key not in q:
                 extra = (" The time-based split's questions carry user_id; set data.lamp_split=user for the "
@@ -324,10 +337,12 @@ def read_outputs(task: LampTask, path: Path) -> dict[str, str]:
     if not isinstance(data["golds"], list):
         raise format_error(path, "top level", "golds", type(data["golds"]).__name__, "a list of {id, output}", DOWNLOAD_HINT)
     golds: dict[str, str] = {}
+    first_position: dict[str, int] = {}
     for pos, g in enumerate(data["golds"]):
         if not isinstance(g, dict) or "id" not in g or "output" not in g:
             raise format_error(path, f"gold {pos}", "id/output", g, "an object {id, output}", DOWNLOAD_HINT)
         gid = str(g["id"])
+        _refuse_repeated_id(path, "gold", gid, pos, first_position)
         out = g["output"]
         if task.number == 3:
             out = _score_label(path, f"gold id '{gid}'", "output", out)
@@ -417,6 +432,7 @@ class LampBenchmark(CachedBenchmark):
 
     name = "lamp"
     has_tasks = True
+    data_keys = ("lamp_split", "lamp_questions", "retrieval_k")
     default_max_length = 512  # OPPU's instruction templates are long; retrieved history gives way first
 
     def __init__(self, config) -> None:

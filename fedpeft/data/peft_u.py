@@ -6,7 +6,11 @@
     {user_id: {"train"|"val"|"test": {sample_id: {"text": str, "label": [str, ...]}}}}
 
 Users are listed in the natural order of their ids (numbers compared as numbers, as PEFT-U's
-``sort_user_ids``). The label set is the sorted union over all users of the file; the task is "multilabel" when any
+``sort_user_ids``). The label set is the sorted union over all users of the file; for one of
+PEFT-U's 13 tasks (:data:`LABELS`) every label must be one of the task's (a typo such as
+'Hatefull' would add a class), else the file is refused naming the user, the sample, the label,
+the task's labels and the closest one; a task name of one's own keeps any labels. A user id or
+sample id given twice in the file is refused too (JSON would keep the last silently). The task is "multilabel" when any
 example has more than one label, else "classification"; its metrics are
 :data:`fedpeft.scoring.KIND_METRICS` of that kind, scored by :func:`fedpeft.scoring.score`:
 accuracy (a single-label prediction is correct when it is gold; a multi-label prediction when
@@ -46,6 +50,7 @@ from fedpeft.data.common import (
     atomic_write_json,
     cache_root,
     format_error,
+    label_error,
     natural_key,
     read_json,
     source_fingerprint,
@@ -81,7 +86,7 @@ from fedpeft.scoring import KIND_METRICS
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: multi-label tasks list the metrics of scoring.KIND_METRICS
+CACHE_VERSION = 3  # 2: multi-label tasks list the metrics of scoring.KIND_METRICS; 3: labels and ids checked
 PREPARED_FILE = "user_data_leaked.json"
 DROPPED_FILE = "dropped_users.json"
 EMPTY_SPLITS_FILE = "users-with-empty-dataset-splits.json"
@@ -159,10 +164,26 @@ def label_meta(prepared: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]
     return {"multi_label": any(len(lb) > 1 for lb in labels), "label_options": sorted(set().union(*labels)) if labels else []}
 
 
+def check_label(file: str | Path, record: str, labels: list[str], task: str) -> None:
+    """Refuse a label outside PEFT-U's label set of ``task`` (:data:`LABELS`); a task PEFT-U does
+    not have keeps whatever labels its file gives."""
+    allowed = LABELS.get(task)
+    for label in labels if allowed else ():
+        if label not in allowed:
+            raise label_error(file, record, "label", label, allowed,
+                              "Fix the label; a task name of your own (peft-u/<name>) keeps any labels.")
+
+
 def prepare(task: str, raw_dir: str | Path | None, out_dir: str | Path, seed: int = 42, train_ratio: float = 0.8,
             drop_threshold: int = 10) -> dict[str, Any]:
-    """Convert raw files to ``OUT/user_data_leaked.json`` (+ dropped / empty-split lists); returns a summary."""
+    """Convert raw files to ``OUT/user_data_leaked.json`` (+ dropped / empty-split lists); returns a summary.
+    Every label must be one of the task's (:func:`check_label`)."""
     data = read_raw(task, raw_dir)
+    raw_files = TASKS[task].raw_files
+    source = Path(raw_dir) / raw_files[0] if raw_dir is not None and len(raw_files) == 1 else f"{raw_dir} ({', '.join(raw_files)})"
+    for uid, samples in data.items():
+        for sid, sample in samples.items():
+            check_label(source, f"user '{uid}', sample '{sid}'", sample["label"], task)
     prepared, dropped, empty = split_users(data, seed=seed, train_ratio=train_ratio, drop_threshold=drop_threshold)
     out = Path(out_dir)
     atomic_write_json(out / PREPARED_FILE, prepared)
@@ -206,10 +227,10 @@ def resolve_prepared_path(path: str, task: str) -> Path:
 
 
 def _read_prepared(path: Path) -> Any:
-    return read_json(path, hint=PREPARE_HINT)
+    return read_json(path, hint=PREPARE_HINT, key_names=("user id", "split", "sample id", "field"))
 
 
-def _check_split(path: Path, uid: str, split: str, samples: Any) -> list[list[Any]]:
+def _check_split(path: Path, uid: str, split: str, samples: Any, task: str) -> list[list[Any]]:
     """Validated [[sample_id, text, [labels]], ...] of one split."""
     fix = f"Each sample must be {{\"text\": str, \"label\": [str, ...]}}. {PREPARE_HINT}"
     if not isinstance(samples, dict):
@@ -227,6 +248,7 @@ def _check_split(path: Path, uid: str, split: str, samples: Any) -> list[list[An
         label = sample["label"]
         if not isinstance(label, list) or not label or not all(isinstance(x, str) and x for x in label):
             raise format_error(path, record, "label", label, "a non-empty list of non-empty strings, e.g. [\"Hateful\"]", fix)
+        check_label(path, record, label, task)
         rows.append([str(sid), sample["text"], list(label)])
     return rows
 
@@ -237,7 +259,7 @@ class PeftUBenchmark(CachedBenchmark):
 
     name = "peft-u"
     has_tasks = True
-    tasks = LABELS  # PEFT-U's 13 tasks -> their label sets (a prepared file's own labels are what is loaded)
+    tasks = LABELS  # PEFT-U's 13 tasks -> their label sets (a prepared file's labels must be among them)
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -270,7 +292,7 @@ class PeftUBenchmark(CachedBenchmark):
                 if split not in record:
                     raise format_error(path, f"user '{uid}'", split, f"<missing; keys: {sorted(record)}>",
                                        "an object with the keys train, val and test (each possibly empty {})", PREPARE_HINT)
-            splits = {s: _check_split(path, str(uid), s, record[s]) for s in SPLITS}
+            splits = {s: _check_split(path, str(uid), s, record[s], self.task_name) for s in SPLITS}
             for rows in splits.values():
                 for _, _, lb in rows:
                     labels.update(lb)

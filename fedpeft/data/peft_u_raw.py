@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import ConfigError
-from fedpeft.data.common import format_error
+from fedpeft.data.common import format_error, label_error
 
 # user_id -> sample_id -> {"text": str, "label": [str, ...]}  (PEFT-U's PersonalizedData)
 PersonalizedData = dict[str, dict[str, dict[str, Any]]]
@@ -184,8 +184,8 @@ def read_tweeteval(raw_dir: str | Path | None) -> PersonalizedData:
             if value == "":
                 continue
             if value not in TWEETEVAL_LABELS:
-                raise format_error(path, f"line {line} (id={sid})", user, value, f"one of {', '.join(TWEETEVAL_LABELS)} "
-                                   "(or empty for not annotated)", "Fix the cell.")
+                raise label_error(path, f"line {line} (id={sid})", user, value, TWEETEVAL_LABELS,
+                                  "Fix the cell (leave it empty where the annotator gave no label).")
             data[user][sid] = {"text": row["text"], "label": [value]}
     return data
 

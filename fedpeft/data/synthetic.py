@@ -43,6 +43,8 @@ TEMPLATES = [
 class SyntheticBenchmark(Benchmark):
     name = "synthetic"
     default_max_length = 32
+    data_keys = ("num_users", "train_per_user", "train_per_user_min", "val_per_user", "test_per_user", "personas",
+                 "persona_divergence", "noise", "num_labels", "pool_size")
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -79,6 +81,13 @@ class SyntheticBenchmark(Benchmark):
 
     def user_ids(self) -> list[str]:
         return [f"user{i:04d}" for i in range(self.config.data.num_users)]
+
+    def split_counts(self) -> list[tuple[int, int, int]]:
+        """What :meth:`load_user` gives, from the config (a pool smaller than a user's draw cuts it)."""
+        data = self.config.data
+        n = min(data.train_per_user + data.val_per_user + data.test_per_user, data.pool_size)
+        a, b = min(data.train_per_user, n), min(data.train_per_user + data.val_per_user, n)
+        return [(min(self.train_size(i), n), b - a, n - b) for i in range(data.num_users)]
 
     def task(self) -> TaskSpec:
         return TaskSpec(kind="classification", labels=self.labels)

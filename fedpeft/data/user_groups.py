@@ -69,5 +69,8 @@ class CappedBenchmark:
     def load_user(self, index: int) -> UserData:
         return cap_train(self.inner.load_user(index), self.cap, self.data_seed)
 
+    def split_counts(self) -> list[tuple[int, int, int]]:
+        return [(min(tr, self.cap), va, te) for tr, va, te in self.inner.split_counts()]
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
