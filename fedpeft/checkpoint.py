@@ -11,16 +11,20 @@ and the accounting totals. Client seeds depend only on (seed, user, round) and c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
+import socket
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedpeft.config import Config, ConfigError, load_yaml, merge_into, set_key, validate
@@ -28,6 +32,7 @@ from fedpeft.files import atomic_write, atomic_write_text
 
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+CLAIM_FILE = ".fedpeft-claim.json"  # the run that uses the folder now (see claim_run_dir)
 # keys that never change a run's results: a resumed run may set them differently
 RESUME_MAY_CHANGE = ("wandb.mode", "output.progress", "ray.address", "ray.num_cpus", "ray.client_cpus",
                      "ray.client_gpus", "federation.call_timeout")
@@ -76,12 +81,105 @@ class Checkpoint:
         path = run_dir / CHECKPOINT_FILE
         if not path.is_file():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            round_, progress = int(meta["round"]), json.loads(meta["progress"])
+        except (SafetensorError, OSError, KeyError, ValueError) as err:  # truncated, overwritten, not ours
+            why = f"no '{err.args[0]}' in its metadata" if isinstance(err, KeyError) else str(err)
+            raise ConfigError(f"{path} is damaged: it is not a whole fedpeft checkpoint ({why}). The run cannot "
+                              "continue from it: start a new run (without --resume), or restore the file from a "
+                              "backup and resume again.") from err
         part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-        return cls(round=int(meta["round"]), shared=part("shared/"), server=part("server/"),
-                   progress=json.loads(meta["progress"]))
+        return cls(round=round_, shared=part("shared/"), server=part("server/"), progress=progress)
+
+
+def claim_run_dir(run_dir: Path, exist_ok: bool) -> bool:
+    """Claim ``run_dir`` for this process before anything is written to it: create the folder
+    (an existing one only with ``exist_ok``) and, exclusively, its :data:`CLAIM_FILE` (pid, host,
+    start time), so that of two runs started at once with the same folder exactly one goes on.
+    A claim of a process that is gone (a dead pid on this host) or of this process is taken over.
+    Returns whether this call created the folder. Raises ConfigError when the folder cannot be
+    written or another live run holds it."""
+    try:
+        created = _make_folder(run_dir, exist_ok)
+        _take_claim(run_dir / CLAIM_FILE)
+    except OSError as err:
+        blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(run_dir) else ""
+        why = f"{blocker} is a file, not a folder" if blocker else f"{err.strerror or err}{where}"
+        raise ConfigError(f"Cannot write the run folder {run_dir}: {why}. Give --out (output.dir) a folder this "
+                          "user can create and write to.") from err
+    return created
+
+
+def release_run_dir(run_dir: Path, remove_folder: bool = False) -> None:
+    """Give up this process's claim of ``run_dir`` (and, with ``remove_folder``, the folder itself
+    if nothing else is in it)."""
+    path = run_dir / CLAIM_FILE
+    holder = _read_claim(path)
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+    if remove_folder:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+
+
+def _make_folder(run_dir: Path, exist_ok: bool) -> bool:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        if not exist_ok or not run_dir.is_dir():
+            raise
+        return False
+    return True
+
+
+def _read_claim(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _take_claim(path: Path) -> None:
+    host = socket.gethostname()
+    mine = {"pid": os.getpid(), "host": host, "started": datetime.now().astimezone().isoformat(timespec="seconds")}
+    for _ in range(2):  # a second try after taking over a claim its run left behind
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_claim(path)
+            ours = holder is not None and holder.get("host") == host and isinstance(holder.get("pid"), int)
+            if ours and (holder["pid"] == os.getpid() or not _pid_alive(holder["pid"])):
+                path.unlink(missing_ok=True)  # this process's own, or a run on this host that is gone
+                continue
+            raise ConfigError(_in_use(path, holder)) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(mine))
+        return
+    raise ConfigError(_in_use(path, _read_claim(path)))
+
+
+def _in_use(path: Path, holder: dict[str, Any] | None) -> str:
+    who = (f"started at {holder.get('started', '?')} (pid {holder.get('pid', '?')} on host {holder.get('host', '?')})"
+           if holder else "(its claim file cannot be read)")
+    return (f"The run folder {path.parent} is in use by another fedpeft run {who}; give another --name, or wait "
+            f"until that run ends. If no run uses the folder any more (one that ended on another host, say), delete "
+            f"{path} and start again.")
 
 
 def load_run_config(run_dir: str | Path) -> Config:

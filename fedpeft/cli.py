@@ -21,6 +21,7 @@ keeps a private PEFT adapter; the strategy decides which adapter keys are shared
 
 Config layers: schema defaults < configs/default.yaml < --config FILE(s) < flags and overrides.
 Any key below can also be given as KEY=VALUE (e.g. train.lr=1e-4) or --KEY=VALUE (W&B sweeps)."""
+DEBUG_FLAG = "--debug"  # how errors print, not what runs: a flag of the command line, no config key
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default="", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last completed round, with its own config; only "
                              f"keys that do not change results may be set differently ({', '.join(RESUME_MAY_CHANGE)})")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="on an error, print its traceback (and the error it came from, e.g. what a plug-in "
+                             "module raised on import) above the one-line message")
     fields = {key: (default, help_) for key, _, default, help_ in iter_fields()}
     common = parser.add_argument_group("common options")
     for flag, key in FLAG_ALIASES.items():
@@ -52,6 +56,8 @@ def config_from_args(argv: list[str]) -> Config:
     """Parse ``argv`` into a validated Config; raises ConfigError on any unknown key or bad value."""
     if any(a == "--resume" or a.startswith("--resume=") for a in argv):
         raise ConfigError("--resume RUN_DIR is an option of `python -m fedpeft.sim` only.")
+    if DEBUG_FLAG in argv:
+        raise ConfigError(f"{DEBUG_FLAG} is an option of `python -m fedpeft.sim` only.")
     return sim_args(argv)[0]
 
 
@@ -74,7 +80,7 @@ def sim_args(argv: list[str]) -> tuple[Config, bool]:
             overrides.append((token[2:], value))
             i += 1
         i += 1
-    flags = [(k, v) for k, v in vars(args).items() if k not in ("config", "resume")]
+    flags = [(k, v) for k, v in vars(args).items() if k not in ("config", "resume", "debug")]
     settings = flags + overrides + [parse_override(a) for a in positional]
     if args.resume:
         return check_names(resume_config(args.resume, args.config, settings)), True

@@ -48,6 +48,7 @@ def wait_for_nodes(grid: Grid, expected: int, num_users: int) -> None:
 def run_flower(config: Config, grid: Grid) -> dict[str, Any]:
     """One fedpeft run on a Flower grid started by ``flwr run``: the checks and the code path of
     ``python -m fedpeft.sim`` (Flower has already started the simulation engine)."""
+    from fedpeft.checkpoint import release_run_dir
     from fedpeft.data import get_benchmark
     from fedpeft.reporting import summary_table
     from fedpeft.server_app import run_prepared, simulated_nodes
@@ -57,7 +58,11 @@ def run_flower(config: Config, grid: Grid) -> dict[str, Any]:
     check_wandb_online(config)
     num_users = len(get_benchmark(config).user_ids())
     wait_for_nodes(grid, simulated_nodes(config, num_users), num_users)
-    results = run_prepared(config, prepare_run(config), grid)
+    prepared = prepare_run(config)
+    try:  # the run folder's claim ends with the run (Flower may keep this process for the next one)
+        results = run_prepared(config, prepared, grid)
+    finally:
+        release_run_dir(prepared.run_dir)
     print(summary_table(results), flush=True)
     return results
 

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import sys
+import traceback
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ from typing import Any
 
 import torch
 
-from fedpeft.checkpoint import Checkpoint, RunIdentity
-from fedpeft.cli import sim_args
+from fedpeft.checkpoint import Checkpoint, RunIdentity, claim_run_dir, release_run_dir
+from fedpeft.cli import DEBUG_FLAG, sim_args
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark
 from fedpeft.data.user_groups import new_user_indices
@@ -134,30 +135,36 @@ class PreparedRun:
 
 
 def prepare_run(config: Config, resume: bool = False) -> PreparedRun:
-    """Everything before the simulation starts: the model check, the adapter (initial shared part
-    and parameter accounting), the run folder, its identity and the adapter store, which a fresh
-    run must find free and a resumed run must own. Sets ``output.store_dir``."""
+    """Everything before the simulation starts: the run folder, claimed for this process first
+    (:func:`fedpeft.checkpoint.claim_run_dir`; given up again if anything here fails), the model
+    check, the adapter (initial shared part and parameter accounting), the run's identity and the
+    adapter store, which a fresh run must find free and a resumed run must own. Sets
+    ``output.store_dir``. The caller gives up the claim when the run ends (:func:`release_run_dir`)."""
     check_model(config)
     check_selection(config)
     run_dir = run_dir_path(config)
-    store_dir = Path(config.output.store_dir or run_dir / "adapters").resolve()
-    if resume:
-        identity = RunIdentity.read(run_dir)
-        owner = store_owner(store_dir) or {}
-        if owner.get("run_id") != identity.run_id:
-            raise ConfigError(f"Cannot resume {run_dir}: its adapter store {store_dir} "
-                              f"{'belongs to run ' + owner['run_id'] if owner else 'is missing'}, not to this run "
-                              f"({identity.run_id}). Point output.store_dir at this run's store.")
-        checkpoint = Checkpoint.load(run_dir)
-    else:
-        check_store_is_free(store_dir)
-        identity, checkpoint = RunIdentity.new(), None
-    initial_shared, accounting = prepare_adapter(config)
-    run_dir.mkdir(parents=True, exist_ok=bool(config.output.name) or resume)
-    config.output.store_dir = str(store_dir)
-    if not resume:
-        identity.write(run_dir)
-    claim_store(store_dir, run_dir, identity.run_id, get_benchmark(config).driver_files())
+    created = claim_run_dir(run_dir, exist_ok=bool(config.output.name) or resume)
+    try:
+        store_dir = Path(config.output.store_dir or run_dir / "adapters").resolve()
+        if resume:
+            identity = RunIdentity.read(run_dir)
+            owner = store_owner(store_dir) or {}
+            if owner.get("run_id") != identity.run_id:
+                raise ConfigError(f"Cannot resume {run_dir}: its adapter store {store_dir} "
+                                  f"{'belongs to run ' + owner['run_id'] if owner else 'is missing'}, not to this run "
+                                  f"({identity.run_id}). Point output.store_dir at this run's store.")
+            checkpoint = Checkpoint.load(run_dir)
+        else:
+            check_store_is_free(store_dir)
+            identity, checkpoint = RunIdentity.new(), None
+        initial_shared, accounting = prepare_adapter(config)
+        config.output.store_dir = str(store_dir)
+        if not resume:
+            identity.write(run_dir)
+        claim_store(store_dir, run_dir, identity.run_id, get_benchmark(config).driver_files())
+    except BaseException:
+        release_run_dir(run_dir, remove_folder=created)
+        raise
     return PreparedRun(run_dir, initial_shared, accounting, identity, checkpoint)
 
 
@@ -190,6 +197,7 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
+        release_run_dir(prepared.run_dir)
     if "_error" in results:
         raise RunFailed(f"{results['_error']} (run folder {prepared.run_dir})") from results["_error"]
     if not results:
@@ -199,15 +207,15 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     try:
-        config, resume = sim_args(sys.argv[1:] if argv is None else argv)
+        config, resume = sim_args(args)
         results = run(config, resume)
-    except ConfigError as err:
+    except (ConfigError, RunFailed) as err:
+        if DEBUG_FLAG in args:  # the traceback of what went wrong, with the error it came from
+            traceback.print_exception(err)
         print(f"fedpeft: error: {err}", file=sys.stderr)
-        return 2
-    except RunFailed as err:
-        print(f"fedpeft: error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, ConfigError) else 1
     print(summary_table(results))
     if results["summary"]["n_evaluated"] == 0:
         print("fedpeft: error: every user failed; the reasons are in failures.json", file=sys.stderr)
