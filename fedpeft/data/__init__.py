@@ -122,20 +122,27 @@ def _shown(family: str) -> str:
     return f"{family}/<task>" if getattr(BENCHMARKS[family], "has_tasks", False) else family
 
 
+BUILT_IN_FAMILIES = ("synthetic", "peft-u", "lamp")
+
+
 def check_data_keys(config: Config) -> None:
     """Refuse a ``data.*`` key set (to a value other than its default) that only another
     benchmark family reads, e.g. data.num_users with peft-u/tweeteval: it would be ignored."""
     family = benchmark_family(config.data.benchmark)
     own = set(BENCHMARKS[family].data_keys)
     defaults = Config().data
+    readers: dict[str, list[str]] = {}  # key -> the families that read it (a plug-in may subclass one)
     for other, cls in sorted(BENCHMARKS.items()):
         for key in cls.data_keys:
-            value, default = getattr(config.data, key), getattr(defaults, key)
-            if other != family and key not in own and value != default:
-                raise ConfigError(
-                    f"data.{key}={value!r} applies to the {_shown(other)} benchmark only, and data.benchmark="
-                    f"'{config.data.benchmark}' ignores it. Remove data.{key} (or set it back to {default!r}), or run "
-                    f"--benchmark {_shown(other)}.")
+            readers.setdefault(key, []).append(other)
+    for key, families in readers.items():
+        value, default = getattr(config.data, key), getattr(defaults, key)
+        if key not in own and value != default:
+            shown = sorted(families, key=lambda f: (f not in BUILT_IN_FAMILIES, f))  # the built-in one first
+            raise ConfigError(
+                f"data.{key}={value!r} applies to the {' / '.join(_shown(f) for f in shown)} benchmark only, and "
+                f"data.benchmark='{config.data.benchmark}' ignores it. Remove data.{key} (or set it back to "
+                f"{default!r}), or run --benchmark {_shown(shown[0])}.")
 
 
 def benchmark_family(name: str) -> str:
