@@ -76,6 +76,16 @@ class Checkpoint:
         meta = {"round": str(self.round), "progress": json.dumps(self.progress)}
         atomic_write(run_dir / CHECKPOINT_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
+    @staticmethod
+    def saved_round(run_dir: Path) -> int:
+        """The round of the checkpoint on disk (0: none, or one that cannot be read), read from
+        its metadata alone: what ``--resume`` continues after."""
+        try:
+            with safe_open(str(run_dir / CHECKPOINT_FILE), framework="pt") as f:
+                return int((f.metadata() or {})["round"])
+        except (SafetensorError, OSError, KeyError, ValueError):
+            return 0
+
     @classmethod
     def load(cls, run_dir: Path) -> Checkpoint | None:
         path = run_dir / CHECKPOINT_FILE

@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 from fedpeft import models
 from fedpeft.config import Config
 from fedpeft.data import Benchmark, get_benchmark
+from fedpeft.files import storage_failure
 from fedpeft.messages import Request, make_reply, read_request
 from fedpeft.scoring import score
 from fedpeft.store import OWNER_FILE, AdapterStore, StoreError, store_owner, timeout_note
@@ -209,7 +210,7 @@ def call_deadline(request: Request, user_index: int, kind: str) -> Iterator[None
 
 def _handle(message: Message, context: Context, work) -> Message:
     """Run ``work`` for this node's user; any exception becomes a 'failed' reply."""
-    started, index, user_id = time.time(), -1, ""
+    started, index, user_id, request = time.time(), -1, "", None
     worker = {"pid": float(os.getpid()), "partition_id": -1.0}
     try:
         request = read_request(message)
@@ -222,9 +223,14 @@ def _handle(message: Message, context: Context, work) -> Message:
             metrics, info, shared = work(request, index)
         metrics = {**metrics, **worker, "failed": 0.0, "seconds": time.time() - started, "backbone_loads": float(models.BACKBONE_LOADS)}
         return make_reply(message, metrics, {"user_id": user_id, "error": "", **info}, shared=shared)
-    except Exception:  # noqa: BLE001 - a failing user is reported, the run goes on
+    except Exception as err:  # noqa: BLE001 - a failing user is reported, the run goes on
         metrics = {**worker, "failed": 1.0, "seconds": time.time() - started, "backbone_loads": float(models.BACKBONE_LOADS)}
-        return make_reply(message, metrics, {"user_id": user_id, "error": traceback.format_exc(limit=4)}, shared={})
+        error = traceback.format_exc(limit=4)
+        storage = storage_failure(err, request.config.output.store_dir if request else "the adapter store")
+        if storage:  # the storage's fault, not the user's: the server stops the run (fedpeft.server_app.StorageFailure)
+            metrics["storage_errno"] = float(storage[0])
+            error += f"{socket.gethostname()}: {storage[1]}"
+        return make_reply(message, metrics, {"user_id": user_id, "error": error}, shared={})
 
 
 @app.query()

@@ -5,6 +5,10 @@ is written here: to a temporary name in the same folder, then moved into place w
 ``os.replace`` (safe against a killed process; no fsync, so not against a power cut). Imports
 nothing of fedpeft, so every layer may use it.
 
+A write that fails because of the storage (:data:`STORAGE_ERRNOS`: a full disk, a quota, a
+read-only or failing file system) is told apart from a user's own failure by
+:func:`storage_errno`; :func:`storage_failure` says it in words, with the folder's free space.
+
 The run folder's JSON files are written with :func:`json_text`, which writes NaN and infinities
 (a score of nothing, a loss of no step) as ``null``, so that they are valid JSON for any reader;
 :func:`json_value` reads them back with ``null`` as NaN, as the run held them.
@@ -13,9 +17,12 @@ The run folder's JSON files are written with :func:`json_text`, which writes NaN
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -82,3 +89,56 @@ def json_value(text: str) -> Any:
     :func:`json_text` wrote: every ``null`` is NaN again (those files hold numbers and names,
     and a number is null only where it was not finite). Raises ValueError as ``json.loads``."""
     return _nan_for_null(json.loads(text))
+
+
+# writes that fail because of where they go, not because of what is written
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system", errno.EIO: "input/output error of the device"}
+_OS_ERROR = re.compile(r"os error (\d+)")  # how Rust libraries (safetensors, tokenizers) report an OSError
+
+
+def storage_errno(err: BaseException) -> int | None:
+    """The errno of ``err`` (or of an exception it was raised from) when it is one of
+    :data:`STORAGE_ERRNOS`, else None. Reads OSError's ``errno`` and the "(os error N)" that
+    safetensors' errors carry in their message."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
+            return seen.errno
+        match = _OS_ERROR.search(str(seen))
+        if match and int(match.group(1)) in STORAGE_ERRNOS:
+            return int(match.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def free_space(folder: str | Path) -> str:
+    """``folder``'s free space in words ("1.2 MB free of 4.0 MB"), from its nearest existing parent."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return "free space unknown"
+    return f"{_size(usage.free)} free of {_size(usage.total)}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def storage_failure(err: BaseException, folder: str | Path) -> tuple[int, str] | None:
+    """When ``err`` is the storage's fault (:func:`storage_errno`): its errno and what went wrong
+    in words, naming the folder written to (the failed file's, when the error names it, else
+    ``folder``) and its free space. None for any other error."""
+    code = storage_errno(err)
+    if not code:
+        return None
+    written = getattr(err, "filename", None)  # an OSError names its file; safetensors' errors do not
+    where = Path(written).parent if written else folder
+    return code, f"writing to {where} failed: {STORAGE_ERRNOS[code]} ({free_space(where)})"

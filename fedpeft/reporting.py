@@ -27,7 +27,7 @@ def per_user_columns(metric_names: list[str], selected: bool = False, as_is: boo
     chosen = ["selected_round", f"val_{metric_names[0]}"] if selected else []
     before = [f"as_is_{name}" for name in metric_names] if as_is else []
     return ["user_id", "partition_id", "group", "status", *metric_names, *chosen, *before, "n_test", "n_train",
-            "rounds_trained", "examples_processed", "failed_calls", "error"]
+            "rounds_trained", "rounds_scheduled", "examples_processed", "failed_calls", "error"]
 
 
 def git_commit() -> str:
@@ -146,6 +146,7 @@ def summary_table(results: dict[str, Any]) -> str:
             rows.append((f"{label}: scored / failed", f"{g['n_evaluated']} of {g['users']} / {g['n_failed']}"))
     who = "trained users" if "new" in groups else "users"  # new users have their own lines above
     rows += [(f"{who} evaluated", summary["n_evaluated"]), (f"{who} failed", summary["n_failed"]),
+             (f"{who} that trained fewer rounds than scheduled", summary.get("n_undertrained", 0)),
              ("users skipped (unusable data)", summary["n_skipped"]),
              ("bytes communicated", results["communication"]["bytes_total"]),
              ("trainable params / user", results["parameters"]["trainable_params_per_user"]),
@@ -164,6 +165,9 @@ def summary_table(results: dict[str, Any]) -> str:
         lines.append(f"{diverged['users']} user(s) diverged in training ({diverged['calls']} call(s) with a non-finite "
                      "loss or weights; each failed, and its user kept the adapter it had before): lower train.lr or check "
                      f"the data (reasons in {results['run_dir']}/failures.json)")
+    if summary.get("n_undertrained"):
+        lines.append(f"{summary['n_undertrained']} user(s) trained fewer rounds than their cohorts gave them (failed calls): "
+                     f"compare rounds_trained with rounds_scheduled in {results['run_dir']}/per_user.csv")
     if summary["n_skipped"]:
         lines.append(f"{summary['n_skipped']} user(s) skipped while loading the benchmark: reasons in results.json (skipped_users)")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from fedpeft.config import Config
 from fedpeft.data import data_summary, get_benchmark
 from fedpeft.data.user_groups import new_user_indices
 from fedpeft.exchange import LazyMessages, exchange, worker_unavailable
-from fedpeft.files import atomic_write
+from fedpeft.files import atomic_write, storage_failure
 from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
 from fedpeft.reporting import RunReporter
 from fedpeft.scoring import corpus_scores
@@ -45,7 +46,18 @@ from fedpeft.strategies.base import NEW_USERS, Phase
 from fedpeft.training import divergence_counts
 
 NODE_WAIT_SECONDS = 120
+STOPPING = threading.Event()  # set by the entry point on SIGINT/SIGTERM: no checkpoint is written after it
 UNAVAILABLE_RETRIES, UNAVAILABLE_WAIT = 60, 1.0  # a worker Ray restarts takes calls again within a minute
+
+
+class StorageFailure(RuntimeError):
+    """A write failed because of the storage (a full disk, a read-only or failing file system),
+    in a worker or in the driver: the run stops before it checkpoints the round, and continues
+    with ``--resume`` from the last complete round once the storage is fixed. ``code``: the errno."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class FederatedRun:
@@ -70,6 +82,7 @@ class FederatedRun:
         self.trained_users = [i for i in range(n) if i not in held_out]
         self.failures: list[dict[str, Any]] = []  # one record per failed call: round, call, user, reason
         self.rounds_trained = np.zeros(n, dtype=int)
+        self.rounds_scheduled = np.zeros(n, dtype=int)  # rounds whose cohort held the user
         self.last_round = np.zeros(n, dtype=int)  # the round that wrote each user's stored adapter
         self.examples_processed = np.zeros(n, dtype=np.int64)
         self.worker_loads: dict[int, int] = {}
@@ -90,7 +103,8 @@ class FederatedRun:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
-        progress = {"rounds_trained": self.rounds_trained.tolist(), "last_round": self.last_round.tolist(),
+        progress = {"rounds_trained": self.rounds_trained.tolist(), "rounds_scheduled": self.rounds_scheduled.tolist(),
+                    "last_round": self.last_round.tolist(),
                     "examples_processed": self.examples_processed.tolist(), "failures": self.failures,
                     "worker_loads": {str(k): v for k, v in self.worker_loads.items()}, "totals": self.totals,
                     "wall_seconds": self.wall_before + time.time() - self.started}
@@ -101,6 +115,7 @@ class FederatedRun:
         self.done_rounds, self.shared = ckpt.round, {**self.shared, **ckpt.shared}
         self.strategy.load_server_state(ckpt.server)
         self.rounds_trained[:] = p["rounds_trained"]
+        self.rounds_scheduled[:] = p.get("rounds_scheduled", p["rounds_trained"])  # not recorded before: unknown
         self.last_round[:] = p["last_round"]
         self.examples_processed[:] = p["examples_processed"]
         self.failures = list(p["failures"])
@@ -159,7 +174,7 @@ class FederatedRun:
         arrival order, so that aggregation and every sum over replies is deterministic), and the
         bytes sent down. A failed call (the user's error, a worker process that died mid-call, no
         reply) is recorded as that user's failure for this round."""
-        down, ok, todo = 0, [], list(users)
+        down, ok, todo, storage = 0, [], list(users), []
         self.bar.set_description(f"round {server_round}/{self.total_rounds} {phase} {kind}")
         self.bar.refresh()
         record = wire.shared_record(shared)  # built once, carried by every message of the call
@@ -191,7 +206,9 @@ class FederatedRun:
                     m = reply.content.metric_records["metrics"]
                     self.call_seconds += float(m["seconds"])
                     self.worker_loads[int(m["pid"])] = max(self.worker_loads.get(int(m["pid"]), 0), int(m["backbone_loads"]))
-                    if m["failed"]:
+                    if m["failed"] and m.get("storage_errno"):  # the storage's fault: never the user's failure
+                        storage.append((int(m["storage_errno"]), str(reply.content.config_records["info"]["error"]).strip().splitlines()[-1]))
+                    elif m["failed"]:
                         self.fail(user, kind, server_round, phase, str(reply.content.config_records["info"]["error"]).strip())
                     else:
                         ok.append(reply)
@@ -199,6 +216,9 @@ class FederatedRun:
                 break
             todo = retry
             time.sleep(UNAVAILABLE_WAIT)
+        if storage:
+            raise StorageFailure(f"{len(storage)} {kind} call(s) of round {server_round} could not write: "
+                                 + "; ".join(sorted({why for _, why in storage})[:3]), storage[0][0])
         return sorted(ok, key=partition_id), down
 
     def fail(self, user: int, kind: str, server_round: int, phase: str, reason: str) -> None:
@@ -211,6 +231,7 @@ class FederatedRun:
         """Train a cohort and aggregate into ``self.shared``; returns the round's record."""
         cohort = self.strategy.sample_cohort(self.trained_users, server_round, phase)
         ok, down = self.call(cohort, TRAIN, server_round, self.shared, phase.name)
+        self.rounds_scheduled[cohort] += 1
         for reply in ok:
             user = partition_id(reply)
             self.rounds_trained[user] += 1
@@ -257,6 +278,22 @@ class FederatedRun:
         return server_round % self.config.federation.eval_every == 0 or server_round == self.total_rounds
 
     def run(self) -> dict[str, Any]:
+        """The whole run (:meth:`run_rounds`); a write that fails because of the storage, in a
+        worker or here, stops it as a :class:`StorageFailure` that says where and what to do."""
+        try:
+            return self.run_rounds()
+        except Exception as err:
+            found = (err.code, str(err)) if isinstance(err, StorageFailure) else storage_failure(err, self.run_dir)
+            if not found:
+                raise
+            code, what = found
+            self.bar.close()
+            raise StorageFailure(
+                f"the run stopped: {what}. Nothing of the round in progress was kept; the checkpoint holds the last "
+                f"complete round ({Checkpoint.saved_round(self.run_dir)}/{self.total_rounds}). Free space (or fix the file system) and "
+                f"continue with `python -m fedpeft.sim --resume {self.run_dir}`", code) from err
+
+    def run_rounds(self) -> dict[str, Any]:
         self.started = time.time()
         self.nodes = self.discover()
         self.timings: dict[str, Any] = {"run_started_at": self.started, "discovery_s": time.time() - self.started,
@@ -297,6 +334,8 @@ class FederatedRun:
                            "bytes_down_total": self.totals["bytes_down"], "bytes_up_total": self.totals["bytes_up"],
                            "bytes_down_eval_total": self.totals["bytes_down_eval"]})
             self.reporter.log_round(record)
+            if STOPPING.is_set():  # interrupted: the entry point is shutting Ray down; the round may hold failures it caused
+                raise RuntimeError("interrupted (SIGINT or SIGTERM)")
             self.done_rounds = server_round
             self.checkpoint().save(self.run_dir)  # the round is complete
             headline = self.metric_names[0]
@@ -389,6 +428,7 @@ class FederatedRun:
         for index, user_id in enumerate(self.user_ids):
             row: dict[str, Any] = {"user_id": user_id, "partition_id": index, "group": "new" if index in held_out else "trained",
                                    "rounds_trained": int(self.rounds_trained[index]),
+                                   "rounds_scheduled": int(self.rounds_scheduled[index]),
                                    "examples_processed": int(self.examples_processed[index]),
                                    "failed_calls": sum(f["partition_id"] == index for f in self.failures)}
             if index not in scores:  # a user scored at the end counts as scored, whatever failed before
@@ -419,7 +459,10 @@ class FederatedRun:
             chosen = self.distribution({name: [row[name] for row in ok] for name in self.metric_names})
             selection_info.update(round=selection.round, fallback=selection.counts(),
                                   description=describe(selection, self.total_rounds))
-        summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed, "n_skipped": len(skipped), **chosen}
+        # trained users whose cohorts gave them rounds they did not train (failed calls): scored, but on less training
+        undertrained = int(sum(self.rounds_trained[i] < self.rounds_scheduled[i] for i in self.trained_users))
+        summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed, "n_skipped": len(skipped),
+                                   "n_undertrained": undertrained, **chosen}
         # the sweep metric: the validation score the rule chose by (never a test score)
         summary.update(selected_validation(self.round_scores, rule, self.metric_names,
                                            self.metric_names[0] in M.LOWER_IS_BETTER, self.total_rounds))

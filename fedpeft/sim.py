@@ -6,11 +6,14 @@ ServerApp and ClientApp through Flower's simulation engine on Ray and prints a s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import traceback
 import uuid
 import warnings
@@ -21,11 +24,12 @@ from typing import Any
 
 import torch
 
-from fedpeft.checkpoint import Checkpoint, RunIdentity, claim_run_dir, release_run_dir
+from fedpeft.checkpoint import RUN_FILE, Checkpoint, RunIdentity, claim_run_dir, release_run_dir
 from fedpeft.cli import DEBUG_FLAG, sim_args
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark
 from fedpeft.data.user_groups import new_user_indices
+from fedpeft.files import json_value
 from fedpeft.models import adapter_state, build_model, check_model, fit_size_knob
 from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.reporting import summary_table
@@ -122,6 +126,87 @@ class RunFailed(RuntimeError):
     """The simulation stopped before it finished; the message says why."""
 
 
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM reached the driver; raised in its main thread, where Flower's
+    simulation runtime runs (the ServerApp runs in a thread of its own). ``run_dir``: the run
+    folder, once the run has one."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.run_dir: Path | None = None
+
+    @property
+    def exit_code(self) -> int:  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        return 128 + self.signum
+
+    def message(self) -> str:
+        if self.run_dir is None or not (self.run_dir / RUN_FILE).is_file():
+            return "fedpeft: interrupted before the run started; nothing to continue"
+        done = Checkpoint.saved_round(self.run_dir)
+        return f"fedpeft: interrupted after round {done}; continue with `python -m fedpeft.sim --resume {self.run_dir}`"
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_taking_signals = False  # inside stop_on_signals(): fedpeft's handlers are wanted
+
+
+def _first_signal(signum: int, frame: Any) -> None:
+    from fedpeft.server_app import STOPPING
+
+    STOPPING.set()
+    for sig in SIGNALS:
+        signal.signal(sig, _second_signal)
+    raise Interrupted(signum)
+
+
+def _second_signal(signum: int, frame: Any) -> None:  # while the run shuts down: end at once
+    os._exit(128 + signum)
+
+
+def take_signals() -> None:
+    """Make SIGINT and SIGTERM fedpeft's (again: ``ray.init`` replaces the SIGTERM handler with
+    one that aborts the driver) while :func:`stop_on_signals` runs, in the main thread only."""
+    if _taking_signals and threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _first_signal)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While the block runs, the first SIGINT or SIGTERM raises :class:`Interrupted` in the main
+    thread and tells the ServerApp's thread to checkpoint nothing more
+    (:data:`fedpeft.server_app.STOPPING`); a second one, while the run shuts down, ends the
+    process at once."""
+    global _taking_signals
+    from fedpeft.server_app import STOPPING
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    STOPPING.clear()
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    _taking_signals = True
+    take_signals()
+    try:
+        yield
+    finally:
+        _taking_signals = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def start_ray(config: Config) -> None:
+    """Start Ray the way Flower's Ray backend does (its own ``init_ray``, which would otherwise
+    run inside the simulation), so that fedpeft's signal handlers can be put back after it."""
+    from types import SimpleNamespace
+
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    RayBackend.init_ray(SimpleNamespace(init_args_key="init_args"), backend_config(config))  # type: ignore[arg-type]
+    take_signals()
+
+
 @dataclass
 class PreparedRun:
     """What the simulation starts from: the run folder, the initial shared part, the parameter
@@ -168,15 +253,33 @@ def prepare_run(config: Config, resume: bool = False) -> PreparedRun:
     return PreparedRun(run_dir, initial_shared, accounting, identity, checkpoint)
 
 
+def finished_results(config: Config) -> dict[str, Any] | None:
+    """The results of the run folder ``config`` names when that run is complete (every round
+    checkpointed and its results.json written), else None."""
+    run_dir = run_dir_path(config)
+    rounds = sum(p.rounds for p in make_strategy(config).phases())
+    if not (run_dir / "results.json").is_file() or Checkpoint.saved_round(run_dir) < rounds:
+        return None
+    try:
+        return json_value((run_dir / "results.json").read_text())
+    except (OSError, ValueError):  # unreadable: finish the run again
+        return None
+
+
 def run(config: Config, resume: bool = False) -> dict[str, Any]:
     """Run one simulation for a validated config (``resume``: continue the run folder the config
-    names from its last completed round); returns the results written to results.json."""
+    names from its last completed round; a complete one is left as it is, and its results are
+    returned); returns the results written to results.json."""
     import ray
     from flwr.simulation import run_simulation
 
     from fedpeft.client_app import app as client_app
     from fedpeft.server_app import make_server_app, simulated_nodes
 
+    if resume and (done := finished_results(config)) is not None:
+        print(f"fedpeft: {done['run_dir']} is complete (all {done['rounds']} rounds, and its results.json); "
+              "nothing was run or changed. Its summary:")
+        return done
     check_ray_address(config.ray.address)
     check_wandb_online(config)
     prepared = prepare_run(config, resume)
@@ -186,6 +289,8 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {}
     started_ray = not ray.is_initialized()
     try:
+        if started_ray:
+            start_ray(config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             server_app = make_server_app(config, prepared, results)
@@ -194,6 +299,9 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     except Exception:
         if "_error" not in results:
             raise
+    except Interrupted as stop:
+        stop.run_dir = prepared.run_dir
+        raise
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
@@ -209,8 +317,15 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
-        config, resume = sim_args(args)
-        results = run(config, resume)
+        with stop_on_signals():
+            config, resume = sim_args(args)
+            results = run(config, resume)
+    except Interrupted as stop:  # Ray is shut down: say where the run stands, and end without waiting for Flower's thread
+        print(stop.message(), file=sys.stderr)
+        finish_wandb(stop.exit_code)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.exit_code)
     except (ConfigError, RunFailed) as err:
         if DEBUG_FLAG in args:  # the traceback of what went wrong, with the error it came from
             traceback.print_exception(err)
@@ -221,6 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         print("fedpeft: error: every user failed; the reasons are in failures.json", file=sys.stderr)
         return 1
     return 0
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close this process's W&B run, if one is open, as ended by a signal."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        with contextlib.suppress(Exception):
+            wandb.run.finish(exit_code=exit_code)
 
 
 if __name__ == "__main__":

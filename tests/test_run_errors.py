@@ -183,3 +183,26 @@ def test_a_claim_left_by_a_dead_run_is_taken_over(tmp_path):
     (run / CLAIM_FILE).write_text('{"pid": 1, "host": "another-host", "started": "x"}')  # no pid to check there
     with pytest.raises(Exception, match=f"pid 1 on host another-host.*delete {run / CLAIM_FILE}"):
         claim_run_dir(run, exist_ok=True)
+
+
+def test_resume_of_a_finished_run_says_it_is_complete_and_changes_nothing(tiny_bert, tmp_path, capsys):
+    """Issue 18, item 6. Before: Ray started again and results.json was rewritten with its
+    per-round timings emptied."""
+    import ray
+
+    from fedpeft.files import json_value
+    from fedpeft.reporting import summary_table
+    from tests.inprocess_grid import run_in_process
+
+    config = config_from_args(tiny_args(tiny_bert, tmp_path, "done"))
+    results, run = run_in_process(config)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+    assert results["timings"]["rounds_s"]  # what a re-run used to empty
+    capsys.readouterr()
+    assert main(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"fedpeft: {run} is complete (all 2 rounds, and its results.json); nothing was run or changed" in out
+    assert summary_table(json_value((run / "results.json").read_text())) in out  # the finished run's summary
+    assert not ray.is_initialized()
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+    assert after == before

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from fedpeft.config import Config
 from fedpeft.data import UserData, register_benchmark
 from fedpeft.data.synthetic import SyntheticBenchmark
+from fedpeft.reporting import summary_table
 from fedpeft.strategies import STRATEGIES
 from tests.inprocess_grid import run_in_process
 
@@ -54,6 +55,10 @@ def test_a_user_that_fails_once_and_is_scored_at_the_end_counts_as_scored(tiny_b
     assert rows["user0002"]["rounds_trained"] == "1" and rows["user0002"]["failed_calls"] == "1"
     assert all(r["rounds_trained"] == "2" for u, r in rows.items() if u != "user0002")
     assert results["summary"]["n_failed"] == 0 and results["summary"]["n_evaluated"] == 4
+    # scored, but on one round less than its cohorts gave it: counted (issue 18, item 1)
+    assert all(r["rounds_scheduled"] == "2" for r in rows.values())
+    assert results["summary"]["n_undertrained"] == 1
+    assert "1 user(s) trained fewer rounds than their cohorts gave them" in summary_table(results)
     assert results["failed_users"] == {} and results["failed_calls"] == 1
     history = json.loads((run / "failures.json").read_text())
     assert [(f["round"], f["call"], f["user_id"]) for f in history] == [(1, "train", "user0002")]
