@@ -124,11 +124,15 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
     stats = strategy.local_train(train, phase)
     stats["examples_processed"] = processed  # forward + backward passes over examples, all passes of the call
     new_shared, private = strategy.split(models.adapter_state(loaded), phase.name)
-    store = AdapterStore(config.output.store_dir, request.run_id)
-    store.save(user_id, private, request.server_round, phase.name, previous_round=request.private_round)
-    stats.update({"num-examples": float(len(user.train)),
-                  "private_bytes": float(store.bytes_stored(user_id, request.server_round))})
+    stats.update(store_private(request, user_id, private, phase.name, len(user.train)))
     return new_shared, stats, user_id
+
+
+def store_private(request: Request, user_id: str, private: dict[str, torch.Tensor], phase: str, n_train: int) -> dict[str, float]:
+    """Write the user's private part of this round to the store; returns the reply's size stats."""
+    store = AdapterStore(request.config.output.store_dir, request.run_id)
+    store.save(user_id, private, request.server_round, phase, previous_round=request.private_round)
+    return {"num-examples": float(n_train), "private_bytes": float(store.bytes_stored(user_id, request.server_round))}
 
 
 def run_new_user(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
@@ -148,10 +152,8 @@ def run_new_user(request: Request, user_index: int) -> tuple[dict[str, torch.Ten
     result = train_user(loaded, user.train, bench.task(), config, call_seed(config, user_index, request.server_round),
                         trainable=trained.__contains__, epochs=epochs, lr=config.train.lr)
     private = {k: v for k, v in models.adapter_state(loaded).items() if k in trained}
-    store = AdapterStore(config.output.store_dir, request.run_id)
-    store.save(user_id, private, request.server_round, NEW_USERS, previous_round=request.private_round)
     stats = {"train_loss": result["train_loss"], "steps": result["steps"], "examples_processed": result["examples"],
-             "num-examples": float(len(user.train)), "private_bytes": float(store.bytes_stored(user_id, request.server_round))}
+             **store_private(request, user_id, private, NEW_USERS, len(user.train))}
     return {}, stats, user_id
 
 

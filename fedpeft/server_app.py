@@ -233,10 +233,8 @@ class FederatedRun:
         ok, down = self.call(cohort, TRAIN, server_round, self.shared, phase.name)
         self.rounds_scheduled[cohort] += 1
         for reply in ok:
-            user = partition_id(reply)
+            user = self.record_training(reply, server_round)
             self.rounds_trained[user] += 1
-            self.last_round[user] = server_round
-            self.examples_processed[user] += int(reply.content.metric_records["metrics"]["examples_processed"])
             sent = set(reply.content.array_records["shared"].keys())
             private = {k for k in sent if not self.strategy.is_shared(k, phase.name)}
             if private:  # the privacy invariant: refuse loudly rather than aggregate a private key
@@ -250,6 +248,14 @@ class FederatedRun:
             "bytes_down": down, "bytes_up": sum(array_bytes(r.content) for r in ok),
             "private_bytes_mean": float(np.mean(metric("private_bytes"))) if ok else 0.0,
         }
+
+    def record_training(self, reply: Message, server_round: int) -> int:
+        """A successful train reply: its user's stored adapter is now of ``server_round``, and its
+        examples count. Returns the user."""
+        user = partition_id(reply)
+        self.last_round[user] = server_round
+        self.examples_processed[user] += int(reply.content.metric_records["metrics"]["examples_processed"])
+        return user
 
     def evaluate(self, server_round: int, users: list[int], phase: str) -> list[Message]:
         """Score ``users``; evaluation messages carry the shared part too (``bytes_down_eval``)."""
@@ -368,9 +374,7 @@ class FederatedRun:
         trained, down = self.call(self.new_users, TRAIN, fine_tune_round, self.shared, NEW_USERS)
         self.totals["bytes_down"] += down
         for reply in trained:
-            user = partition_id(reply)
-            self.last_round[user] = fine_tune_round
-            self.examples_processed[user] += int(reply.content.metric_records["metrics"]["examples_processed"])
+            self.record_training(reply, fine_tune_round)
         self.checkpoint().save(self.run_dir)
         new = self.evaluate(fine_tune_round, [partition_id(r) for r in trained], last)
         headline = self.metric_names[0]
