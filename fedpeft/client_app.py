@@ -31,6 +31,7 @@ from fedpeft.config import Config
 from fedpeft.data import Benchmark, get_benchmark
 from fedpeft.files import storage_failure
 from fedpeft.messages import Request, make_reply, read_request
+from fedpeft.privacy import clip_shared_update
 from fedpeft.scoring import score
 from fedpeft.store import OWNER_FILE, AdapterStore, StoreError, store_owner, timeout_note
 from fedpeft.strategies import make_strategy
@@ -124,6 +125,8 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
     stats = strategy.local_train(train, phase)
     stats["examples_processed"] = processed  # forward + backward passes over examples, all passes of the call
     new_shared, private = strategy.split(models.adapter_state(loaded), phase.name)
+    if config.privacy.mechanism == "client" and new_shared:  # the update from what the server sent, bounded here
+        new_shared = clip_shared_update(new_shared, request.shared, config.privacy.clipping_norm)
     stats.update(store_private(request, user_id, private, phase.name, len(user.train)))
     return new_shared, stats, user_id
 

@@ -117,6 +117,15 @@ def _interval(key: str, values: list[float]) -> dict[str, float]:
     return {key: mean, f"{key}_ci95_low": low, f"{key}_ci95_high": high}
 
 
+def spent_epsilon(results: dict[str, Any]) -> float:
+    """The user-level epsilon a run spent on its shared part (results.json ``privacy``; None:
+    unbounded, a run that shared without DP or without noise); NaN for a run from before privacy."""
+    privacy = results.get("privacy")
+    if privacy is None:
+        return math.nan
+    return math.inf if privacy["epsilon"] is None else float(privacy["epsilon"])
+
+
 def comparison_rows(runs: dict[str, list[SeedRun]], baseline: str, rule: str, trained: UserSet) -> list[dict[str, Any]]:
     """One row per strategy, over the common trained users: the headline under best_val and final
     (and ``rule``; mean over seeds, 95% interval), each beside its mean over each run's own scored
@@ -153,6 +162,8 @@ def comparison_rows(runs: dict[str, list[SeedRun]], baseline: str, rule: str, tr
             "trainable_params_per_user": res["parameters"]["trainable_params_per_user"],
             "shared_params": res["parameters"]["shared_params"],
             "users_failed": int(max(r.results["summary"]["n_failed"] for r in seeds)),
+            "epsilon": mean_of(spent_epsilon),
+            "noise_multiplier": mean_of(lambda r: (r.get("privacy") or {}).get("noise_multiplier", math.nan)),
         })
         rows.append(row)
     return rows

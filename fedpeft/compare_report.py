@@ -88,6 +88,13 @@ def _users_line(users: UserSet, what: str, but: str = "") -> str:
     return text
 
 
+def _epsilon_cell(epsilon: float) -> str:
+    """User-level epsilon spent on the shared part: ∞ without DP, 0 when nothing is shared."""
+    if math.isnan(epsilon):
+        return "n/a"
+    return "∞" if math.isinf(epsilon) else f"{epsilon:.3g}"
+
+
 def report(rows: list[dict[str, Any]], metric: str, baseline: str, rule: str, seeds: list[int], trained: UserSet,
            new: UserSet, activity: list[dict[str, Any]]) -> str:
     """comparison.md: what was compared and how, then one line per strategy (trained users), the
@@ -101,9 +108,10 @@ def report(rows: list[dict[str, Any]], metric: str, baseline: str, rule: str, se
             f"seeds, with the 95% t-interval of the per-seed mean differences; wins/ties/losses over users; the "
             f"Wilcoxon signed-rank p across users; hurt = users worse by more than one test example (1/n_test). "
             f"p10: 10th percentile over users under `{rule}`, mean over seeds. left out: users this strategy did not "
-            "score in every seed, and why.", ""]
+            "score in every seed, and why. ε: the user-level privacy budget each run spent on its shared part "
+            "(privacy.*; mean over seeds; ∞ = shared without differential privacy, 0 = shares nothing).", ""]
     cols = ["strategy", f"{metric} best_val", f"{metric} final", "p10", f"vs {baseline}", "wins/ties/losses",
-            "Wilcoxon p", "hurt", "left out", f"{metric} best_val, all scored users", "examples/user", "bytes communicated"]
+            "Wilcoxon p", "hurt", "left out", f"{metric} best_val, all scored users", "examples/user", "bytes communicated", "ε"]
     cells = []
     for row in rows:
         paired = ["–"] * 4 if row["strategy"] == baseline else _paired_cells(row, baseline)
@@ -111,7 +119,8 @@ def report(rows: list[dict[str, Any]], metric: str, baseline: str, rule: str, se
         cells.append([row["strategy"], _with_interval(row, f"{metric}_best_val"), _with_interval(row, f"{metric}_final"),
                       f"{row[f'{metric}_p10']:.3f}", *paired, _md(row["left_out_why"]),
                       "n/a" if math.isnan(all_scored) else f"{all_scored:.3f}",
-                      f"{row['examples_per_user']:.0f}", _cell(row["bytes_total"]) if row["bytes_total"] else "0"])
+                      f"{row['examples_per_user']:.0f}", _cell(row["bytes_total"]) if row["bytes_total"] else "0",
+                      _epsilon_cell(row.get("epsilon", math.nan))])
     lines = head + _table(cols, cells)
     if new.everyone:
         lines += ["", "## New users", "", _users_line(new, "New users (data.new_users)"),

@@ -124,6 +124,19 @@ class StrategyConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    mechanism: str = field(default="none", metadata={"help": "user-level differential privacy on the shared part (one user = the unit of privacy; private keys never leave and need none): none, central (Flower's server-side fixed clipping), central_adaptive (server-side adaptive clipping, privacy.clipping_norm is the initial norm), client (each client clips its own shared update, the server adds the noise). Under privacy the shared updates are averaged with equal weights per user"})
+    noise_multiplier: float = field(default=1.0, metadata={"help": "Gaussian noise std on the sum of clipped updates / clipping norm (the mean gets noise_multiplier x clipping_norm / users sampled), >= 0; 0 = clipping only (epsilon infinite). Replaced by the calibrated value when privacy.target_epsilon > 0"})
+    clipping_norm: float = field(default=1.0, metadata={"help": "L2 bound on each user's shared update (its change of the shared part in a round), > 0; central_adaptive: the initial bound"})
+    delta: float = field(default=0.0, metadata={"help": "delta of the reported (epsilon, delta); 0 = automatic: 1 / (10 x users in the training population); a given value must lie in (0, 1 / users)"})
+    target_epsilon: float = field(default=0.0, metadata={"help": "> 0: calibrate privacy.noise_multiplier before the run so that all rounds together spend this epsilon (given the rounds, the cohort size and delta); 0 = off (use privacy.noise_multiplier)"})
+    max_epsilon: float = field(default=0.0, metadata={"help": "> 0: stop training before a round whose release would take the spent epsilon past this value (the run still evaluates); 0 = off"})
+    target_clipped_quantile: float = field(default=0.5, metadata={"help": "central_adaptive: fraction of updates the clipping norm aims to clip, in [0, 1] (Flower's default)"})
+    clip_norm_lr: float = field(default=0.2, metadata={"help": "central_adaptive: learning rate of the geometric clipping-norm update, > 0 (Flower's default)"})
+    clipped_count_stddev: float = field(default=0.0, metadata={"help": "central_adaptive: std of the noise on the count of clipped updates; 0 = Flower's default, users sampled / 20; privacy.noise_multiplier must stay below twice this value"})
+
+
+@dataclass
 class CompareConfig:
     strategies: list[str] = field(default_factory=list, metadata={"help": "sims/compare.py: strategies side by side (comma list); empty = all"})
     baseline: str = field(default="local_only", metadata={"help": "sims/compare.py: strategy gains are measured against"})
@@ -169,6 +182,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -217,6 +231,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compare.select": ("final", "best_val", "best_val_per_user"),
     "strategy.feddpa_mode": ("fixed", "per_input"),
     "strategy.oppu_task_mode": ("federated", "pooled"),
+    "privacy.mechanism": ("none", "central", "central_adaptive", "client"),
     "wandb.mode": ("disabled", "offline", "online"),
 }
 
@@ -440,7 +455,27 @@ def validate(config: Config) -> None:
             re.compile(st.fedper_pattern)
         except re.error as err:
             raise ConfigError(f"Config key 'strategy.fedper_pattern' got {st.fedper_pattern!r}, not a valid regex: {err}") from None
+    _validate_privacy(config.privacy)
     ray = config.ray
     _check(ray.client_cpus > 0, "ray.client_cpus", ray.client_cpus, "a number > 0")
     _check(ray.client_gpus >= 0, "ray.client_gpus", ray.client_gpus, "a number >= 0")
     _check(ray.num_cpus >= 0, "ray.num_cpus", ray.num_cpus, "0 (all cores) or a positive count")
+
+
+def _validate_privacy(pr: PrivacyConfig) -> None:
+    """The privacy keys alone; what needs the strategy or the number of users (delta < 1 / users,
+    a strategy that shares nothing, a reachable target epsilon) is checked by
+    :func:`fedpeft.privacy.prepare_privacy` before Ray starts."""
+    _check(pr.noise_multiplier >= 0, "privacy.noise_multiplier", pr.noise_multiplier, "a number >= 0 (0: clipping only, no noise)")
+    _check(pr.clipping_norm > 0, "privacy.clipping_norm", pr.clipping_norm, "a number > 0 (the L2 bound on a user's shared update)")
+    _check(0 <= pr.delta < 1, "privacy.delta", pr.delta, "0 (automatic: 1 / (10 x users)) or a number in (0, 1 / users)")
+    _check(pr.target_epsilon >= 0, "privacy.target_epsilon", pr.target_epsilon, "0 (off) or a number > 0")
+    _check(pr.max_epsilon >= 0, "privacy.max_epsilon", pr.max_epsilon, "0 (off) or a number > 0")
+    _check(0 <= pr.target_clipped_quantile <= 1, "privacy.target_clipped_quantile", pr.target_clipped_quantile, "a number in [0, 1]")
+    _check(pr.clip_norm_lr > 0, "privacy.clip_norm_lr", pr.clip_norm_lr, "a number > 0")
+    _check(pr.clipped_count_stddev >= 0, "privacy.clipped_count_stddev", pr.clipped_count_stddev,
+           "0 (Flower's default: users sampled / 20) or a number > 0")
+    if pr.mechanism == "none":
+        for key in ("target_epsilon", "max_epsilon"):
+            _check(getattr(pr, key) == 0, f"privacy.{key}", getattr(pr, key),
+                   "0 while privacy.mechanism=none (set privacy.mechanism=central, central_adaptive or client to use it)")

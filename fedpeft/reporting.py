@@ -145,6 +145,12 @@ def summary_table(results: dict[str, Any]) -> str:
             rows += [(f"{label}: {m} mean", g[f"{m}_mean"]) for m in results["metrics"]]
             rows.append((f"{label}: scored / failed", f"{g['n_evaluated']} of {g['users']} / {g['n_failed']}"))
     who = "trained users" if "new" in groups else "users"  # new users have their own lines above
+    privacy = results.get("privacy") or {}
+    if privacy.get("mechanism", "none") != "none":
+        eps = privacy["epsilon"]
+        rows.append(("privacy: epsilon spent (user-level)", f"{'inf' if eps is None else f'{eps:.3f}'} at delta "
+                     f"{privacy['delta']:.2g} ({privacy['mechanism']}, noise multiplier {privacy['noise_multiplier']:.3g}, "
+                     f"clipping norm {privacy['clipping_norm']:.3g}, {privacy['rounds_composed']} rounds)"))
     rows += [(f"{who} evaluated", summary["n_evaluated"]), (f"{who} failed", summary["n_failed"]),
              (f"{who} that trained fewer rounds than scheduled", summary.get("n_undertrained", 0)),
              ("users skipped (unusable data)", summary["n_skipped"]),
@@ -165,6 +171,9 @@ def summary_table(results: dict[str, Any]) -> str:
         lines.append(f"{diverged['users']} user(s) diverged in training ({diverged['calls']} call(s) with a non-finite "
                      "loss or weights; each failed, and its user kept the adapter it had before): lower train.lr or check "
                      f"the data (reasons in {results['run_dir']}/failures.json)")
+    if privacy.get("stopped_before_round"):
+        lines.append(f"training stopped before round {privacy['stopped_before_round']}: it would have taken epsilon past "
+                     f"privacy.max_epsilon={privacy['max_epsilon']:g}; the scores are of the last round trained")
     if summary.get("n_undertrained"):
         lines.append(f"{summary['n_undertrained']} user(s) trained fewer rounds than their cohorts gave them (failed calls): "
                      f"compare rounds_trained with rounds_scheduled in {results['run_dir']}/per_user.csv")

@@ -30,6 +30,7 @@ from fedpeft.data.user_groups import new_user_indices
 from fedpeft.exchange import LazyMessages, exchange, worker_unavailable
 from fedpeft.files import atomic_write, storage_failure
 from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
+from fedpeft.privacy import PrivacyAccountant
 from fedpeft.reporting import RunReporter
 from fedpeft.scoring import corpus_scores
 from fedpeft.selection import (
@@ -91,6 +92,9 @@ class FederatedRun:
         self.done_rounds, self.wall_before = 0, 0.0
         self.call_seconds = 0.0  # time spent inside client calls (the workers' side), for timings
         self.round_scores: list[dict[str, Any]] = []  # per user and evaluated round: val and test scores
+        private = config.privacy.mechanism != "none"  # user-level DP on the shared part (fedpeft.privacy)
+        self.accountant = PrivacyAccountant(len(self.trained_users), config.privacy.delta) if private else None
+        self.budget_stop = 0  # the round before which privacy.max_epsilon stopped training (0: it did not)
         if resume is not None:
             self.restore(resume)
             self.round_scores = read_rounds(run_dir, up_to=self.done_rounds)
@@ -108,6 +112,8 @@ class FederatedRun:
                     "examples_processed": self.examples_processed.tolist(), "failures": self.failures,
                     "worker_loads": {str(k): v for k, v in self.worker_loads.items()}, "totals": self.totals,
                     "wall_seconds": self.wall_before + time.time() - self.started}
+        if self.accountant is not None:
+            progress["privacy"] = self.accountant.state()
         return Checkpoint(self.done_rounds, self.shared, self.strategy.server_state(), progress)
 
     def restore(self, ckpt: Checkpoint) -> None:
@@ -122,6 +128,8 @@ class FederatedRun:
         self.worker_loads = {int(k): int(v) for k, v in p["worker_loads"].items()}
         self.totals = {"bytes_down_eval": 0, **p["totals"]}
         self.wall_before = float(p["wall_seconds"])
+        if self.accountant is not None and "privacy" in p:  # the rounds composed so far: the same epsilon
+            self.accountant = PrivacyAccountant.from_state(p["privacy"])
 
     # ---- plumbing ------------------------------------------------------------------------
     def discover(self) -> list[int]:
@@ -239,7 +247,9 @@ class FederatedRun:
             private = {k for k in sent if not self.strategy.is_shared(k, phase.name)}
             if private:  # the privacy invariant: refuse loudly rather than aggregate a private key
                 raise RuntimeError(f"a client sent keys that are private in phase '{phase.name}': {sorted(private)[:3]}")
-        self.shared = self.strategy.aggregate(server_round, self.shared, ok)
+        self.shared = self.strategy.aggregate(server_round, self.shared, ok, sampled=len(cohort))
+        if self.accountant is not None and self.strategy.privacy_release is not None:
+            self.accountant.compose_release(self.strategy.privacy_release)
         metric = lambda key: [r.content.metric_records["metrics"][key] for r in ok]  # noqa: E731
         losses = [v for v in metric("train_loss") if not np.isnan(v)]
         return {
@@ -247,7 +257,17 @@ class FederatedRun:
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "bytes_down": down, "bytes_up": sum(array_bytes(r.content) for r in ok),
             "private_bytes_mean": float(np.mean(metric("private_bytes"))) if ok else 0.0,
+            **({"epsilon": self.accountant.epsilon()} if self.accountant is not None else {}),
         }
+
+    def over_budget(self, server_round: int, phase: Phase) -> bool:
+        """Whether this round's release would take the spent epsilon past ``privacy.max_epsilon``
+        (a phase that shares nothing releases nothing, and is never stopped)."""
+        pr = self.config.privacy
+        if self.accountant is None or not pr.max_epsilon or not any(self.strategy.is_shared(k, phase.name) for k in self.shared):
+            return False
+        cohort = self.strategy.sample_cohort(self.trained_users, server_round, phase)
+        return self.accountant.would_exceed(pr.max_epsilon, pr.noise_multiplier, len(cohort))
 
     def record_training(self, reply: Message, server_round: int) -> int:
         """A successful train reply: its user's stored adapter is now of ``server_round``, and its
@@ -316,6 +336,9 @@ class FederatedRun:
         for server_round, phase in self.schedule():
             if server_round <= self.done_rounds:
                 continue
+            if self.over_budget(server_round, phase):
+                final = self.stop_for_budget(server_round)
+                break
             round_start, self.call_seconds = time.time(), 0.0
             eval_bytes_before = self.totals["bytes_down_eval"]
             record = self.train_round(server_round, phase)
@@ -356,6 +379,23 @@ class FederatedRun:
         self.timings["new_users_s"] = time.time() - new_start
         self.bar.close()
         return self.finish(final, new, self.wall_before + time.time() - self.started)
+
+    def stop_for_budget(self, server_round: int) -> list[Message]:
+        """``privacy.max_epsilon`` stops training before ``server_round``: the last completed round
+        becomes the run's last, and every trained user is scored at it (its scores replace that
+        round's, which may have been a sample)."""
+        spent = self.accountant.epsilon() if self.accountant is not None else 0.0
+        self.budget_stop, last = server_round, self.done_rounds
+        self.bar.write(f"privacy.max_epsilon={self.config.privacy.max_epsilon:g}: round {server_round} would take epsilon "
+                       f"past it (spent {spent:.3f} after round {last}); training stops here, every user is scored at round {last}")
+        self.total_rounds = last
+        if not last:
+            return []
+        phase = self.schedule()[last - 1][1].name
+        final = self.evaluate(last, self.trained_users, phase)
+        self.round_scores = [row for row in self.round_scores if row["round"] != last]
+        self.log_round_scores(last, final)
+        return final
 
     def run_new_users(self) -> dict[str, list[Message]]:
         """The new users (``data.new_users``), after the last round: each takes the final shared
@@ -488,6 +528,7 @@ class FederatedRun:
             "private_bytes_per_user": {"mean": float(np.mean(stored)) if stored else 0.0, "max": int(max(stored, default=0))},
             "failed_users": {row["user_id"]: row["error"] for row in per_user if row["status"] != "ok"},
             "failed_calls": len(self.failures),
+            "privacy": self.privacy_report(),
             "diverged": divergence_counts(self.failures),  # failed calls whose loss or weights became non-finite
             "compute": {"examples_processed_per_user_mean": float(self.examples_processed.mean()) if len(self.user_ids) else 0.0,
                         "examples_processed_total": int(self.examples_processed.sum()),
@@ -502,6 +543,14 @@ class FederatedRun:
         self.reporter.write_final(per_user, results, predictions, self.metric_names, self.failures, selected=rule != "final",
                                   as_is=bool(as_is))
         return results
+
+    def privacy_report(self) -> dict[str, Any]:
+        """results.json's ``privacy``: the accountant's report (fedpeft.privacy) and the round
+        ``privacy.max_epsilon`` stopped before (0: none); without DP, only whether anything was
+        released (epsilon None = unbounded; 0 for a strategy that shares nothing)."""
+        if self.accountant is None:
+            return {"mechanism": "none", "epsilon": None if self.accounting.get("shared_params") else 0.0}
+        return {**self.accountant.report(self.config.privacy), "stopped_before_round": self.budget_stop}
 
     def new_user_groups(self, per_user: list[dict[str, Any]], scores: dict[int, Message],
                         as_is: dict[int, Message]) -> dict[str, dict[str, Any]]:

@@ -32,6 +32,7 @@ from fedpeft.data.user_groups import new_user_indices
 from fedpeft.files import json_value
 from fedpeft.models import adapter_state, build_model, check_model, fit_size_knob
 from fedpeft.peft_methods import NO_TRAINING
+from fedpeft.privacy import prepare_privacy
 from fedpeft.reporting import summary_table
 from fedpeft.selection import check_selection
 from fedpeft.store import check_store_is_free, claim_store, store_owner
@@ -99,6 +100,8 @@ def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, 
     keys = loaded.adapter_keys
     strategy.check_compatible(keys)
     held_out = set(new_user_indices(config, len(bench.user_ids())))  # new users never train before the end
+    # DP: refuse what cannot be private, fix delta, calibrate the noise to privacy.target_epsilon (before config.yaml)
+    prepare_privacy(config, strategy, keys, len(bench.user_ids()) - len(held_out))
     stats = strategy.pretrain(loaded, lambda: [bench.load_user(i) for i in range(len(bench.user_ids())) if i not in held_out],
                               bench.task())
     if stats is not None:

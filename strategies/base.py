@@ -21,6 +21,7 @@ from flwr.serverapp import strategy as flwr_strategy
 
 from fedpeft.config import Config, ConfigError
 from fedpeft.messages import transport_state
+from fedpeft.privacy import PrivateAggregator, Release, mean_reply
 
 State = dict[str, torch.Tensor]
 HEAD_PATTERN = re.compile(r"(^|\.)(classifier|score)\.")
@@ -78,6 +79,8 @@ class Strategy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._aggregator: flwr_strategy.FedAvg | None = None
+        self._private: PrivateAggregator | None = None  # privacy.mechanism != none: Flower's DP wrapper
+        self.privacy_release: Release | None = None  # the last aggregate's release, for the accountant
 
     # ---- the split (client and server) -------------------------------------------------
     def is_shared(self, key: str, phase: str) -> bool:
@@ -169,11 +172,15 @@ class Strategy:
         return sorted(int(u) for u in rng.choice(sorted(users), size=size, replace=False))
 
     SERVER_STATE = ("m_t", "v_t")  # the FedOpt family's moments; FedAvg and FedProx keep none
+    CLIPPING_NORM = "privacy/clipping_norm"  # central_adaptive: the clipping norm it has adapted to
 
     def server_state(self) -> State:
         """The server optimiser's state between rounds (for checkpoints), as named tensors."""
-        return {f"{name}/{key}": torch.from_numpy(np.array(value)) for name in self.SERVER_STATE
-                for key, value in (getattr(self._aggregator, name, None) or {}).items()}
+        state = {f"{name}/{key}": torch.from_numpy(np.array(value)) for name in self.SERVER_STATE
+                 for key, value in (getattr(self._aggregator, name, None) or {}).items()}
+        if self._private is not None and self.config.privacy.mechanism == "central_adaptive":
+            state[self.CLIPPING_NORM] = torch.tensor([self._private.clipping_norm], dtype=torch.float64)
+        return state
 
     def load_server_state(self, state: State) -> None:
         """Restore :meth:`server_state` (a resumed run continues the same optimiser)."""
@@ -183,10 +190,21 @@ class Strategy:
             part = {k.split("/", 1)[1]: v.numpy() for k, v in state.items() if k.startswith(f"{name}/")}
             if part:
                 setattr(self._aggregator, name, part)
+        if self.CLIPPING_NORM in state:
+            self._private = self._private or PrivateAggregator(self.config)
+            self._private.clipping_norm = float(state[self.CLIPPING_NORM].item())
 
-    def aggregate(self, server_round: int, shared: State, replies: list[Message]) -> State:
-        """New shared state from the replies' "shared" arrays with the configured Flower strategy."""
+    def aggregate(self, server_round: int, shared: State, replies: list[Message], sampled: int | None = None) -> State:
+        """New shared state from the replies' "shared" arrays with the configured Flower strategy.
+
+        With ``privacy.mechanism`` set, Flower's DP wrapper first makes the noisy equal-weight mean
+        of the clipped updates (:class:`fedpeft.privacy.PrivateAggregator`; the noise is calibrated
+        to ``sampled``, the users sampled this round, which the caller must give), and the Flower
+        strategy steps on that one mean (post-processing: FedAvg/FedProx return it, FedAdam/FedYogi
+        move towards it). The round's release is left in :attr:`privacy_release` for the accountant.
+        """
         replies = [r for r in replies if len(r.content.array_records["shared"])]
+        self.privacy_release = None
         if not shared or not replies:
             return shared
         if self._aggregator is None:
@@ -194,8 +212,19 @@ class Strategy:
         aggregator = self._aggregator
         if hasattr(aggregator, "current_arrays"):  # FedOpt family: the server's current model
             aggregator.current_arrays = {k: v.detach().cpu().numpy() for k, v in transport_state(shared).items()}
+        if self.config.privacy.mechanism != "none":
+            replies = [self._private_mean(server_round, shared, replies, sampled)]
         arrays, _ = aggregator.aggregate_train(server_round, replies)
         if arrays is None:
             raise RuntimeError("Flower's aggregation returned nothing; the replies were inconsistent")
         new = ArrayRecord.to_torch_state_dict(arrays)
         return {**shared, **{k: new[k].to(shared[k].dtype) for k in new}}
+
+    def _private_mean(self, server_round: int, shared: State, replies: list[Message], sampled: int | None) -> Message:
+        """The replies' noisy equal-weight mean as one reply, for the Flower strategy to step on."""
+        if sampled is None:
+            raise ValueError("Strategy.aggregate under privacy needs sampled= (the users sampled this round)")
+        self._private = self._private or PrivateAggregator(self.config)
+        current = {k: v.detach().cpu().numpy() for k, v in transport_state(shared).items()}
+        mean, self.privacy_release = self._private.aggregate(server_round, current, replies, sampled)
+        return mean_reply(mean, self._aggregator.weighted_by_key, replies[0])
