@@ -281,16 +281,25 @@ def write_comparison(out: Path, runs: dict[str, list[SeedRun]], baseline: str, r
     compare_plots.activity_plot(out, means, runs[baseline][0].n_train, baseline, metric, rule)
 
 
-def main(argv: list[str] | None = None) -> int:
+def study_main(work: Callable[[], Path], table: str, what: str) -> int:
+    """A study script's main: ``work()`` runs it and returns its folder; prints ``table`` from it,
+    or the one-line error of bad arguments (exit 2)."""
     try:
-        names, baseline, out, config = parse_args(sys.argv[1:] if argv is None else argv)
-        folder = compare(names, baseline, config, out)
+        folder = work()
     except ConfigError as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
-    print((folder / "comparison.md").read_text())
-    print(f"comparison written to {folder}")
+    print((folder / table).read_text())
+    print(f"{what} written to {folder}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def work() -> Path:
+        names, baseline, out, config = parse_args(sys.argv[1:] if argv is None else argv)
+        return compare(names, baseline, config, out)
+
+    return study_main(work, "comparison.md", "comparison")
 
 
 if __name__ == "__main__":

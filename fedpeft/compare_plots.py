@@ -23,6 +23,22 @@ def pyplot():
     return plt
 
 
+def interval_errors(values, lows, highs) -> list[list[float]]:
+    """``errorbar``'s yerr for values with 95% intervals (a NaN bound: no bar on that side)."""
+    return [[max(0.0, v - lo) if not math.isnan(lo) else 0.0 for v, lo in zip(values, lows)],
+            [max(0.0, hi - v) if not math.isnan(hi) else 0.0 for v, hi in zip(values, highs)]]
+
+
+def save_with_legend(fig: Any, ax: Any, path: Path) -> Path:
+    """Grid, the legend outside on the right, then the file (the figure is closed)."""
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    pyplot().close(fig)
+    return path
+
+
 def plot(out: Path, rounds: dict[str, list[dict[str, Any]]], per_user: dict[str, dict[str, float]], baseline: str,
          metric: str) -> None:
     """``rounds.png`` (score per round, mean over seeds, over each run's own users) and
@@ -152,10 +168,4 @@ def activity_plot(out: Path, means: dict[str, dict[str, dict[str, float]]], n_tr
     ax.set_xlabel("training examples per user (n_train; a point per value, or per activity bin: its mean)")
     ax.set_ylabel(f"test {metric} (mean over users, {rule}; mean over seeds)")
     ax.set_title("Score by user activity: solid = trained users, dashed = new users", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8)
-    fig.tight_layout()
-    path = out / "activity.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_with_legend(fig, ax, out / "activity.png")

@@ -24,6 +24,21 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """A csv :func:`write_csv` wrote, numbers as floats (nan, inf included), text as text; no file: []."""
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [{k: _number_or_text(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number_or_text(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def write_per_user(path: Path, scores: dict[str, list[dict[str, float]]],
                    as_is: dict[str, list[dict[str, float]]] | None = None) -> None:
     """One row per user, one column per strategy: the user's score averaged over the seeds that

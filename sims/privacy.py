@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import math
 import os
 import sys
@@ -33,8 +32,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpeft.compare import add_arguments, compare, from_arguments
-from fedpeft.compare_plots import pyplot
+from fedpeft.compare import add_arguments, compare, from_arguments, study_main
+from fedpeft.compare_plots import interval_errors, pyplot, save_with_legend
+from fedpeft.compare_report import read_csv, write_csv
 from fedpeft.config import CHOICES, FLAG_ALIASES, Config, ConfigError
 
 BASELINE = "local_only"
@@ -123,18 +123,6 @@ def baseline_once(runner: Callable[[Config], dict[str, Any]]) -> Callable[[Confi
     return run
 
 
-def _read(path: Path) -> list[Row]:
-    with path.open() as f:
-        return [{k: _value(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _value(text: str) -> Any:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 def study_rows(epsilon: float, comparison: list[Row], rule: str) -> list[Row]:
     rows = []
     for c in comparison:
@@ -196,18 +184,12 @@ def plot(path: Path, rows: list[Row], budgets: list[str], metric: str, rule: str
         points = [(budgets.index(r["budget"]), r[metric], r[f"{metric}_ci95_low"], r[f"{metric}_ci95_high"])
                   for r in rows if r["strategy"] == name]
         x, y, low, high = zip(*points)
-        errors = [[max(0.0, v - lo) if not math.isnan(lo) else 0.0 for v, lo in zip(y, low)],
-                  [max(0.0, hi - v) if not math.isnan(hi) else 0.0 for v, hi in zip(y, high)]]
-        ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, color=plt.cm.tab10(i % 10), label=name)
+        ax.errorbar(x, y, yerr=interval_errors(y, low, high), marker="o", capsize=3, color=plt.cm.tab10(i % 10), label=name)
     ax.set_xticks(range(len(budgets)), ["no DP" if b == "inf" else f"ε = {b}" for b in budgets])
     ax.set_xlabel("privacy budget of the shared part (user-level, whole run)")
     ax.set_ylabel(f"test {metric} ({rule})")
     ax.set_title("Privacy–personalization trade-off (bars: 95% interval over seeds)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_with_legend(fig, ax, path)
 
 
 def study(names: list[str], config: Config, epsilons: list[float], mechanism: str = "central", out: Path | None = None,
@@ -226,12 +208,9 @@ def study(names: list[str], config: Config, epsilons: list[float], mechanism: st
         cfg.compare.out = ""
         print(f"##### privacy budget {label(epsilon)} #####", flush=True)
         folder = compare(names, BASELINE, cfg, out / f"eps{label(epsilon)}", runner=run_once)
-        rows += study_rows(epsilon, _read(folder / "comparison.csv"), rule)
+        rows += study_rows(epsilon, read_csv(folder / "comparison.csv"), rule)
     metric = next(key for key in rows[0] if f"{key}_ci95_low" in rows[0] and not key.startswith("gain_vs_"))
-    with (out / "privacy.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "privacy.csv", rows)
     seeds = list(config.compare.seeds) or [config.seed]
     (out / "privacy.md").write_text(report(rows, metric, rule, seeds, mechanism, names))
     plot(out / "privacy.png", rows, [label(e) for e in ordered], metric, rule)
@@ -239,15 +218,11 @@ def study(names: list[str], config: Config, epsilons: list[float], mechanism: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def work() -> Path:
         names, out, config, epsilons, mechanism = parse_args(sys.argv[1:] if argv is None else argv)
-        folder = study(names, config, epsilons, mechanism, out)
-    except ConfigError as err:
-        print(f"fedpeft: error: {err}", file=sys.stderr)
-        return 2
-    print((folder / "privacy.md").read_text())
-    print(f"study written to {folder}")
-    return 0
+        return study(names, config, epsilons, mechanism, out)
+
+    return study_main(work, "privacy.md", "study")
 
 
 if __name__ == "__main__":

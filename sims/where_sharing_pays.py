@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import math
 import sys
 from collections.abc import Callable
@@ -32,8 +31,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpeft.compare import add_arguments, compare, from_arguments
-from fedpeft.compare_plots import pyplot
+from fedpeft.compare import add_arguments, compare, from_arguments, study_main
+from fedpeft.compare_plots import interval_errors, pyplot, save_with_legend
+from fedpeft.compare_report import read_csv, write_csv
 from fedpeft.config import FLAG_ALIASES, Config, ConfigError
 
 DEFAULT_KS = ",".join(Config().compare.train_caps)  # the schema's default
@@ -78,20 +78,6 @@ def parse_args(argv: list[str]) -> tuple[list[str], str, Path | None, Config, li
         raise ConfigError(f"data.max_train_per_user={config.data.max_train_per_user}: this study sets it for each K of "
                           f"--ks; leave it out and give the Ks instead, e.g. --ks {config.data.max_train_per_user},all")
     return names, baseline, out, config, ks
-
-
-def _read(path: Path) -> list[Row]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [{k: _value(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _value(text: str) -> Any:
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def _nan(value: Any) -> float:
@@ -174,9 +160,7 @@ def plot_gain_by_k(path: Path, rows: list[Row], ks: list[int | str], baseline: s
             if not points:
                 continue
             x, y, low, high = zip(*points)
-            errors = [[max(0.0, v - lo) if not math.isnan(lo) else 0.0 for v, lo in zip(y, low)],
-                      [max(0.0, hi - v) if not math.isnan(hi) else 0.0 for v, hi in zip(y, high)]]
-            ax.errorbar(x, y, yerr=errors, linestyle=style, marker="s" if prefix else "o", capsize=3, color=plt.cm.tab10(i % 10),
+            ax.errorbar(x, y, yerr=interval_errors(y, low, high), linestyle=style, marker="s" if prefix else "o", capsize=3, color=plt.cm.tab10(i % 10),
                         label=f"{name} ({'new' if prefix else 'trained'} users)")
     ax.axhline(0, color="black", linewidth=1)
     ax.set_xticks(range(len(ks)), [str(k) for k in ks])
@@ -184,11 +168,7 @@ def plot_gain_by_k(path: Path, rows: list[Row], ks: list[int | str], baseline: s
     ax.set_ylabel(f"gain in test {metric} over {baseline}")
     ax.set_title(f"Where sharing pays: gain over {baseline} (bars: 95% interval over seeds)\n"
                  "solid = trained users, dashed = new users", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_with_legend(fig, ax, path)
 
 
 def plot_gain_by_activity(path: Path, activity: list[Row], k: int | str, baseline: str, metric: str) -> None:
@@ -209,11 +189,7 @@ def plot_gain_by_activity(path: Path, activity: list[Row], k: int | str, baselin
     ax.set_xlabel("training examples per user (each activity bin at its users' mean)")
     ax.set_ylabel(f"gain in test {metric} over {baseline}")
     ax.set_title(f"Gain over {baseline} by activity bin, K = {k}: solid = trained users, dashed = new users", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_with_legend(fig, ax, path)
 
 
 def study(names: list[str], baseline: str, config: Config, ks: list[int | str], out: Path | None = None,
@@ -229,33 +205,25 @@ def study(names: list[str], baseline: str, config: Config, ks: list[int | str], 
         cfg.compare.out = ""
         print(f"##### K = {k} #####", flush=True)
         folder = compare(names, baseline, cfg, out / f"K{k}", runner=runner)
-        rows += study_rows(k, _read(folder / "comparison.csv"), baseline, rule)
-    metric = next(r for r in _read(out / f"K{ks[0]}" / "comparison.csv"))["metric"]
-    columns = list(dict.fromkeys(key for r in rows for key in r))
-    with (out / "where_sharing_pays.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+        rows += study_rows(k, read_csv(folder / "comparison.csv"), baseline, rule)
+    metric = next(r for r in read_csv(out / f"K{ks[0]}" / "comparison.csv"))["metric"]
+    write_csv(out / "where_sharing_pays.csv", rows)
     seeds = list(config.compare.seeds) or [config.seed]
     (out / "where_sharing_pays.md").write_text(report(rows, metric, baseline, rule, seeds, names))
     plot_gain_by_k(out / "gain_by_k.png", rows, ks, baseline, metric)
     k_all = "all" if "all" in ks else max(k for k in ks if k != "all")
-    activity = _read(out / f"K{k_all}" / "by_activity.csv")
+    activity = read_csv(out / f"K{k_all}" / "by_activity.csv")
     if activity:
         plot_gain_by_activity(out / "gain_by_activity.png", activity, k_all, baseline, metric)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def work() -> Path:
         names, baseline, out, config, ks = parse_args(sys.argv[1:] if argv is None else argv)
-        folder = study(names, baseline, config, ks, out)
-    except ConfigError as err:
-        print(f"fedpeft: error: {err}", file=sys.stderr)
-        return 2
-    print((folder / "where_sharing_pays.md").read_text())
-    print(f"study written to {folder}")
-    return 0
+        return study(names, baseline, config, ks, out)
+
+    return study_main(work, "where_sharing_pays.md", "study")
 
 
 if __name__ == "__main__":
