@@ -510,6 +510,8 @@ class FederatedRun:
         # the sweep metric: the validation score the rule chose by (never a test score)
         summary.update(selected_validation(self.round_scores, rule, self.metric_names,
                                            self.metric_names[0] in M.LOWER_IS_BETTER, self.total_rounds))
+        if self.accountant is not None:  # the run's epsilon beside its scores (W&B summary: sweeps over privacy)
+            summary["epsilon"] = self.privacy_report()["epsilon"]
         groups = {"trained": {"users": len(self.trained_users), **summary}}
         if self.new_users:
             groups.update(self.new_user_groups(per_user, scores, as_is))

@@ -63,6 +63,7 @@ def test_epsilon_per_round_and_at_the_end_equal_dp_accounting(tiny_bert, tmp_pat
     assert p["epsilon"] == pytest.approx(expected[-1], rel=0.01) and p["sampling_rate"] == 0.5
     assert "without replacement" in p["sampling_model"]
     assert f"{p['epsilon']:.3f} at delta" in summary_table(results)
+    assert results["summary"]["epsilon"] == p["epsilon"]
 
 
 def test_target_epsilon_calibrates_the_noise_and_config_yaml_records_it(tiny_bert, tmp_path):
