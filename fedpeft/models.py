@@ -236,11 +236,17 @@ def load_adapter_state(loaded: LoadedModel, state: dict[str, torch.Tensor]) -> N
             params[key].copy_(value.to(params[key].device, params[key].dtype))
 
 
+def composed_state(loaded: LoadedModel, shared: dict[str, torch.Tensor],
+                   private: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """One user's full adapter state: common init, then the current shared part, then the user's
+    private part (later ones win). The one place a user's model is composed: the client, export,
+    the packed trainer (:mod:`fedpeft.packing`) and the tests' reference all use it."""
+    return {**loaded.init_state, **shared, **(private or {})}
+
+
 def compose_user_model(loaded: LoadedModel, shared: dict[str, torch.Tensor], private: dict[str, torch.Tensor] | None) -> None:
-    """Load one user's model into ``loaded``: common init, then the current shared part, then the
-    user's private part (later ones win). The one place a user's model is composed: the client,
-    export and the tests' reference all call it."""
-    load_adapter_state(loaded, {**loaded.init_state, **shared, **(private or {})})
+    """Load one user's model into ``loaded``: its :func:`composed_state`."""
+    load_adapter_state(loaded, composed_state(loaded, shared, private))
 
 
 def adapter_state(loaded: LoadedModel) -> dict[str, torch.Tensor]:

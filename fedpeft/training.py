@@ -67,6 +67,11 @@ def batch_listener(listener: BatchListener) -> Iterator[None]:
         _LISTENERS.reset(token)
 
 
+def batch_listeners_active() -> bool:
+    """Whether a :func:`batch_listener` is active (the packed trainer refuses to run under one)."""
+    return bool(_LISTENERS.get())
+
+
 def announce_batch(examples: list[Example], rows: list[int]) -> None:
     for listener in _LISTENERS.get():
         listener(examples, rows)
@@ -178,6 +183,11 @@ def _pad(row: list[int], width: int, value: int, side: str) -> list[int]:
 def encoder_loss(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config: Config,
                  tokens: CallTokens | None = None) -> torch.Tensor:
     logits = loaded.model(**(tokens or CallTokens(loaded, config)).batch(examples)).logits.float()
+    return encoder_loss_of_logits(logits, examples, task)
+
+
+def encoder_loss_of_logits(logits: torch.Tensor, examples: list[Example], task: TaskSpec) -> torch.Tensor:
+    """The mean loss of a classification head's float logits, one row per example."""
     index = {label: i for i, label in enumerate(task.labels)}
     if task.kind == "multilabel":
         target = torch.zeros_like(logits)
@@ -190,13 +200,20 @@ def encoder_loss(loaded: LoadedModel, examples: list[Example], task: TaskSpec, c
 
 def text_to_text_loss(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config: Config,
                       tokens: CallTokens | None = None) -> torch.Tensor:
+    return loaded.model(**text_to_text_batch(loaded, examples, task, config, tokens)).loss
+
+
+def text_to_text_batch(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config: Config,
+                       tokens: CallTokens | None = None) -> dict[str, torch.Tensor]:
+    """The model's training inputs with ``labels`` (-100 where no loss is taken): seq2seq, the
+    inputs and the target's ids; causal, prompt + answer + eos right-padded, labels on the answer."""
     tok, tokens = loaded.tokenizer, tokens or CallTokens(loaded, config)
     targets = [tokens.target(ex, target_text(ex, task)) for ex in examples]
     if loaded.kind == "seq2seq":
         width = max(len(t) for t in targets)
         labels = torch.tensor([_pad(t, width, tok.pad_token_id, tok.padding_side) for t in targets], device=loaded.device)
         labels[labels == tok.pad_token_id] = -100
-        return loaded.model(**tokens.batch(examples), labels=labels).loss
+        return {**tokens.batch(examples), "labels": labels}
     # causal: prompt + answer + eos, loss on the answer tokens only
     max_len = tokens.budget + config.model.max_new_tokens
     ids, labels = [], []
@@ -208,7 +225,7 @@ def text_to_text_loss(loaded: LoadedModel, examples: list[Example], task: TaskSp
     input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids], device=loaded.device)
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=loaded.device)
     label_ids = torch.tensor([y + [-100] * (width - len(y)) for y in labels], device=loaded.device)
-    return loaded.model(input_ids=input_ids, attention_mask=mask, labels=label_ids).loss
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids}
 
 
 def seed_torch(loaded: LoadedModel, seed: int) -> None:
@@ -247,12 +264,56 @@ def _diverged(what: str, lr: float, detail: str = "") -> TrainingDiverged:
                             "this user's data")
 
 
-def _check_finite_weights(params: list[torch.nn.Parameter], step: int, lr: float) -> None:
+def check_finite_weights(params: list[torch.Tensor], step: int, lr: float) -> None:
     """One device sync for all trained parameters: are they all finite?"""
     with torch.no_grad():
         finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
     if not bool(finite):
         raise _diverged(f"non-finite weights after step {step}", lr)
+
+
+def check_training_examples(loaded: LoadedModel, examples: list[Example], task: TaskSpec) -> None:
+    """Refuse a user's examples that cannot train (none; generation on an encoder; unknown labels)."""
+    if not examples:
+        raise ValueError("this user has no training examples")
+    if loaded.kind == "encoder" and task.kind == "generation":
+        raise ValueError("generation tasks need a generative backbone (seq2seq or causal), not an encoder")
+    _check_labels(task, examples)
+
+
+def step_budget(n: int, config: Config, epochs: int | None) -> int:
+    """Optimizer steps of one call on ``n`` examples (see :func:`train_user`)."""
+    tr = config.train
+    batches_per_epoch = max(1, -(-n // tr.batch_size))
+    if epochs is not None:
+        return epochs * batches_per_epoch
+    return tr.steps if tr.steps > 0 else tr.epochs * batches_per_epoch
+
+
+def batch_order(rng: np.random.Generator, n: int, batch_size: int) -> Iterator[list[int]]:
+    """Each step's example indices: epochs of ``rng.permutation(n)`` cut into batches (the last
+    batch of an epoch may be short), a new permutation drawn when the last one is used up."""
+    order: list[int] = []
+    while True:
+        if not order:
+            order = rng.permutation(n).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
+
+
+def check_step_loss(value: float, step: int, lr: float) -> None:
+    if not math.isfinite(value):
+        raise _diverged(f"non-finite loss at step {step}", lr, f": the loss was {value}")
+
+
+def proximal_term(prox: list[tuple[torch.Tensor, torch.Tensor]], mu: float) -> torch.Tensor:
+    """FedProx's mu/2 * ||w - anchor||^2 over (weight, anchor) pairs."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in prox)
+
+
+def train_result(losses: list[float], total_steps: int, processed: int) -> dict[str, float]:
+    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(total_steps),
+            "examples": float(processed)}
 
 
 def train_user(
@@ -280,11 +341,7 @@ def train_user(
     """
     if config.peft.method in NO_TRAINING:
         return {"train_loss": float("nan"), "steps": 0.0, "examples": 0.0}
-    if not examples:
-        raise ValueError("this user has no training examples")
-    if loaded.kind == "encoder" and task.kind == "generation":
-        raise ValueError("generation tasks need a generative backbone (seq2seq or causal), not an encoder")
-    _check_labels(task, examples)
+    check_training_examples(loaded, examples, task)
     tr = config.train
     seed_torch(loaded, seed)
     rng = np.random.default_rng(seed)
@@ -297,35 +354,26 @@ def train_user(
     prox = [(by_name[k], v.to(loaded.device)) for k, v in (anchor or {}).items() if by_name[k].requires_grad] if mu > 0 else []
     loss_fn = encoder_loss if loaded.kind == "encoder" else text_to_text_loss
     tokens = CallTokens(loaded, config)
-    n = len(examples)
-    batches_per_epoch = max(1, -(-n // tr.batch_size))
-    if epochs is not None:
-        total_steps = epochs * batches_per_epoch
-    else:
-        total_steps = tr.steps if tr.steps > 0 else tr.epochs * batches_per_epoch
+    total_steps = step_budget(len(examples), config, epochs)
+    batches = batch_order(rng, len(examples), tr.batch_size)
     processed = 0
     loaded.model.train()
     losses: list[float] = []
-    order: list[int] = []
     for step in range(1, total_steps + 1):
-        if not order:
-            order = rng.permutation(n).tolist()
-        idx, order = order[: tr.batch_size], order[tr.batch_size :]
+        idx = next(batches)
         processed += len(idx)
         announce_batch(examples, idx)
         loss = loss_fn(loaded, [examples[i] for i in idx], task, config, tokens)
         losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise _diverged(f"non-finite loss at step {step}", lr, f": the loss was {losses[-1]}")
+        check_step_loss(losses[-1], step, lr)
         if prox:
-            loss = loss + 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in prox)
+            loss = loss + proximal_term(prox, mu)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     loaded.model.eval()
-    _check_finite_weights(params, total_steps, lr)
-    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(total_steps),
-            "examples": float(processed)}
+    check_finite_weights(params, total_steps, lr)
+    return train_result(losses, total_steps, processed)
 
 
 # ---- prediction -------------------------------------------------------------------------------
@@ -372,19 +420,22 @@ def predict(loaded: LoadedModel, examples: list[Example], task: TaskSpec, config
     for start in range(0, len(examples), bs):
         chunk = examples[start : start + bs]
         announce_batch(examples, list(range(start, start + len(chunk))))
-        if loaded.kind == "encoder":
-            logits = model(**tokens.batch(chunk)).logits.float()
-            if task.kind == "multilabel":
-                ranked = logits.argsort(dim=-1, descending=True, stable=True).tolist()  # ties: label order
-                chosen = [[i for i in order if row[i] > 0] or order[:1] for row, order in zip(logits.tolist(), ranked)]
-                out += [", ".join(task.labels[i] for i in ids) for ids in chosen]
-            else:
-                out += [task.labels[i] for i in logits.argmax(-1).tolist()]
-            continue
-        batch = tokens.batch(chunk)
-        generated = model.generate(**batch, max_new_tokens=config.model.max_new_tokens, do_sample=False, num_beams=1,
-                                   pad_token_id=loaded.tokenizer.pad_token_id)
-        if loaded.kind == "causal":
-            generated = generated[:, batch["input_ids"].shape[1]:]
-        out += [to_label(text, task) for text in loaded.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        out += predict_batch(loaded, tokens.batch(chunk), task, config)
     return out
+
+
+def predict_batch(loaded: LoadedModel, batch: dict[str, torch.Tensor], task: TaskSpec, config: Config) -> list[str]:
+    """One prediction per row of a model input batch (see :func:`predict`)."""
+    model = loaded.model
+    if loaded.kind == "encoder":
+        logits = model(**batch).logits.float()
+        if task.kind == "multilabel":
+            ranked = logits.argsort(dim=-1, descending=True, stable=True).tolist()  # ties: label order
+            chosen = [[i for i in order if row[i] > 0] or order[:1] for row, order in zip(logits.tolist(), ranked)]
+            return [", ".join(task.labels[i] for i in ids) for ids in chosen]
+        return [task.labels[i] for i in logits.argmax(-1).tolist()]
+    generated = model.generate(**batch, max_new_tokens=config.model.max_new_tokens, do_sample=False, num_beams=1,
+                               pad_token_id=loaded.tokenizer.pad_token_id)
+    if loaded.kind == "causal":
+        generated = generated[:, batch["input_ids"].shape[1]:]
+    return [to_label(text, task) for text in loaded.tokenizer.batch_decode(generated, skip_special_tokens=True)]
