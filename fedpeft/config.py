@@ -87,6 +87,7 @@ class TrainConfig:
     eval_batch_size: int = field(default=32, metadata={"help": "batch size for evaluation"})
     lr_schedule: str = field(default="constant", metadata={"help": "client learning rate over rounds: constant, linear, cosine"})
     lr_min_factor: float = field(default=0.1, metadata={"help": "linear/cosine: the last round's lr as a fraction of train.lr"})
+    pack_users: int = field(default=1, metadata={"help": "users a worker trains and scores together in one forward pass (cohort packing: their LoRA adapters and heads stacked, each user its own optimizer, seed and batches; results equal one user at a time within float tolerance, dropout off). 1 = one user per call. > 1 needs peft.method=lora and one of the strategies local_only, fedavg, fedavg_ft, fedper, fedrep, fedsa, ffa"})
 
 
 @dataclass
@@ -414,6 +415,7 @@ def validate(config: Config) -> None:
     _check(tr.steps >= 0, "train.steps", tr.steps, "0 (use epochs) or a positive count")
     _check(tr.batch_size >= 1, "train.batch_size", tr.batch_size, "an integer >= 1")
     _check(tr.eval_batch_size >= 1, "train.eval_batch_size", tr.eval_batch_size, "an integer >= 1")
+    _check(tr.pack_users >= 1, "train.pack_users", tr.pack_users, "an integer >= 1 (1: one user per call)")
     pe = config.peft
     _check(pe.r >= 1, "peft.r", pe.r, "an integer >= 1")
     _check(pe.num_virtual_tokens >= 1, "peft.num_virtual_tokens", pe.num_virtual_tokens, "an integer >= 1")

@@ -41,6 +41,8 @@ class Request:
     run_id: str = ""
     private_round: int = 0  # the round that wrote the user's stored adapter (0: none yet)
     user: int = 0  # the user's index (partition id in fedpeft's sense: its place in the benchmark's user list)
+    users: tuple[int, ...] = ()  # a packed call's users (train.pack_users > 1), in partition order; else (user,)
+    private_rounds: tuple[int, ...] = ()  # their private_round, in the same order
 
 
 def transport_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,11 +65,17 @@ def shared_record(shared: dict[str, torch.Tensor]) -> ArrayRecord:
 
 
 def make_content(config_json: str, server_round: int, shared: dict[str, torch.Tensor] | ArrayRecord | None = None,
-                 phase: str = "", run_id: str = "", private_round: int = 0, user: int = 0) -> RecordDict:
+                 phase: str = "", run_id: str = "", private_round: int = 0, user: int = 0,
+                 bundle: list[tuple[int, int]] | None = None) -> RecordDict:
     """A request to one user; ``shared`` may be an ArrayRecord from :func:`shared_record`, which
-    messages then share (nobody writes to it)."""
-    content = RecordDict({"run": ConfigRecord({"config": config_json, "round": server_round, "phase": phase,
-                                               "run_id": run_id, "private_round": private_round, "user": user})})
+    messages then share (nobody writes to it). ``bundle``: a packed call's (user, private_round)
+    pairs (``train.pack_users`` > 1); ``user`` and ``private_round`` are then its first's."""
+    run = {"config": config_json, "round": server_round, "phase": phase, "run_id": run_id,
+           "private_round": private_round, "user": user}
+    if bundle:
+        run.update(user=bundle[0][0], private_round=bundle[0][1], users=[u for u, _ in bundle],
+                   private_rounds=[r for _, r in bundle])
+    content = RecordDict({"run": ConfigRecord(run)})
     if shared is not None:
         content["shared"] = shared if isinstance(shared, ArrayRecord) else _array_record(shared)
     return content
@@ -77,8 +85,11 @@ def read_request(message: Message) -> Request:
     run = message.content.config_records["run"]
     shared_record = message.content.array_records.get("shared")
     shared = shared_record.to_torch_state_dict() if shared_record is not None and len(shared_record) else {}
+    user, private_round = int(run["user"]), int(run["private_round"])
+    users = tuple(int(u) for u in run["users"]) if "users" in run else (user,)
+    rounds = tuple(int(r) for r in run["private_rounds"]) if "private_rounds" in run else (private_round,)
     return Request(config_from_json(str(run["config"])), int(run["round"]), str(run["phase"]), shared,
-                   str(run["run_id"]), int(run["private_round"]), int(run["user"]))
+                   str(run["run_id"]), private_round, user, users, rounds)
 
 
 def make_reply(
@@ -91,6 +102,33 @@ def make_reply(
     if shared is not None:
         content["shared"] = _array_record(shared)
     return Message(content=content, reply_to=message)
+
+
+def make_bundle_reply(message: Message, parts: list[tuple[dict[str, float], dict[str, str | list[str]],
+                                                         dict[str, torch.Tensor] | None]]) -> Message:
+    """A packed call's reply: user j's metrics, info and shared part (as :func:`make_reply` would
+    carry them) under ``metrics.j``, ``info.j`` and ``shared.j``; :func:`unbundle` splits it."""
+    content = RecordDict()
+    for j, (metrics, info, shared) in enumerate(parts):
+        content[f"metrics.{j}"], content[f"info.{j}"] = MetricRecord(metrics), ConfigRecord(info)
+        if shared is not None:
+            content[f"shared.{j}"] = _array_record(shared)
+    return Message(content=content, reply_to=message)
+
+
+def unbundle(reply: Message) -> list[Message]:
+    """A reply's per-user replies, in its users' order: a one-user reply as it is, a packed one
+    (:func:`make_bundle_reply`) split into replies of the one-user form (same metadata)."""
+    content = reply.content
+    if "metrics" in content.metric_records:
+        return [reply]
+    out = []
+    for j in range(len(content.metric_records)):
+        part = RecordDict({"metrics": content.metric_records[f"metrics.{j}"], "info": content.config_records[f"info.{j}"]})
+        if f"shared.{j}" in content.array_records:
+            part["shared"] = content.array_records[f"shared.{j}"]
+        out.append(Message(content=part, metadata=reply.metadata))
+    return out
 
 
 def array_bytes(record_dict: RecordDict) -> int:

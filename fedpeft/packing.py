@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpeft.config import Config
+from fedpeft.config import Config, ConfigError
 from fedpeft.data import Example, TaskSpec
 from fedpeft.models import LoadedModel
 from fedpeft.peft_methods import METHODS, NO_TRAINING
@@ -100,6 +100,21 @@ def packing_incompatibility(config_or_method: Config | str, strategy_name: str,
         return (f"strategy {strategy_name} is not known to pack (its local training must call train(trainable=, "
                 f"epochs=) the same way for every user, with no batch listener or extra adapter). {fits}")
     return None
+
+
+def check_packing(config: Config, strategy_name: str, extra_adapters: Sequence[str], loaded: LoadedModel) -> None:
+    """Refuse ``train.pack_users`` > 1 before the run starts where it cannot pack (the method,
+    the strategy, or a LoRA layer or head the packed model cannot stack), saying what packs."""
+    if config.train.pack_users <= 1:
+        return
+    why = packing_incompatibility(config, strategy_name, extra_adapters)
+    if why is None:
+        try:
+            _PackedModel.of(loaded)
+        except ValueError as err:
+            why = str(err)
+    if why is not None:
+        raise ConfigError(f"train.pack_users={config.train.pack_users}: {why}")
 
 
 # ---- the packed layers -----------------------------------------------------------------------------

@@ -178,48 +178,59 @@ class FederatedRun:
 
     def call(self, users: list[int], kind: str, server_round: int, shared: dict[str, torch.Tensor],
              phase: str) -> tuple[list[Message], int]:
-        """Send one message per user; returns the replies that succeeded, in partition order (never
-        arrival order, so that aggregation and every sum over replies is deterministic), and the
-        bytes sent down. A failed call (the user's error, a worker process that died mid-call, no
-        reply) is recorded as that user's failure for this round."""
+        """Send the users their messages: one per user, or (``train.pack_users`` = k > 1) one per
+        bundle of up to k consecutive users, which a worker runs packed; returns each user's reply
+        that succeeded (a packed reply split per user), in partition order (never arrival order, so
+        that aggregation and every sum over replies is deterministic), and the bytes sent down (the
+        shared part once per user: packing is the simulation's economy, not the protocol's). A
+        failed call (the user's error, a worker process that died mid-call, no reply) is recorded
+        as the failure of each of its users for this round."""
         down, ok, todo, storage = 0, [], list(users), []
+        pack = self.config.train.pack_users
         self.bar.set_description(f"round {server_round}/{self.total_rounds} {phase} {kind}")
         self.bar.refresh()
         record = wire.shared_record(shared)  # built once, carried by every message of the call
         for attempt in range(UNAVAILABLE_RETRIES + 1):
-            def message(i: int, todo=todo) -> Message:  # built as the window reaches it: 15,000 at once weigh
+            bundles = [todo[i:i + pack] for i in range(0, len(todo), pack)]
+
+            def message(i: int, bundles=bundles) -> Message:  # built as the window reaches it: 15,000 at once weigh
+                first = bundles[i][0]
+                bundle = [(u, int(self.last_round[u])) for u in bundles[i]] if pack > 1 else None
                 return Message(content=make_content(self.config_json, server_round, record, phase, self.identity.run_id,
-                                                    int(self.last_round[todo[i]]), user=todo[i]),
+                                                    int(self.last_round[first]), user=first, bundle=bundle),
                                dst_node_id=self.nodes[i % len(self.nodes)], message_type=kind)
 
-            msgs = LazyMessages(len(todo), message)
+            msgs = LazyMessages(len(bundles), message)
             if attempt == 0:  # resending to a restarted worker is the simulation's cost, not the protocol's
-                down = len(msgs) * wire.record_bytes(record)
-            replies = exchange(self.grid, msgs, self.no_reply_timeout, window=self.window,
-                               on_reply=lambda r: self.bar.update(0 if worker_unavailable(r) else 1))
+                down = len(todo) * wire.record_bytes(record)
+            replies = exchange(self.grid, msgs, self.no_reply_timeout * pack, window=self.window,
+                               on_reply=lambda r: self.bar.update(replied_users(r)))
             retry = []
-            for user, reply in zip(todo, replies):
+            for bundle, reply in zip(bundles, replies):
                 if reply is not None and worker_unavailable(reply) and attempt < UNAVAILABLE_RETRIES:
-                    retry.append(user)  # it reached a worker that Ray is restarting: the call is idempotent, send it again
+                    retry += bundle  # it reached a worker that Ray is restarting: the call is idempotent, send it again
                 elif reply is None:
-                    self.fail(user, kind, server_round, phase, f"no reply for {self.no_reply_timeout:.0f} s: its worker "
-                              "or node was lost (federation.call_timeout bounds a call)")
+                    for user in bundle:
+                        self.fail(user, kind, server_round, phase, f"no reply for {self.no_reply_timeout * pack:.0f} s: "
+                                  "its worker or node was lost (federation.call_timeout bounds a call)")
                 elif reply.has_error():
-                    note = timeout_note(self.config.output.store_dir, self.identity.run_id, user, kind, server_round)
-                    self.fail(user, kind, server_round, phase, note.read_text() if note.is_file() else
-                              "its worker process died mid-call (killed, out of memory, or a lost node); "
-                              f"Ray replaces it: {reply.error.reason}")
-                    note.unlink(missing_ok=True)
+                    for user in bundle:
+                        note = timeout_note(self.config.output.store_dir, self.identity.run_id, user, kind, server_round)
+                        self.fail(user, kind, server_round, phase, note.read_text() if note.is_file() else
+                                  "its worker process died mid-call (killed, out of memory, or a lost node); "
+                                  f"Ray replaces it: {reply.error.reason}")
+                        note.unlink(missing_ok=True)
                 else:
-                    m = reply.content.metric_records["metrics"]
-                    self.call_seconds += float(m["seconds"])
-                    self.worker_loads[int(m["pid"])] = max(self.worker_loads.get(int(m["pid"]), 0), int(m["backbone_loads"]))
-                    if m["failed"] and m.get("storage_errno"):  # the storage's fault: never the user's failure
-                        storage.append((int(m["storage_errno"]), str(reply.content.config_records["info"]["error"]).strip().splitlines()[-1]))
-                    elif m["failed"]:
-                        self.fail(user, kind, server_round, phase, str(reply.content.config_records["info"]["error"]).strip())
-                    else:
-                        ok.append(reply)
+                    for user, part in zip(bundle, wire.unbundle(reply)):
+                        m = part.content.metric_records["metrics"]
+                        self.call_seconds += float(m["seconds"])
+                        self.worker_loads[int(m["pid"])] = max(self.worker_loads.get(int(m["pid"]), 0), int(m["backbone_loads"]))
+                        if m["failed"] and m.get("storage_errno"):  # the storage's fault: never the user's failure
+                            storage.append((int(m["storage_errno"]), str(part.content.config_records["info"]["error"]).strip().splitlines()[-1]))
+                        elif m["failed"]:
+                            self.fail(user, kind, server_round, phase, str(part.content.config_records["info"]["error"]).strip())
+                        else:
+                            ok.append(part)
             if not retry:
                 break
             todo = retry
@@ -598,6 +609,14 @@ def simulation_workers(config: Config) -> int:
     from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
     return max(1, pool_size_from_resources({"num_cpus": config.ray.client_cpus, "num_gpus": config.ray.client_gpus}))
+
+
+def replied_users(reply: Message) -> int:
+    """How far a reply moves the progress bar: the users it answers for (a packed reply answers
+    for several; a call Ray must send again, for none; a failed one counts once)."""
+    if worker_unavailable(reply):
+        return 0
+    return 1 if reply.has_error() else len(reply.content.metric_records)
 
 
 def partition_id(reply: Message) -> int:

