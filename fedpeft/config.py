@@ -105,7 +105,7 @@ class FederationConfig:
     server_beta2: float = field(default=0.99, metadata={"help": "fedadam/fedyogi: second-moment decay"})
     server_tau: float = field(default=1e-3, metadata={"help": "fedadam/fedyogi: adaptivity (epsilon)"})
     proximal_mu: float = field(default=0.01, metadata={"help": "fedprox: weight of the proximal term on shared keys"})
-    call_timeout: float = field(default=1800.0, metadata={"help": "seconds one client call may run; a longer call is that user's failure for the round and its worker process is replaced"})
+    call_timeout: float = field(default=1800.0, metadata={"help": "seconds one client call may run per user it carries (train.pack_users); a longer call is its users' failure for the round and its worker process is replaced"})
     select: str = field(default="final", metadata={"help": "which round's test score each user reports, chosen on validation, never on test: final (the last round: today's numbers), best_val (the round with the best mean validation score), best_val_per_user (each user's own best validation round). predictions.jsonl and exports are the final model either way"})
     new_user_epochs: int = field(default=0, metadata={"help": "epochs a new user (data.new_users) trains its private part on top of the final shared part before it is scored; 0 = the run's local budget of one round (train.steps or train.epochs)"})
     message_window: int = field(default=64, metadata={"help": "messages in flight at once (0: a whole round at once); results do not depend on it. Flower's simulation scans every node for every message in flight, so thousands of users want a window"})

@@ -44,6 +44,10 @@ class Request:
     users: tuple[int, ...] = ()  # a packed call's users (train.pack_users > 1), in partition order; else (user,)
     private_rounds: tuple[int, ...] = ()  # their private_round, in the same order
 
+    def __post_init__(self) -> None:
+        self.users = self.users or (self.user,)
+        self.private_rounds = self.private_rounds or (self.private_round,)
+
 
 def transport_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with every floating tensor narrower than float32 widened to float32 (exact)."""
@@ -85,11 +89,10 @@ def read_request(message: Message) -> Request:
     run = message.content.config_records["run"]
     shared_record = message.content.array_records.get("shared")
     shared = shared_record.to_torch_state_dict() if shared_record is not None and len(shared_record) else {}
-    user, private_round = int(run["user"]), int(run["private_round"])
-    users = tuple(int(u) for u in run["users"]) if "users" in run else (user,)
-    rounds = tuple(int(r) for r in run["private_rounds"]) if "private_rounds" in run else (private_round,)
+    users = tuple(int(u) for u in run["users"]) if "users" in run else ()
+    rounds = tuple(int(r) for r in run["private_rounds"]) if "private_rounds" in run else ()
     return Request(config_from_json(str(run["config"])), int(run["round"]), str(run["phase"]), shared,
-                   str(run["run_id"]), private_round, user, users, rounds)
+                   str(run["run_id"]), int(run["private_round"]), int(run["user"]), users, rounds)
 
 
 def make_reply(

@@ -179,7 +179,7 @@ class FederatedRun:
     def call(self, users: list[int], kind: str, server_round: int, shared: dict[str, torch.Tensor],
              phase: str) -> tuple[list[Message], int]:
         """Send the users their messages: one per user, or (``train.pack_users`` = k > 1) one per
-        bundle of up to k consecutive users, which a worker runs packed; returns each user's reply
+        bundle of up to k consecutive users (:func:`bundle_users`), which a worker runs packed; returns each user's reply
         that succeeded (a packed reply split per user), in partition order (never arrival order, so
         that aggregation and every sum over replies is deterministic), and the bytes sent down (the
         shared part once per user: packing is the simulation's economy, not the protocol's). A
@@ -191,7 +191,7 @@ class FederatedRun:
         self.bar.refresh()
         record = wire.shared_record(shared)  # built once, carried by every message of the call
         for attempt in range(UNAVAILABLE_RETRIES + 1):
-            bundles = [todo[i:i + pack] for i in range(0, len(todo), pack)]
+            bundles = bundle_users(todo, pack, getattr(self, "timings", {}).get("workers", 1))
 
             def message(i: int, bundles=bundles) -> Message:  # built as the window reaches it: 15,000 at once weigh
                 first = bundles[i][0]
@@ -609,6 +609,23 @@ def simulation_workers(config: Config) -> int:
     from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
     return max(1, pool_size_from_resources({"num_cpus": config.ray.client_cpus, "num_gpus": config.ray.client_gpus}))
+
+
+def bundle_users(users: list[int], pack: int, workers: int) -> list[list[int]]:
+    """``users`` (in partition order) cut into consecutive bundles of at most ``pack`` users: the
+    fewest that keep every worker busy (a multiple of the workers, at most one per user), of
+    sizes that differ by at most one, so that no worker trains a big bundle while another idles."""
+    if pack <= 1:
+        return [[u] for u in users]
+    count = -(-len(users) // pack)
+    count = min(len(users), -(-count // workers) * workers)
+    size, extra = divmod(len(users), max(1, count))
+    bundles, start = [], 0
+    for i in range(count):
+        end = start + size + (i < extra)
+        bundles.append(users[start:end])
+        start = end
+    return bundles
 
 
 def replied_users(reply: Message) -> int:

@@ -212,6 +212,56 @@ def start_ray(config: Config) -> None:
     take_signals()
 
 
+class _Without(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+class RayStart:
+    """Ray starting in a thread of its own while the driver prepares the run (its imports and
+    model build take about as long as Ray's start, and neither needs the other). :meth:`wait`
+    joins it (and makes the signal handlers fedpeft's again); :meth:`stop` joins it and shuts
+    Ray down, for a run that fails before it starts: then no Ray process is left and the user
+    sees only the error."""
+
+    def __init__(self, config: Config) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._start, args=(config,), name="fedpeft-ray-start", daemon=True)
+        self.thread.start()
+
+    def _start(self, config: Config) -> None:
+        ray_log = logging.getLogger("ray._private.worker")
+        # fedpeft's own handlers are put back by wait(); and a run refused while Ray starts was never started
+        quiet = _Without(("SIGTERM handler is not set", "Started a local Ray instance"))
+        ray_log.addFilter(quiet)
+        try:
+            start_ray(config)  # take_signals() does nothing outside the main thread: wait() does it
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread by wait()
+            self.error = err
+        finally:
+            ray_log.removeFilter(quiet)
+
+    def wait(self) -> None:
+        self.thread.join()
+        take_signals()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        import ray
+
+        self.thread.join()
+        take_signals()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 @dataclass
 class PreparedRun:
     """What the simulation starts from: the run folder, the initial shared part, the parameter
@@ -287,15 +337,21 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
         return done
     check_ray_address(config.ray.address)
     check_wandb_online(config)
-    prepared = prepare_run(config, resume)
-    num_users = len(get_benchmark(config).user_ids())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started_ray = not ray.is_initialized()
+    ray_start = RayStart(config) if started_ray else None  # overlaps prepare_run
+    try:
+        prepared = prepare_run(config, resume)
+    except BaseException:  # refused (or interrupted) before the simulation: Ray goes again, nothing is left
+        if ray_start is not None:
+            ray_start.stop()
+        raise
+    num_users = len(get_benchmark(config).user_ids())
     logging.getLogger("flwr").setLevel(logging.ERROR)
     results: dict[str, Any] = {}
-    started_ray = not ray.is_initialized()
     try:
-        if started_ray:
-            start_ray(config)
+        if ray_start is not None:
+            ray_start.wait()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             server_app = make_server_app(config, prepared, results)

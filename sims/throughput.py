@@ -19,6 +19,8 @@ its own fresh interpreter, one after another:
 
 - ``fedpeft-local_only`` / ``fedpeft-fedavg``: ``python -m fedpeft.sim`` (Flower on Ray, its
   default actors: ``ray.client_cpus=1``, one actor per core, one torch thread each);
+- ``fedpeft-<strategy>-pack<k>``: the same with ``train.pack_users=k`` (cohort packing: each
+  worker trains and scores up to k users in one forward pass);
 - ``plain-local_only``: one process, all cores, data pre-tokenised once, one peft model built
   once, each user's adapter kept in a dict and swapped in with ``set_peft_model_state_dict``;
 - ``plain-fedavg``: the same loop, the users' adapters averaged (example-weighted) every round;
@@ -60,8 +62,20 @@ if str(ROOT) not in sys.path:  # run as a script: fedpeft from this checkout
 from fedpeft.config import Config, build_config  # noqa: E402
 from fedpeft.data import get_benchmark, input_length  # noqa: E402
 
-VARIANTS = ("fedpeft-local_only", "plain-local_only", "flowertune-local_only",
-            "fedpeft-fedavg", "plain-fedavg", "pfl-fedavg")
+PACKED = tuple(f"fedpeft-{strategy}-pack{k}" for strategy in ("local_only", "fedavg") for k in (4, 8, 16))
+VARIANTS = ("fedpeft-local_only", *PACKED[:3], "plain-local_only", "flowertune-local_only",
+            "fedpeft-fedavg", PACKED[4], "plain-fedavg", "pfl-fedavg")
+KNOWN = (*VARIANTS, *(v for v in PACKED if v not in VARIANTS))
+
+
+def strategy_of(variant: str) -> str:
+    """'fedpeft-fedavg-pack8' -> 'fedavg' (strategy names have no '-')."""
+    return variant.split("-")[1]
+
+
+def pack_of(variant: str) -> int:
+    """train.pack_users of a fedpeft variant: 'fedpeft-fedavg-pack8' -> 8; 1 without '-pack'."""
+    return int(variant.rsplit("-pack", 1)[1]) if "-pack" in variant else 1
 INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
 
@@ -443,10 +457,11 @@ def _env() -> dict[str, str]:
             "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "disabled"}
 
 
-def run_fedpeft(strategy: str, overrides: list[str], out: Path) -> dict:
-    name = f"throughput-{strategy}"
+def run_fedpeft(strategy: str, overrides: list[str], out: Path, pack: int = 1) -> dict:
+    name = f"throughput-{strategy}-pack{pack}"
     cmd = [sys.executable, "-m", "fedpeft.sim", "--strategy", strategy, "--out", str(out), "--name", name,
-           *overrides, "federation.eval_every=1000000",  # the last round only: the final evaluation
+           *overrides, f"train.pack_users={pack}",
+           "federation.eval_every=1000000",  # the last round only: the final evaluation
            "output.progress=false", "wandb.mode=disabled"]
     launched = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
@@ -492,19 +507,22 @@ def run_subprocess(variant: str, args: argparse.Namespace, model: str) -> dict:
 def table(rows: list[dict], expected: int, expected_eval: int) -> str:
     by_name = {r["variant"]: r for r in rows}
     lines = ["| variant | whole process | training | final eval | training examples | evaluation examples "
-             "| examples/s whole | examples/s training | ratio to plain (whole / training) | accuracy |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| examples/s whole | examples/s training | ratio to plain (whole / training) "
+             "| ratio to fedpeft per-user (whole / training) | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(base: dict | None, r: dict) -> str:
+        return f"{base['whole_s'] / r['whole_s']:.2f}x / {base['train_s'] / r['train_s']:.2f}x" if base else "—"
+
     for r in rows:
-        plain = by_name.get(f"plain-{r['variant'].split('-', 1)[1]}")
-        ratio = "—"
-        if plain:
-            ratio = f"{plain['whole_s'] / r['whole_s']:.2f}x / {plain['train_s'] / r['train_s']:.2f}x"
+        strategy = strategy_of(r["variant"])
+        per_user = by_name.get(f"fedpeft-{strategy}") if pack_of(r["variant"]) > 1 else None
         flag = "" if r["examples"] == expected else f" (expected {expected})"
         eval_flag = "" if r["eval_examples"] == expected_eval else f" (expected {expected_eval})"
         lines.append(f"| {r['variant']} | {r['whole_s']:.1f} s | {r['train_s']:.1f} s | {r['eval_s']:.1f} s | "
                      f"{r['examples']:,}{flag} | {r['eval_examples']:,}{eval_flag} | "
                      f"{r['examples'] / r['whole_s']:.1f} | {r['examples'] / r['train_s']:.1f} | "
-                     f"{ratio} | {r['accuracy']:.4f} |")
+                     f"{ratio(by_name.get(f'plain-{strategy}'), r)} | {ratio(per_user, r)} | {r['accuracy']:.4f} |")
     if "fedpeft-fedavg" in by_name and "pfl-fedavg" in by_name:
         f, p = by_name["fedpeft-fedavg"], by_name["pfl-fedavg"]
         lines.append("")
@@ -533,7 +551,7 @@ def parser() -> argparse.ArgumentParser:
                     help="torch threads of the one-process variants (fedpeft's actors keep ray.client_cpus)")
     ap.add_argument("--repeat", type=int, default=1, help="run the variants this many times, interleaved; "
                     "the table shows each variant's median (a shared machine is noisy)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list, run in this order")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list, run in this order; known: {', '.join(KNOWN)}")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--run-variant", help=argparse.SUPPRESS)  # internal: run one in-process variant
     ap.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
@@ -549,9 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         args.result_file.write_text(json.dumps(result))
         return 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in KNOWN]
     if unknown:
-        print(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        print(f"unknown variants {unknown}; known: {', '.join(KNOWN)}", file=sys.stderr)
         return 2
     why = pfl_available()
     if why and "pfl-fedavg" in variants:
@@ -573,9 +591,8 @@ def main(argv: list[str] | None = None) -> int:
               f"model {args.model}", file=sys.stderr, flush=True)
         for repeat in range(args.repeat):  # variants interleaved: a busy spell hits all of them
             for variant in variants:
-                strategy = variant.split("-", 1)[1]
                 if variant.startswith("fedpeft-"):
-                    row = run_fedpeft(strategy, overrides, Path(tmp) / f"runs-{repeat}")
+                    row = run_fedpeft(strategy_of(variant), overrides, Path(tmp) / f"runs-{repeat}", pack_of(variant))
                 else:
                     row = run_subprocess(variant, args, model)
                 rows.append({"variant": variant, "repeat": repeat, **row})

@@ -149,3 +149,16 @@ def test_what_cannot_pack_is_refused_before_the_run(no_dropout_models, tmp_path,
         run_in_process(cfg)
     assert words in str(err.value) and "train.pack_users=1" in str(err.value)
     assert not (tmp_path / cfg.output.name / "results.json").exists()
+
+
+def test_bundles_are_consecutive_balanced_and_keep_every_worker_busy():
+    from fedpeft.server_app import bundle_users
+
+    users = list(range(20))
+    cases = {(8, 2): [5, 5, 5, 5], (16, 2): [10, 10], (4, 2): [4, 4, 3, 3, 3, 3], (3, 1): [3, 3, 3, 3, 3, 3, 2],
+             (32, 4): [5, 5, 5, 5], (8, 64): [1] * 20}
+    for (pack, workers), sizes in cases.items():
+        bundles = bundle_users(users, pack, workers)
+        assert [len(b) for b in bundles] == sizes, (pack, workers)
+        assert [u for b in bundles for u in b] == users  # consecutive, in partition order
+    assert bundle_users([4, 9], 1, 2) == [[4], [9]] and bundle_users([], 8, 2) == []
