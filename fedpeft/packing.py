@@ -51,6 +51,7 @@ from fedpeft.training import (
     step_budget,
     text_to_text_batch,
     train_result,
+    untrained_result,
 )
 
 State = dict[str, torch.Tensor]
@@ -365,9 +366,8 @@ def train_packed(
     if not (len(users_train) == len(seeds) == k):
         raise ValueError(f"train_packed: {k} states, {len(users_train)} training sets, {len(seeds)} seeds; give one of each per user")
     lrs, anchors = _per_user(lrs, k, "lrs"), _per_user(anchors, k, "anchors")
-    untrained = {"train_loss": float("nan"), "steps": 0.0, "examples": 0.0}  # train_user's, when nothing trains
     if config.peft.method in NO_TRAINING:
-        return [PackedOutcome(dict(state), dict(untrained)) for state in states]
+        return [PackedOutcome(dict(state), untrained_result()) for state in states]
     pack = _PackedModel.of(loaded)
     outcomes: list[PackedOutcome | None] = [None] * k
     tr = config.train
@@ -381,7 +381,7 @@ def train_packed(
         run = _UserRun(users_train[u], pack.user_values(states[u], trainable), lrs[u] or tr.lr)
         run.leaves = [v for v in run.values.values() if v.requires_grad]
         if not run.leaves:
-            outcomes[u] = PackedOutcome(_cpu_state(run.values), dict(untrained))
+            outcomes[u] = PackedOutcome(_cpu_state(run.values), untrained_result())
             continue
         run.total = step_budget(len(run.examples), config, epochs)
         run.batches = batch_order(np.random.default_rng(seeds[u]), len(run.examples), tr.batch_size)
@@ -477,7 +477,7 @@ def train_strategy_packed(
 
     def record(trainable: Callable[[str], bool] = lambda key: True, epochs: int | None = None) -> dict[str, float]:
         calls.append((trainable, epochs))
-        return {"train_loss": float("nan"), "steps": 0.0, "examples": 0.0}
+        return untrained_result()
 
     local_train(record)
     k = len(states)

@@ -311,6 +311,11 @@ def proximal_term(prox: list[tuple[torch.Tensor, torch.Tensor]], mu: float) -> t
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in prox)
 
 
+def untrained_result() -> dict[str, float]:
+    """:func:`train_user`'s result when nothing trains (no trainable key, or a method that does not train)."""
+    return {"train_loss": float("nan"), "steps": 0.0, "examples": 0.0}
+
+
 def train_result(losses: list[float], total_steps: int, processed: int) -> dict[str, float]:
     return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(total_steps),
             "examples": float(processed)}
@@ -340,14 +345,14 @@ def train_user(
     :class:`TrainingDiverged`.
     """
     if config.peft.method in NO_TRAINING:
-        return {"train_loss": float("nan"), "steps": 0.0, "examples": 0.0}
+        return untrained_result()
     check_training_examples(loaded, examples, task)
     tr = config.train
     seed_torch(loaded, seed)
     rng = np.random.default_rng(seed)
     params = set_trainable(loaded, trainable)
     if not params:
-        return {"train_loss": float("nan"), "steps": 0.0, "examples": 0.0}
+        return untrained_result()
     lr = lr or tr.lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=tr.weight_decay)
     by_name = loaded.parameters_by_name()

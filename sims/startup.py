@@ -8,12 +8,13 @@ workers import that tree's fedpeft), interleaved ``--repeat`` times so that a bu
 shared machine hits every tree, and prints the median of each phase from the run's own
 ``results.json`` timings: launch to the run's start (imports, the driver's preparation, Ray),
 discovery (every worker importing and building its model), launch to round 1, and the whole
-process. To compare a change, give a checkout of the commit before it (``git worktree add``).
+process; and whether every run's ``per_user.csv`` is byte-identical. To compare a change, give a checkout of the commit before it (``git worktree add``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -37,7 +38,8 @@ def one_run(tree: Path, out: Path, name: str, sim_args: list[str]) -> dict[str, 
     timings = json.loads((out / name / "results.json").read_text())["timings"]
     to_run = timings["run_started_at"] - launched
     return {"to_run_start_s": to_run, "discovery_s": timings["discovery_s"],
-            "to_round1_s": to_run + timings["discovery_s"], "whole_s": whole}
+            "to_round1_s": to_run + timings["discovery_s"], "whole_s": whole,
+            "per_user_sha256": hashlib.sha256((out / name / "per_user.csv").read_bytes()).hexdigest()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     for tree in trees:
         med = {k: float(np.median([r[k] for r in rows[tree]])) for k in keys}
         print(f"| {tree} | " + " | ".join(f"{med[k]:.1f} s" for k in keys) + " |")
+    hashes = {r["per_user_sha256"] for tree_rows in rows.values() for r in tree_rows}
+    print(f"per_user.csv byte-identical across all runs: {'yes' if len(hashes) == 1 else 'NO'} ({len(hashes)} distinct)")
     return 0
 
 
