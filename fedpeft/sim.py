@@ -226,12 +226,16 @@ class _Without(logging.Filter):
 class RayStart:
     """Ray starting in a thread of its own while the driver prepares the run (its imports and
     model build take about as long as Ray's start, and neither needs the other). :meth:`wait`
-    joins it (and makes the signal handlers fedpeft's again); :meth:`stop` joins it and shuts
-    Ray down, for a run that fails before it starts: then no Ray process is left and the user
-    sees only the error."""
+    waits for it (and makes the signal handlers fedpeft's again); :meth:`stop` waits for it and
+    shuts Ray down, for a run that fails before it starts: then no Ray process is left and the
+    user sees only the error; :meth:`close` ends the thread once Ray is shut down.
+
+    The thread lives until then: Ray's local processes get Linux's parent-death signal, which
+    fires when the *thread* that started them ends, not the process."""
 
     def __init__(self, config: Config) -> None:
         self.error: BaseException | None = None
+        self.started, self.released = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._start, args=(config,), name="fedpeft-ray-start", daemon=True)
         self.thread.start()
 
@@ -246,9 +250,11 @@ class RayStart:
             self.error = err
         finally:
             ray_log.removeFilter(quiet)
+            self.started.set()
+        self.released.wait()  # Ray's processes would die with this thread
 
     def wait(self) -> None:
-        self.thread.join()
+        self.started.wait()
         take_signals()
         if self.error is not None:
             raise self.error
@@ -256,10 +262,15 @@ class RayStart:
     def stop(self) -> None:
         import ray
 
-        self.thread.join()
+        self.started.wait()
         take_signals()
         if ray.is_initialized():
             ray.shutdown()
+        self.close()
+
+    def close(self) -> None:
+        self.released.set()
+        self.thread.join()
 
 
 @dataclass
@@ -366,6 +377,8 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
+        if ray_start is not None:
+            ray_start.close()
         release_run_dir(prepared.run_dir)
     if "_error" in results:
         raise RunFailed(f"{results['_error']} (run folder {prepared.run_dir})") from results["_error"]
