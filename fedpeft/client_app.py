@@ -302,15 +302,17 @@ def call_deadline(request: Request, kind: str) -> Iterator[None]:
     for the round."""
     seconds = request.config.federation.call_timeout * len(request.users)
     who = f"user {request.user}" if len(request.users) == 1 else f"users {', '.join(map(str, request.users))}"
+    per_user = "" if len(request.users) == 1 else f" per user ({len(request.users)} users in the call: {seconds:g} s)"
 
     def end_process() -> None:
         for user in request.users:
             with contextlib.suppress(OSError):
                 timeout_note(request.config.output.store_dir, request.run_id, user, kind, request.server_round).write_text(
-                    f"the call ran longer than federation.call_timeout={request.config.federation.call_timeout:g} s "
-                    f"per user ({len(request.users)} in the call); its worker process was ended and replaced")
-        print(f"fedpeft: a {kind} call of {who} ran longer than {seconds:g} s (federation.call_timeout per user); "
-              "ending this worker process so that Ray replaces it", file=sys.stderr, flush=True)
+                    f"the call ran longer than federation.call_timeout={request.config.federation.call_timeout:g} s{per_user}; "
+                    "its worker process was ended and replaced")
+        print(f"fedpeft: a {kind} call of {who} ran longer than federation.call_timeout="
+              f"{request.config.federation.call_timeout:g} s{per_user}; ending this worker process so that Ray replaces it",
+              file=sys.stderr, flush=True)
         os._exit(70)
 
     watchdog = threading.Timer(seconds, end_process)
