@@ -162,6 +162,8 @@ def _first_signal(signum: int, frame: Any) -> None:
     STOPPING.set()
     for sig in SIGNALS:
         signal.signal(sig, _second_signal)
+    # what Flower's threads say from now on is about the actors the shutdown ends: not the user's news
+    logging.getLogger("flwr").disabled = True
     raise Interrupted(signum)
 
 
@@ -197,6 +199,7 @@ def stop_on_signals():
         yield
     finally:
         _taking_signals = False
+        logging.getLogger("flwr").disabled = False
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
