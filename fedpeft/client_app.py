@@ -30,7 +30,7 @@ from fedpeft import models
 from fedpeft.config import Config
 from fedpeft.data import Benchmark, TaskSpec, UserData, get_benchmark
 from fedpeft.files import storage_failure
-from fedpeft.messages import Request, make_bundle_reply, make_reply, read_request
+from fedpeft.messages import Request, config_from_json, make_bundle_reply, make_reply, read_request
 from fedpeft.packing import predict_packed, train_strategy_packed
 from fedpeft.privacy import clip_shared_update
 from fedpeft.scoring import score
@@ -71,6 +71,22 @@ def check_worker_sees_run(config: Config, run_id: str) -> None:
         raise StoreError(f"{where} does not see the data the driver prepared: {', '.join(missing)}. data.cache_dir "
                          "(and data.path) must be on a file system every Ray node mounts, at the same path.")
     _RUNS_SEEN.add(run_id)
+
+
+def warm_up() -> None:
+    """Ray's ``worker_process_setup_hook`` (:data:`fedpeft.sim.WORKER_SETUP_HOOK`): a worker
+    process, as it starts, imports this module and the model libraries its first call needs and,
+    when the driver named it (:data:`fedpeft.models.WARM_MODEL_ENV`), builds the run's model into
+    the worker's cache, so that this overlaps the driver's preparation instead of following it.
+    It never fails the worker: what does not import or build fails the worker's first call,
+    which says why."""
+    with contextlib.suppress(Exception):
+        models.import_libraries()
+        if spec := os.environ.get(models.WARM_MODEL_ENV):
+            wanted = json.loads(spec)
+            config = config_from_json(wanted["config"])
+            _setup_threads(config)
+            models.get_model(config, int(wanted["num_labels"]), tuple(wanted["extra_adapters"]))
 
 
 @functools.lru_cache(maxsize=8)

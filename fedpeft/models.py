@@ -8,6 +8,7 @@ weights in. ``BACKBONE_LOADS`` counts builds so tests can check that.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,29 @@ ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "debe
 
 BACKBONE_LOADS = 0
 _CACHE: dict[str, LoadedModel] = {}
+
+
+def import_libraries() -> None:
+    """Import what building and running a model needs (transformers' model code and peft: most
+    of a worker's start-up on a CPU), without building anything."""
+    import peft  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+
+    import fedpeft.adapters  # noqa: F401
+
+
+WARM_MODEL_ENV = "FEDPEFT_WORKER_MODEL"  # the model a Ray worker builds as it starts (fedpeft.client_app.warm_up)
+
+
+def warm_model_spec(config: Config, num_labels: int, extra_adapters: tuple[str, ...]) -> str | None:
+    """:data:`WARM_MODEL_ENV`'s value for a run (what :func:`get_model` is called with), or None
+    where a worker must not build the model as it starts: GPU workers (Ray assigns the device to
+    the actor after its process starts) and ``peft.target_params`` (the driver sizes the adapter
+    first)."""
+    if config.ray.client_gpus > 0 or config.peft.target_params:
+        return None
+    return json.dumps({"config": config.to_json(), "num_labels": num_labels, "extra_adapters": list(extra_adapters)})
 
 
 def _quiet_transformers() -> None:

@@ -10,6 +10,7 @@ import json
 import resource
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -647,14 +648,22 @@ def run_prepared(config: Config, prepared: Any, grid: Grid) -> dict[str, Any]:
                         prepared.identity, prepared.resume).run()
 
 
-def make_server_app(config: Config, prepared: Any, results: dict[str, Any]) -> ServerApp:
-    """A ServerApp whose main runs :func:`run_prepared` and puts its results in ``results``."""
+def make_server_app(config: Config, prepared: Callable[[], Any], results: dict[str, Any]) -> ServerApp:
+    """A ServerApp whose main waits for the run's preparation (``prepared()``: the
+    :class:`fedpeft.sim.PreparedRun`, made while the simulation's workers start), then runs
+    :func:`run_prepared` and puts its results in ``results``. A preparation that fails is put in
+    ``results['_refused']`` as it is: the entry point reports it as a refusal before the run."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            results.update(run_prepared(config, prepared, grid))
+            ready = prepared()
+        except Exception as err:  # noqa: BLE001 - the entry point raises it again
+            results["_refused"] = err
+            return
+        try:
+            results.update(run_prepared(config, ready, grid))
         except Exception as err:  # Flower only logs it: hand it to the entry point, which reports it
             results["_error"] = err
             raise

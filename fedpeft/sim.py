@@ -6,6 +6,7 @@ ServerApp and ClientApp through Flower's simulation engine on Ray and prints a s
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -30,7 +31,14 @@ from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark
 from fedpeft.data.user_groups import new_user_indices
 from fedpeft.files import json_value
-from fedpeft.models import adapter_state, build_model, check_model, fit_size_knob
+from fedpeft.models import (
+    WARM_MODEL_ENV,
+    adapter_state,
+    build_model,
+    check_model,
+    fit_size_knob,
+    warm_model_spec,
+)
 from fedpeft.packing import check_packing
 from fedpeft.peft_methods import NO_TRAINING
 from fedpeft.privacy import prepare_privacy
@@ -41,6 +49,7 @@ from fedpeft.strategies import make_strategy
 from fedpeft.wandb_preflight import check_wandb_online
 
 RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+WORKER_SETUP_HOOK = "fedpeft.client_app.warm_up"
 
 
 def check_ray_address(address: str) -> None:
@@ -204,14 +213,21 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
-def start_ray(config: Config) -> None:
-    """Start Ray the way Flower's Ray backend does (its own ``init_ray``, which would otherwise
-    run inside the simulation), so that fedpeft's signal handlers can be put back after it."""
-    from types import SimpleNamespace
+def start_ray(config: Config, warm_model: str | None = None) -> None:
+    """Start Ray the way Flower's Ray backend does (``RayBackend.init_ray``, which would otherwise
+    run inside the simulation: the backend's ``init_args``, and the driver's ``sys.path`` as the
+    workers' ``PYTHONPATH``), so that fedpeft's signal handlers can be put back after it; and with
+    :data:`WORKER_SETUP_HOOK`, so that each worker imports the model libraries as it starts and
+    builds ``warm_model`` (:func:`fedpeft.client_app.warm_model_spec`) when one is given."""
+    import ray
 
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-
-    RayBackend.init_ray(SimpleNamespace(init_args_key="init_args"), backend_config(config))  # type: ignore[arg-type]
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    env_vars = {"PYTHONPATH": pythonpath, **({WARM_MODEL_ENV: warm_model} if warm_model else {})}
+    ray.init(runtime_env={"env_vars": env_vars, "worker_process_setup_hook": WORKER_SETUP_HOOK},
+             **backend_config(config)["init_args"])
     take_signals()
 
 
@@ -236,19 +252,19 @@ class RayStart:
     The thread lives until then: Ray's local processes get Linux's parent-death signal, which
     fires when the *thread* that started them ends, not the process."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, warm_model: str | None = None) -> None:
         self.error: BaseException | None = None
         self.started, self.released = threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=self._start, args=(config,), name="fedpeft-ray-start", daemon=True)
+        self.thread = threading.Thread(target=self._start, args=(config, warm_model), name="fedpeft-ray-start", daemon=True)
         self.thread.start()
 
-    def _start(self, config: Config) -> None:
+    def _start(self, config: Config, warm_model: str | None) -> None:
         ray_log = logging.getLogger("ray._private.worker")
         # fedpeft's own handlers are put back by wait(); and a run refused while Ray starts was never started
         quiet = _Without(("SIGTERM handler is not set", "Started a local Ray instance"))
         ray_log.addFilter(quiet)
         try:
-            start_ray(config)  # take_signals() does nothing outside the main thread: wait() does it
+            start_ray(config, warm_model)  # take_signals() does nothing outside the main thread: wait() does it
         except BaseException as err:  # noqa: BLE001 - handed to the main thread by wait()
             self.error = err
         finally:
@@ -288,12 +304,22 @@ class PreparedRun:
     resume: Checkpoint | None = None
 
 
-def prepare_run(config: Config, resume: bool = False) -> PreparedRun:
-    """Everything before the simulation starts: the run folder, claimed for this process first
-    (:func:`fedpeft.checkpoint.claim_run_dir`; given up again if anything here fails), the model
-    check, the adapter (initial shared part and parameter accounting), the run's identity and the
-    adapter store, which a fresh run must find free and a resumed run must own. Sets
-    ``output.store_dir``. The caller gives up the claim when the run ends (:func:`release_run_dir`)."""
+@dataclass
+class ClaimedRun:
+    """The quick first part of a run's preparation (:func:`claim_run`): the run folder, claimed
+    for this process, and what the checks of the folder and the adapter store found."""
+
+    run_dir: Path
+    created: bool  # this process made the folder: it goes again if the preparation fails
+    store_dir: Path
+    identity: RunIdentity
+    resume: Checkpoint | None
+
+
+def claim_run(config: Config, resume: bool = False) -> ClaimedRun:
+    """Check the model and the selection, claim the run folder for this process
+    (:func:`fedpeft.checkpoint.claim_run_dir`; given up again if anything here fails), and check
+    the adapter store, which a fresh run must find free and a resumed run must own."""
     check_model(config)
     check_selection(config)
     run_dir = run_dir_path(config)
@@ -311,15 +337,65 @@ def prepare_run(config: Config, resume: bool = False) -> PreparedRun:
         else:
             check_store_is_free(store_dir)
             identity, checkpoint = RunIdentity.new(), None
-        initial_shared, accounting = prepare_adapter(config)
-        config.output.store_dir = str(store_dir)
-        if not resume:
-            identity.write(run_dir)
-        claim_store(store_dir, run_dir, identity.run_id, get_benchmark(config).driver_files())
     except BaseException:
         release_run_dir(run_dir, remove_folder=created)
         raise
-    return PreparedRun(run_dir, initial_shared, accounting, identity, checkpoint)
+    return ClaimedRun(run_dir, created, store_dir, identity, checkpoint)
+
+
+def finish_preparation(config: Config, claimed: ClaimedRun) -> PreparedRun:
+    """The slow second part: the adapter (initial shared part and parameter accounting: the
+    driver builds the model), then the run's identity and the adapter store's claim. Sets
+    ``output.store_dir``. Gives up the run folder's claim if anything here fails."""
+    try:
+        initial_shared, accounting = prepare_adapter(config)
+        config.output.store_dir = str(claimed.store_dir)
+        if claimed.resume is None:
+            claimed.identity.write(claimed.run_dir)
+        claim_store(claimed.store_dir, claimed.run_dir, claimed.identity.run_id, get_benchmark(config).driver_files())
+    except BaseException:
+        release_run_dir(claimed.run_dir, remove_folder=claimed.created)
+        raise
+    return PreparedRun(claimed.run_dir, initial_shared, accounting, claimed.identity, claimed.resume)
+
+
+def prepare_run(config: Config, resume: bool = False) -> PreparedRun:
+    """Everything before the simulation starts (:func:`claim_run`, then
+    :func:`finish_preparation`). The caller gives up the run folder's claim when the run ends
+    (:func:`release_run_dir`)."""
+    return finish_preparation(config, claim_run(config, resume))
+
+
+class Preparation:
+    """:func:`finish_preparation` in a thread of its own, started at once: the driver builds its
+    model while Ray starts and while the simulation's workers start and import theirs (Ray's
+    ``worker_process_setup_hook``, :data:`WORKER_SETUP_HOOK`), instead of before them.
+    :meth:`result` waits for it (the ServerApp's first step); a failure is raised there."""
+
+    def __init__(self, config: Config, claimed: ClaimedRun) -> None:
+        self.value: PreparedRun | None = None
+        self.error: BaseException | None = None
+        self.ended = threading.Event()
+        threading.Thread(target=self._prepare, args=(config, claimed), name="fedpeft-prepare", daemon=True).start()
+
+    def _prepare(self, config: Config, claimed: ClaimedRun) -> None:
+        try:
+            self.value = finish_preparation(config, claimed)
+        except BaseException as err:  # noqa: BLE001 - raised in the thread that asks for the result
+            self.error = err
+        finally:
+            self.ended.set()
+
+    def failed(self) -> bool:
+        """Whether it has already ended with a failure (a refusal found while Ray started)."""
+        return self.ended.is_set() and self.error is not None
+
+    def result(self) -> PreparedRun:
+        self.ended.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None
+        return self.value
 
 
 def finished_results(config: Config) -> dict[str, Any] | None:
@@ -340,10 +416,6 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     names from its last completed round; a complete one is left as it is, and its results are
     returned); returns the results written to results.json."""
     import ray
-    from flwr.simulation import run_simulation
-
-    from fedpeft.client_app import app as client_app
-    from fedpeft.server_app import make_server_app, simulated_nodes
 
     if resume and (done := finished_results(config)) is not None:
         print(f"fedpeft: {done['run_dir']} is complete (all {done['rounds']} rounds, and its results.json); "
@@ -352,42 +424,58 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     check_ray_address(config.ray.address)
     check_wandb_online(config)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the data first (read here, the preparation's thread finds it cached): the workers' model needs its labels
+    bench = get_benchmark(config)
+    num_users = len(bench.user_ids())
     started_ray = not ray.is_initialized()
-    ray_start = RayStart(config) if started_ray else None  # overlaps prepare_run
+    warm_model = warm_model_spec(config, len(bench.task().labels), make_strategy(config).extra_adapters)
+    ray_start = RayStart(config, warm_model) if started_ray else None  # overlaps the preparation
     try:
-        prepared = prepare_run(config, resume)
+        claimed = claim_run(config, resume)
     except BaseException:  # refused (or interrupted) before the simulation: Ray goes again, nothing is left
         if ray_start is not None:
             ray_start.stop()
         raise
-    num_users = len(get_benchmark(config).user_ids())
+    preparing = Preparation(config, claimed)
+    from flwr.simulation import run_simulation  # imported while Ray starts: it is not needed before
+
+    from fedpeft.client_app import app as client_app
+    from fedpeft.server_app import make_server_app, simulated_nodes
     logging.getLogger("flwr").setLevel(logging.ERROR)
     results: dict[str, Any] = {}
+    interrupted = False
     try:
         if ray_start is not None:
             ray_start.wait()
+        if preparing.failed():  # refused while Ray started: no simulation
+            preparing.result()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server_app = make_server_app(config, prepared, results)
+            server_app = make_server_app(config, preparing.result, results)
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=simulated_nodes(config, num_users), backend_config=backend_config(config))
     except Exception:
-        if "_error" not in results:
+        if not {"_error", "_refused"} & set(results):
             raise
     except Interrupted as stop:
-        stop.run_dir = prepared.run_dir
+        interrupted = True
+        stop.run_dir = claimed.run_dir
         raise
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
         if ray_start is not None:
             ray_start.close()
-        release_run_dir(prepared.run_dir)
+        if not interrupted:  # the preparation's thread gives up the claim itself if it fails; wait for it
+            preparing.ended.wait()
+        release_run_dir(claimed.run_dir)
+    if "_refused" in results:  # the preparation failed: its own error, as when it fails before Ray starts
+        raise results["_refused"]
     if "_error" in results:
-        raise RunFailed(f"{results['_error']} (run folder {prepared.run_dir})") from results["_error"]
+        raise RunFailed(f"{results['_error']} (run folder {claimed.run_dir})") from results["_error"]
     if not results:
-        raise RunFailed(f"The simulation ended without results; see the log above and {prepared.run_dir}. "
-                           f"Continue it with `python -m fedpeft.sim --resume {prepared.run_dir}`.")
+        raise RunFailed(f"The simulation ended without results; see the log above and {claimed.run_dir}. "
+                           f"Continue it with `python -m fedpeft.sim --resume {claimed.run_dir}`.")
     return results
 
 
@@ -423,5 +511,18 @@ def finish_wandb(exit_code: int) -> None:
             wandb.run.finish(exit_code=exit_code)
 
 
+def exit_process(code: int) -> None:
+    """End ``python -m fedpeft.sim`` with ``code`` as ``sys.exit`` would (the atexit handlers
+    run: W&B's, logging's; the standard streams are flushed), but without Python tearing down
+    every module of torch, transformers, Ray and Flower one by one (about a second on 2 cores).
+    While a thread that is not a daemon still runs, a plain ``sys.exit``, which waits for it."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -162,20 +162,3 @@ def test_bundles_are_consecutive_balanced_and_keep_every_worker_busy():
         assert [len(b) for b in bundles] == sizes, (pack, workers)
         assert [u for b in bundles for u in b] == users  # consecutive, in partition order
     assert bundle_users([4, 9], 1, 2) == [[4], [9]] and bundle_users([], 8, 2) == []
-
-
-def test_a_run_refused_while_ray_starts_leaves_nothing_running(tiny_bert, tmp_path, capfd):
-    """Ray starts in a thread while the driver prepares the run (fedpeft.sim.RayStart); a run
-    the preparation refuses (here: packing with a strategy that cannot pack) shuts it down
-    again, and the user sees the error alone."""
-    import ray
-
-    from fedpeft.sim import main
-    from tests.conftest import tiny_args
-
-    assert main(tiny_args(tiny_bert, tmp_path, "refused", "--strategy", "feddpa", "train.pack_users=2")) == 2
-    out, err = capfd.readouterr()
-    assert "fedpeft: error: train.pack_users=2: strategy feddpa does not pack" in err
-    assert "Ray" not in out + err and "SIGTERM" not in out + err
-    assert not ray.is_initialized()
-    assert not (tmp_path / "refused").exists()  # its run folder was given up
