@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from fedpeft.checkpoint import final_adapter
+from fedpeft.cli import sim_args
 from fedpeft.sim import main
 from tests.conftest import tiny_args
+from tests.inprocess_grid import run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -125,10 +127,20 @@ def test_exported_adapter_loads_with_peft_and_predicts_the_same(runs, tmp_path):
     assert row["predictions"] == preds
 
 
+RAY_STRATEGIES = ("local_only", "fedsa", "oppu")  # nothing shared; shared and private parts; an extra adapter, two phases
+
+
 @pytest.mark.parametrize("name", sorted(__import__("fedpeft.strategies", fromlist=["STRATEGIES"]).STRATEGIES))
-def test_every_strategy_runs_through_the_entry_point(name, tiny_bert, tmp_path, ray_shutdown):
+def test_every_strategy_runs_and_writes_its_results(name, tiny_bert, tmp_path, ray_shutdown):
+    """Each strategy's run and what it writes: through the entry point on Ray for
+    ``RAY_STRATEGIES``; the others on the in-process grid (the same ClientApp and FederatedRun
+    without Ray: what differs between strategies is which keys are shared, not the transport)."""
     extra = ["strategy.fedper_layers=1", "strategy.oppu_task_rounds=1", "strategy.finetune_epochs=1"]
-    assert main(tiny_args(tiny_bert, tmp_path, name, "--strategy", name, *extra)) == 0
+    args = tiny_args(tiny_bert, tmp_path, name, "--strategy", name, *extra)
+    if name in RAY_STRATEGIES:
+        assert main(args) == 0
+    else:
+        run_in_process(sim_args(args)[0])
     run = tmp_path / name
     results = json.loads((run / "results.json").read_text())
     assert results["summary"]["n_failed"] == 0 and results["summary"]["n_evaluated"] == 6
@@ -162,8 +174,8 @@ def test_compare_writes_table_per_user_table_and_plots(tiny_bert, tmp_path, ray_
         assert (out / png).stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("model, method, strategy", [("tiny_t5", "lora", "local_only"), ("tiny_gpt2", "prefix_tuning", "fedavg"),
-                                                     ("tiny_t5", "few_shot", "local_only")])
+# T5 with LoRA runs through the entry point in test_lamp_tasks_run_and_are_scored_as_lamp_scores_them (LaMP-4)
+@pytest.mark.parametrize("model, method, strategy", [("tiny_gpt2", "prefix_tuning", "fedavg"), ("tiny_t5", "few_shot", "local_only")])
 def test_generative_backbones_run_through_the_entry_point(model, method, strategy, request, tmp_path, ray_shutdown):
     path = request.getfixturevalue(model)
     name = f"{model}-{method}"
@@ -203,7 +215,9 @@ def test_peft_u_multilabel_task_runs_through_the_entry_point(tiny_bert, tmp_path
 
 
 @pytest.mark.parametrize("task, model, metric", [(2, "tiny_bert", "accuracy"), (3, "tiny_bert", "mae"), (4, "tiny_t5", "rouge1")])
-def test_lamp_tasks_run_through_the_entry_point(task, model, metric, request, tmp_path, ray_shutdown):
+def test_lamp_tasks_run_and_are_scored_as_lamp_scores_them(task, model, metric, request, tmp_path, ray_shutdown):
+    """LaMP-4 (T5 with LoRA, generation) through the entry point on Ray; LaMP-2 and LaMP-3 (an
+    encoder, as every other Ray test) on the in-process grid, the same ClientApp and scoring."""
     from tests.test_lamp import simple_questions, write_lamp
 
     questions = simple_questions(task, n_users=3, n_items=6)
@@ -212,7 +226,10 @@ def test_lamp_tasks_run_through_the_entry_point(task, model, metric, request, tm
     args = tiny_args(request.getfixturevalue(model), tmp_path, f"lamp{task}", "--benchmark", f"lamp/LaMP-{task}",
                      f"data.path={folder}", f"data.cache_dir={tmp_path / 'cache'}", "data.retrieval_k=1",
                      "data.max_length=64", "model.max_new_tokens=4")
-    assert main(args) == 0
+    if task == 4:
+        assert main(args) == 0
+    else:
+        run_in_process(sim_args(args)[0])
     results = json.loads((tmp_path / f"lamp{task}" / "results.json").read_text())
     assert results["metrics"][0] == metric and results["summary"]["n_evaluated"] == 3
     assert results["summary"][f"{metric}_mean"] >= 0
@@ -243,11 +260,12 @@ def test_generation_task_with_an_encoder_is_refused_before_ray(tiny_bert, tmp_pa
     assert not ray.is_initialized()
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedsa"])
-def test_same_seeds_give_byte_identical_results_on_ray(strategy, tiny_bert, tmp_path, ray_shutdown):
-    """Replies arrive in any order on Ray; aggregation runs in partition order, so two runs agree to the byte."""
+def test_same_seeds_give_byte_identical_results_on_ray(tiny_bert, tmp_path, ray_shutdown):
+    """Replies arrive in any order on Ray; aggregation runs in partition order, so two runs agree
+    to the byte (fedsa: a shared and a private part; a Ray run equals the in-process run for
+    fedavg in tests/test_message_window.py)."""
     files = []
     for name in ("one", "two"):
-        assert main(tiny_args(tiny_bert, tmp_path, name, "--strategy", strategy, "federation.cohort_fraction=0.5")) == 0
+        assert main(tiny_args(tiny_bert, tmp_path, name, "--strategy", "fedsa", "federation.cohort_fraction=0.5")) == 0
         files.append([(tmp_path / name / f).read_bytes() for f in ("per_user.csv", "shared_final.safetensors")])
     assert files[0] == files[1]
