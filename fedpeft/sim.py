@@ -218,7 +218,7 @@ def start_ray(config: Config, warm_model: str | None = None) -> None:
     run inside the simulation: the backend's ``init_args``, and the driver's ``sys.path`` as the
     workers' ``PYTHONPATH``), so that fedpeft's signal handlers can be put back after it; and with
     :data:`WORKER_SETUP_HOOK`, so that each worker imports the model libraries as it starts and
-    builds ``warm_model`` (:func:`fedpeft.client_app.warm_model_spec`) when one is given."""
+    builds ``warm_model`` (:func:`fedpeft.models.warm_model_spec`) when one is given."""
     import ray
 
     pythonpath = os.pathsep.join(sys.path)
