@@ -72,6 +72,8 @@ class FederatedRun:
         self.accounting = accounting
         self.identity = identity
         self.config_json = config.to_json()
+        self.timings: dict[str, Any] = {}  # wall times of the run's phases (run_rounds)
+        self.workers = 1  # client worker processes: known once the run starts (simulation_workers)
         self.grid = grid
         self.run_dir = run_dir
         self.strategy = make_strategy(config)
@@ -192,7 +194,7 @@ class FederatedRun:
         self.bar.refresh()
         record = wire.shared_record(shared)  # built once, carried by every message of the call
         for attempt in range(UNAVAILABLE_RETRIES + 1):
-            bundles = bundle_users(todo, pack, getattr(self, "timings", {}).get("workers", 1))
+            bundles = bundle_users(todo, pack, self.workers)
 
             def message(i: int, bundles=bundles) -> Message:  # built as the window reaches it: 15,000 at once weigh
                 first = bundles[i][0]
@@ -334,9 +336,9 @@ class FederatedRun:
     def run_rounds(self) -> dict[str, Any]:
         self.started = time.time()
         self.nodes = self.discover()
-        self.timings: dict[str, Any] = {"run_started_at": self.started, "discovery_s": time.time() - self.started,
-                                        "rounds_s": [], "messages": [], "call_s": [], "final_eval_s": 0.0,
-                                        "workers": simulation_workers(self.config)}
+        self.timings = {"run_started_at": self.started, "discovery_s": time.time() - self.started,
+                        "rounds_s": [], "messages": [], "call_s": [], "final_eval_s": 0.0}
+        self.workers = self.timings["workers"] = simulation_workers(self.config)
         final: list[Message] = []
         users = self.trained_users
         calls = {r: len(self.strategy.sample_cohort(users, r, phase)) + (len(self.eval_users(r)) if self.evaluated(r) else 0)
@@ -551,7 +553,7 @@ class FederatedRun:
             "data": data_summary(get_benchmark(self.config)),  # labels, users and examples per split
             "workers": {str(pid): loads for pid, loads in sorted(self.worker_loads.items())},
             # this process's own: wall times of its phases and the driver's peak resident memory
-            "timings": {**getattr(self, "timings", {}),
+            "timings": {**self.timings,
                         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
         self.reporter.write_final(per_user, results, predictions, self.metric_names, self.failures, selected=rule != "final",
