@@ -18,6 +18,8 @@ import threading
 import traceback
 import uuid
 import warnings
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -373,29 +375,21 @@ class Preparation:
     :meth:`result` waits for it (the ServerApp's first step); a failure is raised there."""
 
     def __init__(self, config: Config, claimed: ClaimedRun) -> None:
-        self.value: PreparedRun | None = None
-        self.error: BaseException | None = None
-        self.ended = threading.Event()
+        self.future: Future[PreparedRun] = Future()
         threading.Thread(target=self._prepare, args=(config, claimed), name="fedpeft-prepare", daemon=True).start()
 
     def _prepare(self, config: Config, claimed: ClaimedRun) -> None:
         try:
-            self.value = finish_preparation(config, claimed)
+            self.future.set_result(finish_preparation(config, claimed))
         except BaseException as err:  # noqa: BLE001 - raised in the thread that asks for the result
-            self.error = err
-        finally:
-            self.ended.set()
+            self.future.set_exception(err)
 
     def failed(self) -> bool:
         """Whether it has already ended with a failure (a refusal found while Ray started)."""
-        return self.ended.is_set() and self.error is not None
+        return self.future.done() and self.future.exception() is not None
 
     def result(self) -> PreparedRun:
-        self.ended.wait()
-        if self.error is not None:
-            raise self.error
-        assert self.value is not None
-        return self.value
+        return self.future.result()
 
 
 def finished_results(config: Config) -> dict[str, Any] | None:
@@ -467,7 +461,7 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
         if ray_start is not None:
             ray_start.close()
         if not interrupted:  # the preparation's thread gives up the claim itself if it fails; wait for it
-            preparing.ended.wait()
+            wait_for([preparing.future])
         release_run_dir(claimed.run_dir)
     if "_refused" in results:  # the preparation failed: its own error, as when it fails before Ray starts
         raise results["_refused"]
