@@ -2,6 +2,8 @@
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. python sims/throughput.py                  # MiniLM, 20 users, 3 x 4 steps
     HF_HUB_OFFLINE=1 PYTHONPATH=. python sims/throughput.py --model tiny --json throughput.json
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python sims/throughput.py --users 20,40,60 \
+        --variants fedpeft-local_only-pack8,plain-local_only --repeat 2    # where start-up is paid back
 
 The pfl-research variant needs Apple's simulator, a benchmark-only extra (never a dependency of
 fedpeft): ``pip install -e '.[bench]'``. Without it that variant is skipped, with a message.
@@ -536,7 +538,8 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="minilm", help="backbone: 'minilm' (the embedded default), 'tiny' (a "
                     "2-layer random BERT built in a temporary folder) or a local folder")
-    ap.add_argument("--users", type=int, default=20, help="synthetic users (data.num_users)")
+    ap.add_argument("--users", default="20", help="synthetic users (data.num_users); a comma list (20,40,60) runs "
+                    "the comparison at each size and ends with the ratios by size")
     ap.add_argument("--train-per-user", type=int, default=16, help="training examples per user")
     ap.add_argument("--val-per-user", type=int, default=Config().data.val_per_user,
                     help="validation examples per user, predicted once at the end with the test examples "
@@ -576,36 +579,81 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipping pfl-fedavg: pfl-research does not import here ({why}); pip install -e '.[bench]'",
               file=sys.stderr)
         variants.remove("pfl-fedavg")
-    rows = []
+    sizes = users_list(args.users)
+    results = []  # (users, medians, rows, expected, expected_eval) per workload size
     with tempfile.TemporaryDirectory(prefix="fedpeft-throughput-") as tmp:
         model = args.model
         if model == "tiny":
             from fedpeft.testing import save_tiny_bert
 
             model = str(save_tiny_bert(Path(tmp) / "tiny-bert"))
-        overrides = workload_overrides(args, model)
-        work = build_workload(overrides)
-        expected, expected_eval = work.training_examples(), work.eval_examples()
-        print(f"workload: {args.users} users x {args.rounds} rounds x {args.steps} steps x {args.batch_size} examples "
-              f"= {expected:,} training examples, {expected_eval:,} evaluation examples (test + validation); "
-              f"model {args.model}", file=sys.stderr, flush=True)
-        for repeat in range(args.repeat):  # variants interleaved: a busy spell hits all of them
-            for variant in variants:
-                if variant.startswith("fedpeft-"):
-                    row = run_fedpeft(strategy_of(variant), overrides, Path(tmp) / f"runs-{repeat}", pack_of(variant))
-                else:
-                    row = run_subprocess(variant, args, model)
-                rows.append({"variant": variant, "repeat": repeat, **row})
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    medians = [median_row([r for r in rows if r["variant"] == v]) for v in variants]
-    if args.repeat > 1:
-        print(f"medians of {args.repeat} repeats")
-    print(table(medians, expected, expected_eval))
+        for users in sizes:
+            size_args = argparse.Namespace(**{**vars(args), "users": users})
+            results.append((users, *compare(size_args, variants, model, Path(tmp) / f"users-{users}")))
+    for users, medians, _rows, expected, expected_eval in results:
+        if len(sizes) > 1:
+            print(f"\n{users} users ({expected:,} training examples)")
+        if args.repeat > 1:
+            print(f"medians of {args.repeat} repeats")
+        print(table(medians, expected, expected_eval))
+    if len(sizes) > 1:
+        print("\nby workload size (ratio to the plain loop of the same strategy, whole process / training; > 1: faster)")
+        print(scale_table([(users, medians, expected) for users, medians, _, expected, _ in results]))
     if args.json:
-        args.json.write_text(json.dumps({"expected_examples": expected, "expected_eval_examples": expected_eval,
-                                         "args": {k: str(v) for k, v in vars(args).items()},
-                                         "medians": medians, "rows": rows}, indent=2))
+        runs = [{"users": users, "expected_examples": expected, "expected_eval_examples": expected_eval,
+                 "medians": medians, "rows": rows} for users, medians, rows, expected, expected_eval in results]
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, **runs[0]} if len(runs) == 1 else \
+            {"args": {k: str(v) for k, v in vars(args).items()}, "sizes": runs}
+        args.json.write_text(json.dumps(payload, indent=2))
     return 0
+
+
+def users_list(text: str) -> list[int]:
+    """``--users``: one size, or a comma list of sizes."""
+    try:
+        sizes = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"--users got {text!r}; give a number of users, or a comma list such as 20,40,60")
+    return sizes
+
+
+def compare(args: argparse.Namespace, variants: list[str], model: str, tmp: Path) -> tuple[list[dict], list[dict], int, int]:
+    """The variants on the workload of ``args``, each repeat interleaved: (each variant's median
+    row, every row, training examples expected, evaluation examples expected)."""
+    overrides = workload_overrides(args, model)
+    work = build_workload(overrides)
+    expected, expected_eval = work.training_examples(), work.eval_examples()
+    print(f"workload: {args.users} users x {args.rounds} rounds x {args.steps} steps x {args.batch_size} examples "
+          f"= {expected:,} training examples, {expected_eval:,} evaluation examples (test + validation); "
+          f"model {args.model}", file=sys.stderr, flush=True)
+    rows = []
+    for repeat in range(args.repeat):  # variants interleaved: a busy spell hits all of them
+        for variant in variants:
+            if variant.startswith("fedpeft-"):
+                row = run_fedpeft(strategy_of(variant), overrides, tmp / f"runs-{repeat}", pack_of(variant))
+            else:
+                row = run_subprocess(variant, args, model)
+            rows.append({"variant": variant, "repeat": repeat, **row})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    medians = [median_row([r for r in rows if r["variant"] == v]) for v in variants]
+    return medians, rows, expected, expected_eval
+
+
+def scale_table(sizes: list[tuple[int, list[dict], int]]) -> str:
+    """Each variant's ratio to the plain loop of its strategy, whole process / training, one row
+    per workload size: where fedpeft's fixed start-up is paid back by faster training."""
+    compared = [m["variant"] for m in sizes[0][1] if not m["variant"].startswith("plain-")]
+    lines = ["| users | training examples | " + " | ".join(compared) + " |", "|---|---|" + "---|" * len(compared)]
+    for users, medians, expected in sizes:
+        by_name = {m["variant"]: m for m in medians}
+        cells = []
+        for variant in compared:
+            base, r = by_name.get(f"plain-{strategy_of(variant)}"), by_name[variant]
+            cells.append(f"{base['whole_s'] / r['whole_s']:.2f}x / {base['train_s'] / r['train_s']:.2f}x" if base else "—")
+        lines.append(f"| {users} | {expected:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def median_row(rows: list[dict]) -> dict:
