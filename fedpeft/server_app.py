@@ -74,6 +74,10 @@ class FederatedRun:
         self.config_json = config.to_json()
         self.timings: dict[str, Any] = {}  # wall times of the run's phases (run_rounds)
         self.workers = 1  # client worker processes: known once the run starts (simulation_workers)
+        # the worker count that cuts packed calls into bundles (bundle_users): the count at the run's
+        # start, kept by its checkpoint, so that a run resumed on more or fewer workers packs the same
+        # users together (with dropout on, a bundle's draws depend on who is in it); 0: not set yet
+        self.bundle_workers = 0
         self.grid = grid
         self.run_dir = run_dir
         self.strategy = make_strategy(config)
@@ -114,6 +118,7 @@ class FederatedRun:
                     "last_round": self.last_round.tolist(),
                     "examples_processed": self.examples_processed.tolist(), "failures": self.failures,
                     "worker_loads": {str(k): v for k, v in self.worker_loads.items()}, "totals": self.totals,
+                    "bundle_workers": self.bundle_workers,
                     "wall_seconds": self.wall_before + time.time() - self.started}
         if self.accountant is not None:
             progress["privacy"] = self.accountant.state()
@@ -131,6 +136,7 @@ class FederatedRun:
         self.worker_loads = {int(k): int(v) for k, v in p["worker_loads"].items()}
         self.totals = {"bytes_down_eval": 0, **p["totals"]}
         self.wall_before = float(p["wall_seconds"])
+        self.bundle_workers = int(p.get("bundle_workers", 0))  # not recorded before: the workers of this start
         if self.accountant is not None and "privacy" in p:  # the rounds composed so far: the same epsilon
             self.accountant = PrivacyAccountant.from_state(p["privacy"])
 
@@ -188,14 +194,13 @@ class FederatedRun:
         shared part once per user: packing is the simulation's economy, not the protocol's). A
         failed call (the user's error, a worker process that died mid-call, no reply) is recorded
         as the failure of each of its users for this round."""
-        down, ok, todo, storage = 0, [], list(users), []
+        down, ok, storage = 0, [], []
         pack = self.config.train.pack_users
+        bundles = bundle_users(list(users), pack, self.bundle_workers or self.workers)
         self.bar.set_description(f"round {server_round}/{self.total_rounds} {phase} {kind}")
         self.bar.refresh()
         record = wire.shared_record(shared)  # built once, carried by every message of the call
         for attempt in range(UNAVAILABLE_RETRIES + 1):
-            bundles = bundle_users(todo, pack, self.workers)
-
             def message(i: int, bundles=bundles) -> Message:  # built as the window reaches it: 15,000 at once weigh
                 first = bundles[i][0]
                 bundle = [(u, int(self.last_round[u])) for u in bundles[i]] if pack > 1 else None
@@ -205,13 +210,14 @@ class FederatedRun:
 
             msgs = LazyMessages(len(bundles), message)
             if attempt == 0:  # resending to a restarted worker is the simulation's cost, not the protocol's
-                down = len(todo) * wire.record_bytes(record)
+                down = len(users) * wire.record_bytes(record)
             replies = exchange(self.grid, msgs, self.no_reply_timeout * pack, window=self.window,
                                on_reply=lambda r: self.bar.update(replied_users(r)))
             retry = []
             for bundle, reply in zip(bundles, replies):
                 if reply is not None and worker_unavailable(reply) and attempt < UNAVAILABLE_RETRIES:
-                    retry += bundle  # it reached a worker that Ray is restarting: the call is idempotent, send it again
+                    # it reached a worker that Ray is restarting: the call is idempotent, send the same bundle again
+                    retry.append(bundle)
                 elif reply is None:
                     for user in bundle:
                         self.fail(user, kind, server_round, phase, f"no reply for {self.no_reply_timeout * pack:.0f} s: "
@@ -236,7 +242,7 @@ class FederatedRun:
                             ok.append(part)
             if not retry:
                 break
-            todo = retry
+            bundles = retry
             time.sleep(UNAVAILABLE_WAIT)
         if storage:
             raise StorageFailure(f"{len(storage)} {kind} call(s) of round {server_round} could not write: "
@@ -339,6 +345,7 @@ class FederatedRun:
         self.timings = {"run_started_at": self.started, "discovery_s": time.time() - self.started,
                         "rounds_s": [], "messages": [], "call_s": [], "final_eval_s": 0.0}
         self.workers = self.timings["workers"] = simulation_workers(self.config)
+        self.bundle_workers = self.bundle_workers or self.workers
         final: list[Message] = []
         users = self.trained_users
         calls = {r: len(self.strategy.sample_cohort(users, r, phase)) + (len(self.eval_users(r)) if self.evaluated(r) else 0)
@@ -548,7 +555,9 @@ class FederatedRun:
             "diverged": divergence_counts(self.failures),  # failed calls whose loss or weights became non-finite
             "compute": {"examples_processed_per_user_mean": float(self.examples_processed.mean()) if len(self.user_ids) else 0.0,
                         "examples_processed_total": int(self.examples_processed.sum()),
-                        "driver_pretrain_examples": int(self.accounting.get("pretrain_examples", 0))},
+                        "driver_pretrain_examples": int(self.accounting.get("pretrain_examples", 0)),
+                        # train.pack_users > 1: the worker count its calls were cut into bundles for (the run's first start's)
+                        "bundle_workers": self.bundle_workers if self.config.train.pack_users > 1 else 0},
             "skipped_users": skipped,
             "data": data_summary(get_benchmark(self.config)),  # labels, users and examples per split
             "workers": {str(pid): loads for pid, loads in sorted(self.worker_loads.items())},

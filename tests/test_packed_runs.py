@@ -162,3 +162,75 @@ def test_bundles_are_consecutive_balanced_and_keep_every_worker_busy():
         assert [len(b) for b in bundles] == sizes, (pack, workers)
         assert [u for b in bundles for u in b] == users  # consecutive, in partition order
     assert bundle_users([4, 9], 1, 2) == [[4], [9]] and bundle_users([], 8, 2) == []
+
+
+# ---- bundles with dropout on: who is packed with whom is part of the result ---------------------
+
+def _dropout_config(tiny_bert: Path, tmp_path: Path, name: str) -> Config:
+    """A packed fedavg run that keeps the backbone's dropout (tiny BERT: 0.1), so that each
+    bundle's draws depend on which users it holds; all 6 users train every round, k = 6: one
+    bundle of 6 for 1 worker, two of 3 for 2 (:func:`fedpeft.server_app.bundle_users`)."""
+    cfg = _config(tiny_bert, tmp_path, "fedavg", 6)
+    cfg.federation.rounds, cfg.federation.cohort_size = 4, 6
+    cfg.data.num_users, cfg.data.new_users = 6, 0
+    cfg.output.name = name
+    return cfg
+
+
+def test_a_packed_run_resumed_on_fewer_workers_equals_the_uninterrupted_run(tiny_bert, tmp_path, monkeypatch):
+    """Killed in round 3 on 2 workers (6 users in bundles of 3 and 3), resumed on 1: the resumed
+    rounds pack the users as the run's start did. Before, the resumed run cut its calls for 1
+    worker (one bundle of 6), so with dropout on it drew other masks and ended with other
+    adapters."""
+    from fedpeft import server_app
+    from fedpeft.checkpoint import Checkpoint, resume_config
+    from tests.test_resume import DriverKilled, KilledInRound3, assert_same_results
+
+    monkeypatch.setattr(server_app, "simulation_workers", lambda config: 2)
+    run_in_process(_dropout_config(tiny_bert, tmp_path, "whole"))
+    with pytest.raises(DriverKilled):
+        run_in_process(_dropout_config(tiny_bert, tmp_path, "killed"), grid_class=KilledInRound3)
+    assert Checkpoint.load(tmp_path / "killed").round == 2
+    monkeypatch.setattr(server_app, "simulation_workers", lambda config: 1)
+    results, run = run_in_process(resume_config(tmp_path / "killed", [], [("output.progress", "false")]), resume=True)
+    assert results["timings"]["workers"] == 1 and results["rounds"] == 4
+    assert results["compute"]["bundle_workers"] == 2  # the bundles of the run's start, reported  # the bundles of the run's start, reported
+    assert_same_results(run, tmp_path / "whole")
+
+
+def test_a_bundle_that_reached_a_restarting_worker_is_sent_again_as_it_was(tiny_bert, tmp_path, monkeypatch):
+    """Ray answers a call that reached a worker it is restarting with "actor is restarting" (the
+    call never ran) and fedpeft sends it again. A packed call sends the same bundle again. Before,
+    it cut the users to send again into new bundles (here 3 users on 2 workers: 2 + 1), which
+    with dropout on trained them on other draws than the run without the restart."""
+    from flwr.app import Error, Message
+
+    from fedpeft import server_app
+    from fedpeft.messages import TRAIN
+    from tests.inprocess_grid import InProcessGrid
+
+    resent: list[list[int]] = []
+
+    class RestartingOnce(InProcessGrid):
+        """Round 2's first train message meets a restarting worker; every later one runs."""
+
+        def push_messages(self, messages):
+            ids = []
+            for message in messages:
+                run = message.content["run"]
+                if message.metadata.message_type == TRAIN and run["round"] == 2 and not resent:
+                    resent.append(list(run["users"]))
+                    message.metadata.__dict__["_message_id"] = f"restarting-{len(resent)}"
+                    self.waiting.append(Message(Error(code=0, reason="The actor is restarting (Ray)"), reply_to=message))
+                    ids.append(message.metadata.message_id)
+                else:
+                    ids += super().push_messages([message])
+            return ids
+
+    monkeypatch.setattr(server_app, "simulation_workers", lambda config: 2)
+    monkeypatch.setattr(server_app, "UNAVAILABLE_WAIT", 0.0)
+    run_in_process(_dropout_config(tiny_bert, tmp_path, "whole"))
+    results, run = run_in_process(_dropout_config(tiny_bert, tmp_path, "restarted"), grid_class=RestartingOnce)
+    assert resent == [[0, 1, 2]] and not results["summary"]["n_failed"]
+    assert (run / "per_user.csv").read_bytes() == (tmp_path / "whole" / "per_user.csv").read_bytes()
+    assert (run / "shared_final.safetensors").read_bytes() == (tmp_path / "whole" / "shared_final.safetensors").read_bytes()
