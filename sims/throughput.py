@@ -506,15 +506,17 @@ def run_subprocess(variant: str, args: argparse.Namespace, model: str) -> dict:
         result_file.unlink(missing_ok=True)
 
 
+def ratio(base: dict | None, r: dict) -> str:
+    """How much faster ``r`` ran than ``base``: whole process / training (> 1: faster)."""
+    return f"{base['whole_s'] / r['whole_s']:.2f}x / {base['train_s'] / r['train_s']:.2f}x" if base else "—"
+
+
 def table(rows: list[dict], expected: int, expected_eval: int) -> str:
     by_name = {r["variant"]: r for r in rows}
     lines = ["| variant | whole process | training | final eval | training examples | evaluation examples "
              "| examples/s whole | examples/s training | ratio to plain (whole / training) "
              "| ratio to fedpeft per-user (whole / training) | accuracy |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def ratio(base: dict | None, r: dict) -> str:
-        return f"{base['whole_s'] / r['whole_s']:.2f}x / {base['train_s'] / r['train_s']:.2f}x" if base else "—"
 
     for r in rows:
         strategy = strategy_of(r["variant"])
@@ -596,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.repeat > 1:
             print(f"medians of {args.repeat} repeats")
         print(table(medians, expected, expected_eval))
-    if len(sizes) > 1:
+    if len(sizes) > 1 and any(not v.startswith("plain-") for v in variants):
         print("\nby workload size (ratio to the plain loop of the same strategy, whole process / training; > 1: faster)")
         print(scale_table([(users, medians, expected) for users, medians, _, expected, _ in results]))
     if args.json:
@@ -648,10 +650,7 @@ def scale_table(sizes: list[tuple[int, list[dict], int]]) -> str:
     lines = ["| users | training examples | " + " | ".join(compared) + " |", "|---|---|" + "---|" * len(compared)]
     for users, medians, expected in sizes:
         by_name = {m["variant"]: m for m in medians}
-        cells = []
-        for variant in compared:
-            base, r = by_name.get(f"plain-{strategy_of(variant)}"), by_name[variant]
-            cells.append(f"{base['whole_s'] / r['whole_s']:.2f}x / {base['train_s'] / r['train_s']:.2f}x" if base else "—")
+        cells = [ratio(by_name.get(f"plain-{strategy_of(v)}"), by_name[v]) for v in compared]
         lines.append(f"| {users} | {expected:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
