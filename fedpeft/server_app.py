@@ -73,10 +73,10 @@ class FederatedRun:
         self.identity = identity
         self.config_json = config.to_json()
         self.timings: dict[str, Any] = {}  # wall times of the run's phases (run_rounds)
-        self.workers = 1  # client worker processes: known once the run starts (simulation_workers)
-        # the worker count that cuts packed calls into bundles (bundle_users): the count at the run's
-        # start, kept by its checkpoint, so that a run resumed on more or fewer workers packs the same
-        # users together (with dropout on, a bundle's draws depend on who is in it); 0: not set yet
+        # the worker count that cuts packed calls into bundles (bundle_users): the client worker
+        # processes at the run's start (simulation_workers), kept by its checkpoint, so that a run
+        # resumed on more or fewer workers packs the same users together (with dropout on, a
+        # bundle's draws depend on who is in it); 0: not known yet (set as the rounds start)
         self.bundle_workers = 0
         self.grid = grid
         self.run_dir = run_dir
@@ -196,7 +196,7 @@ class FederatedRun:
         as the failure of each of its users for this round."""
         down, ok, storage = 0, [], []
         pack = self.config.train.pack_users
-        bundles = bundle_users(list(users), pack, self.bundle_workers or self.workers)
+        bundles = bundle_users(list(users), pack, self.bundle_workers)
         self.bar.set_description(f"round {server_round}/{self.total_rounds} {phase} {kind}")
         self.bar.refresh()
         record = wire.shared_record(shared)  # built once, carried by every message of the call
@@ -344,8 +344,8 @@ class FederatedRun:
         self.nodes = self.discover()
         self.timings = {"run_started_at": self.started, "discovery_s": time.time() - self.started,
                         "rounds_s": [], "messages": [], "call_s": [], "final_eval_s": 0.0}
-        self.workers = self.timings["workers"] = simulation_workers(self.config)
-        self.bundle_workers = self.bundle_workers or self.workers
+        self.timings["workers"] = simulation_workers(self.config)
+        self.bundle_workers = self.bundle_workers or self.timings["workers"]
         final: list[Message] = []
         users = self.trained_users
         calls = {r: len(self.strategy.sample_cohort(users, r, phase)) + (len(self.eval_users(r)) if self.evaluated(r) else 0)

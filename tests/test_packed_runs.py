@@ -194,7 +194,7 @@ def test_a_packed_run_resumed_on_fewer_workers_equals_the_uninterrupted_run(tiny
     monkeypatch.setattr(server_app, "simulation_workers", lambda config: 1)
     results, run = run_in_process(resume_config(tmp_path / "killed", [], [("output.progress", "false")]), resume=True)
     assert results["timings"]["workers"] == 1 and results["rounds"] == 4
-    assert results["compute"]["bundle_workers"] == 2  # the bundles of the run's start, reported  # the bundles of the run's start, reported
+    assert results["compute"]["bundle_workers"] == 2  # the bundles of the run's start, reported
     assert_same_results(run, tmp_path / "whole")
 
 

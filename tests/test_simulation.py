@@ -30,8 +30,6 @@ def runs(tiny_bert, tmp_path_factory):
     config without W&B on the in-process grid, its replies scrambled."""
     import ray
 
-    from tests.inprocess_grid import run_in_process
-
     out = tmp_path_factory.mktemp("runs")
     try:
         assert main(tiny_args(tiny_bert, out, "a", "--wandb", "offline", "wandb.tags=ci,tiny")) == 0
@@ -275,9 +273,6 @@ def test_same_seeds_give_byte_identical_results_on_ray(tiny_bert, tmp_path, ray_
     agrees to the byte with the same config run in process with its replies scrambled, and so
     with any other run of it (fedsa: a shared and a private part; fedavg's Ray run is compared
     with a small message window in tests/test_message_window.py)."""
-    from fedpeft.cli import sim_args
-    from tests.inprocess_grid import run_in_process
-
     args = ("--strategy", "fedsa", "federation.cohort_fraction=0.5")
     assert main(tiny_args(tiny_bert, tmp_path, "ray", *args)) == 0
     _, inprocess = run_in_process(sim_args(tiny_args(tiny_bert, tmp_path, "inprocess", *args))[0], reply_order_seed=3)
