@@ -49,6 +49,7 @@ class DataConfig:
     new_users: float = field(default=0.0, metadata={"help": "users held out of every training cohort (drawn with data.seed, the same for every strategy): a fraction in [0, 1) or a count >= 1. At the end each one takes the final shared part, trains its private part on its own training split (federation.new_user_epochs) and is scored as its own group"})
     max_train_per_user: int = field(default=0, metadata={"help": "cap each user's training split at this many examples (a seeded draw, the same for every strategy; a smaller cap keeps a subset of a larger one); validation and test unchanged; 0 = all"})
     max_length: int = field(default=0, metadata={"help": "tokens per model input; retrieved history is cut first, the question last (in its middle); 0 = the benchmark's default (synthetic 32, peft-u 128, lamp 512)"})
+    split: str = field(default="by_text", metadata={"help": "peft-u: how examples are split into train/val/test. by_text: each text goes to one split for all users (seeded by data.seed; PEFT-U's no-leak variant), so no user's test text is in anyone's training split; leaked: PEFT-U's default per-user split (the prepared file's own splits), where one user's test text can be in another user's training split"})
 
 
 @dataclass
@@ -109,6 +110,7 @@ class FederationConfig:
     select: str = field(default="final", metadata={"help": "which round's test score each user reports, chosen on validation, never on test: final (the last round: today's numbers), best_val (the round with the best mean validation score), best_val_per_user (each user's own best validation round). predictions.jsonl and exports are the final model either way"})
     new_user_epochs: int = field(default=0, metadata={"help": "epochs a new user (data.new_users) trains its private part on top of the final shared part before it is scored; 0 = the run's local budget of one round (train.steps or train.epochs)"})
     message_window: int = field(default=64, metadata={"help": "messages in flight at once (0: a whole round at once); results do not depend on it. Flower's simulation scans every node for every message in flight, so thousands of users want a window"})
+    max_failed_fraction: float = field(default=0.1, metadata={"help": "the run's verdict (results.json status): failed when more than this fraction of the users failed, diverged or trained fewer rounds than scheduled (the run still writes everything, then exits non-zero); degraded when any did; ok otherwise. In [0, 1]"})
     num_nodes: int = field(default=0, metadata={"help": "simulated Flower nodes that carry the users' calls (every message names its user; a call's messages go round-robin over the nodes, so results do not depend on it); 0 = one per user, up to 2 x message_window. Flower scans every node for every message in flight, so one node per user would make each message cost grow with the users"})
 
 
@@ -221,6 +223,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.lamp_split": ("user", "time"),
     "data.lamp_questions": ("dev", "train"),
+    "data.split": ("by_text", "leaked"),
     "peft.method": ("lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "loha", "lokr", "vera",
                     "bottleneck", "zero_shot", "few_shot"),
     "peft.encoder_type": ("mlp", "lstm"),
@@ -445,6 +448,7 @@ def validate(config: Config) -> None:
     _check(fed.server_lr > 0, "federation.server_lr", fed.server_lr, "a number > 0")
     _check(fed.message_window >= 0, "federation.message_window", fed.message_window, "0 (a whole round at once) or a positive count")
     _check(fed.num_nodes >= 0, "federation.num_nodes", fed.num_nodes, "0 (one node per user, up to 2 x message_window) or a positive count")
+    _check(0 <= fed.max_failed_fraction <= 1, "federation.max_failed_fraction", fed.max_failed_fraction, "a number in [0, 1]")
     _check(fed.call_timeout > 0, "federation.call_timeout", fed.call_timeout, "a number of seconds > 0")
     st = config.strategy
     _check(0 <= st.feddpa_mix <= 1, "strategy.feddpa_mix", st.feddpa_mix, "a number in [0, 1]")
