@@ -29,11 +29,27 @@ from pathlib import Path
 from typing import Any
 
 
+def process_umask() -> int:
+    """This process's umask (read from /proc where it can be, so that it is never changed, even briefly)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` to fill a temporary file beside ``path``, then move it into place."""
+    """Call ``write(tmp_path)`` to fill a temporary file beside ``path``, then move it into place.
+    The file gets the mode an ``open()`` would give it (0666 less the umask), not ``mkstemp``'s
+    0600, so that a research group sharing a file system can read each other's runs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~process_umask())
     os.close(fd)
     try:
         write(tmp)
