@@ -200,6 +200,9 @@ def load_run_config(run_dir: str | Path) -> Config:
     data = yaml.safe_load(path.read_text())
     data.pop("fedpeft_version", None)
     data.pop("git_commit", None)
+    saved_data = data.get("data") or {}
+    if str(saved_data.get("benchmark", "")).startswith("peft-u") and "split" not in saved_data:
+        saved_data["split"] = "leaked"  # written before data.split existed: PEFT-U's file splits were the only ones
     return Config.from_dict(data)
 
 

@@ -49,7 +49,7 @@ class DataConfig:
     new_users: float = field(default=0.0, metadata={"help": "users held out of every training cohort (drawn with data.seed, the same for every strategy): a fraction in [0, 1) or a count >= 1. At the end each one takes the final shared part, trains its private part on its own training split (federation.new_user_epochs) and is scored as its own group"})
     max_train_per_user: int = field(default=0, metadata={"help": "cap each user's training split at this many examples (a seeded draw, the same for every strategy; a smaller cap keeps a subset of a larger one); validation and test unchanged; 0 = all"})
     max_length: int = field(default=0, metadata={"help": "tokens per model input; retrieved history is cut first, the question last (in its middle); 0 = the benchmark's default (synthetic 32, peft-u 128, lamp 512)"})
-    split: str = field(default="by_text", metadata={"help": "peft-u: how examples are split into train/val/test. by_text: each text goes to one split for all users (seeded by data.seed; PEFT-U's no-leak variant), so no user's test text is in anyone's training split; leaked: PEFT-U's default per-user split (the prepared file's own splits), where one user's test text can be in another user's training split"})
+    split: str = field(default="by_text", metadata={"help": "peft-u: how each user's examples are split into train/val/test. by_text: each text goes to one split for all users (PEFT-U's no-leak variant: texts shuffled with data.seed, 80/10/10 with at least 2 held out, no per-label minimum; data.seed=42 gives PEFT-U's own no-leak file where sample ids name texts), so no user's val or test text is in anyone's training split; a user left without training or test examples is skipped. leaked: the prepared file's own per-user splits (PEFT-U's default, used in its paper), where one user's test text is in other users' training splits. A run folder written before this key existed resumes with leaked"})
 
 
 @dataclass
@@ -131,7 +131,7 @@ class PrivacyConfig:
     mechanism: str = field(default="none", metadata={"help": "user-level differential privacy on the shared part (one user = the unit of privacy; private keys never leave and need none): none, central (Flower's server-side fixed clipping), central_adaptive (server-side adaptive clipping, privacy.clipping_norm is the initial norm), client (each client clips its own shared update, the server adds the noise). Under privacy the shared updates are averaged with equal weights per user"})
     noise_multiplier: float = field(default=1.0, metadata={"help": "Gaussian noise std on the sum of clipped updates / clipping norm (the mean gets noise_multiplier x clipping_norm / users sampled), >= 0; 0 = clipping only (epsilon infinite). Replaced by the calibrated value when privacy.target_epsilon > 0"})
     clipping_norm: float = field(default=1.0, metadata={"help": "L2 bound on each user's shared update (its change of the shared part in a round), > 0; central_adaptive: the initial bound"})
-    delta: float = field(default=0.0, metadata={"help": "delta of the reported (epsilon, delta); 0 = automatic: 1 / (10 x users in the training population); a given value must lie in (0, 1 / users)"})
+    delta: float = field(default=0.0, metadata={"help": "delta of the reported (epsilon, delta); 0 = automatic: min(1e-5, 1 / (10 x users in the training population)), the conventional delta well below 1 / users; a given value must lie in (0, 1 / users)"})
     target_epsilon: float = field(default=0.0, metadata={"help": "> 0: calibrate privacy.noise_multiplier before the run so that all rounds together spend this epsilon (given the rounds, the cohort size and delta); 0 = off (use privacy.noise_multiplier)"})
     max_epsilon: float = field(default=0.0, metadata={"help": "> 0: stop training before a round whose release would take the spent epsilon past this value (the run still evaluates); 0 = off"})
     target_clipped_quantile: float = field(default=0.5, metadata={"help": "central_adaptive: fraction of updates the clipping norm aims to clip, in [0, 1] (Flower's default)"})
@@ -239,6 +239,74 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "wandb.mode": ("disabled", "offline", "online"),
 }
 
+# The range of every number key (list items too): the one place validate() checks and --help
+# shows. Intervals "[a, b]" / "(a, b)" ("inf": unbounded) joined by " or "; a lone number is
+# that value alone. Checks that involve two keys stay in validate().
+_SEEDS = "[0, 4294967295]"  # what every random generator fedpeft seeds (numpy, torch, random) takes
+_COUNT, _POSITIVE, _NONNEG, _FRACTION = "[1, inf)", "(0, inf)", "[0, inf)", "[0, 1]"
+RANGES: dict[str, str] = {
+    "seed": _SEEDS, "data.seed": _SEEDS, "compare.seeds": _SEEDS,
+    "data.retrieval_k": _NONNEG, "data.num_users": _COUNT, "data.train_per_user": _COUNT,
+    "data.train_per_user_min": _NONNEG, "data.val_per_user": _COUNT, "data.test_per_user": _COUNT,
+    "data.personas": _COUNT, "data.persona_divergence": _FRACTION, "data.noise": _FRACTION,
+    "data.num_labels": "[2, inf)", "data.pool_size": _COUNT, "data.new_users": _NONNEG,
+    "data.max_train_per_user": _NONNEG, "data.max_length": "0 or [8, inf)",
+    "model.max_new_tokens": _COUNT,
+    "peft.r": _COUNT, "peft.alpha": _COUNT, "peft.dropout": "[0, 1)", "peft.num_virtual_tokens": _COUNT,
+    "peft.encoder_hidden_size": _COUNT, "peft.reduction_factor": _COUNT, "peft.few_shot_k": _NONNEG,
+    "peft.target_params": _NONNEG,
+    "train.lr": _POSITIVE, "train.epochs": _NONNEG, "train.steps": _NONNEG, "train.batch_size": _COUNT,
+    "train.weight_decay": _NONNEG, "train.eval_batch_size": _COUNT, "train.lr_min_factor": _FRACTION,
+    "train.pack_users": _COUNT,
+    "federation.rounds": _COUNT, "federation.cohort_fraction": "(0, 1]", "federation.cohort_size": _NONNEG,
+    "federation.eval_every": _COUNT, "federation.eval_fraction": "(0, 1]", "federation.eval_max_users": _NONNEG,
+    "federation.server_lr": _POSITIVE, "federation.server_beta1": "[0, 1)", "federation.server_beta2": "[0, 1)",
+    "federation.server_tau": _POSITIVE, "federation.proximal_mu": _NONNEG, "federation.call_timeout": _POSITIVE,
+    "federation.new_user_epochs": _NONNEG, "federation.message_window": _NONNEG,
+    "federation.max_failed_fraction": _FRACTION, "federation.num_nodes": _NONNEG,
+    "strategy.fedper_layers": _NONNEG, "strategy.fedrep_head_epochs": _COUNT, "strategy.finetune_epochs": _COUNT,
+    "strategy.feddpa_mix": _FRACTION, "strategy.oppu_task_rounds": _COUNT,
+    "privacy.noise_multiplier": _NONNEG, "privacy.clipping_norm": _POSITIVE, "privacy.delta": "[0, 1)",
+    "privacy.target_epsilon": _NONNEG, "privacy.max_epsilon": _NONNEG, "privacy.target_clipped_quantile": _FRACTION,
+    "privacy.clip_norm_lr": _POSITIVE, "privacy.clipped_count_stddev": _NONNEG,
+    "ray.num_cpus": _NONNEG, "ray.client_cpus": _POSITIVE, "ray.client_gpus": _NONNEG,
+}
+
+
+def _intervals(spec: str) -> list[tuple[float, float, bool, bool]]:
+    """RANGES' text -> [(low, high, low included, high included), ...]."""
+    out = []
+    for part in spec.split(" or "):
+        part = part.strip()
+        if part[0] in "[(":
+            low, high = (float(x) for x in part[1:-1].split(","))
+            out.append((low, high, part[0] == "[", part[-1] == "]"))
+        else:
+            out.append((float(part), float(part), True, True))
+    return out
+
+
+def in_range(value: float, spec: str) -> bool:
+    return any((lo < value or (closed_lo and value == lo)) and (value < hi or (closed_hi and value == hi))
+               for lo, hi, closed_lo, closed_hi in _intervals(spec))
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if x == int(x) else repr(x)
+
+
+def describe_range(spec: str, integer: bool = False) -> str:
+    """'[1, inf)' -> '>= 1'; '0 or [8, inf)' -> '0 or >= 8'; '(0, 1]' -> 'in (0, 1]'. With
+    ``integer`` an interval reads 'an integer ...' (else 'a number ...')."""
+    words = []
+    for spec_part, (lo, hi, closed_lo, _) in zip(spec.split(" or "), _intervals(spec)):
+        if lo == hi:
+            words.append(_number(lo))
+            continue
+        text = f"{'>=' if closed_lo else '>'} {_number(lo)}" if hi == math.inf else f"in {spec_part.strip()}"
+        words.append(f"{'an integer' if integer else 'a number'} {text}")
+    return " or ".join(words)
+
 
 def iter_fields(obj: Any = None, prefix: str = "") -> typing.Iterator[tuple[str, type, Any, str]]:
     """Yield (dotted key, type, default, help) for every leaf field of the schema."""
@@ -250,7 +318,10 @@ def iter_fields(obj: Any = None, prefix: str = "") -> typing.Iterator[tuple[str,
         if dataclasses.is_dataclass(value):
             yield from iter_fields(value, prefix=f"{key}.")
         else:
-            yield key, hints[f.name], value, f.metadata.get("help", "")
+            help_ = f.metadata.get("help", "")
+            if key in RANGES:  # every number key: its range, from the table validate() checks
+                help_ = f"{help_} [range: {RANGES[key]}]"
+            yield key, hints[f.name], value, help_
 
 
 def all_keys() -> list[str]:
@@ -403,84 +474,42 @@ def validate(config: Config) -> None:
     flat = _flatten(config.to_dict())
     for key, allowed in CHOICES.items():
         _check(flat[key] in allowed, key, flat[key], ", ".join(allowed))
-    fed = config.federation
-    _check(fed.rounds > 0, "federation.rounds", fed.rounds, "an integer >= 1")
-    _check(0 < fed.cohort_fraction <= 1, "federation.cohort_fraction", fed.cohort_fraction, "a number in (0, 1]")
-    _check(0 < fed.eval_fraction <= 1, "federation.eval_fraction", fed.eval_fraction, "a number in (0, 1]")
-    _check(fed.cohort_size >= 0, "federation.cohort_size", fed.cohort_size, "0 (use cohort_fraction) or a positive count")
-    _check(fed.eval_max_users >= 0, "federation.eval_max_users", fed.eval_max_users, "0 (no cap) or a positive count")
-    _check(fed.eval_every >= 1, "federation.eval_every", fed.eval_every, "an integer >= 1")
+    kinds = {key: kind for key, kind, *_ in iter_fields()}
+    for key, spec in RANGES.items():
+        _check_range(key, flat[key], spec, integer=int in (kinds[key], *typing.get_args(kinds[key])))
     _check(len(set(config.compare.seeds)) == len(config.compare.seeds), "compare.seeds", config.compare.seeds,
            "distinct model seeds, e.g. compare.seeds=0,1,2")
     tr = config.train
-    _check(tr.lr > 0, "train.lr", tr.lr, "a number > 0")
     _check(tr.epochs >= 1 or tr.steps >= 1, "train.epochs", tr.epochs, "an integer >= 1 (or set train.steps)")
-    _check(tr.steps >= 0, "train.steps", tr.steps, "0 (use epochs) or a positive count")
-    _check(tr.batch_size >= 1, "train.batch_size", tr.batch_size, "an integer >= 1")
-    _check(tr.eval_batch_size >= 1, "train.eval_batch_size", tr.eval_batch_size, "an integer >= 1")
-    _check(tr.pack_users >= 1, "train.pack_users", tr.pack_users, "an integer >= 1 (1: one user per call)")
-    pe = config.peft
-    _check(pe.r >= 1, "peft.r", pe.r, "an integer >= 1")
-    _check(pe.num_virtual_tokens >= 1, "peft.num_virtual_tokens", pe.num_virtual_tokens, "an integer >= 1")
-    _check(pe.reduction_factor >= 1, "peft.reduction_factor", pe.reduction_factor, "an integer >= 1")
-    _check(pe.few_shot_k >= 0, "peft.few_shot_k", pe.few_shot_k, "an integer >= 0")
-    _check(pe.target_params >= 0, "peft.target_params", pe.target_params, "0 (off) or a parameter count")
-    _check(config.model.max_new_tokens >= 1, "model.max_new_tokens", config.model.max_new_tokens, "an integer >= 1")
-    _check(0 <= pe.dropout < 1, "peft.dropout", pe.dropout, "a number in [0, 1)")
     da = config.data
-    _check(da.num_users >= 1, "data.num_users", da.num_users, "an integer >= 1")
-    _check(da.num_labels >= 2, "data.num_labels", da.num_labels, "an integer >= 2")
-    _check(da.personas >= 1, "data.personas", da.personas, "an integer >= 1")
-    _check(0 <= da.noise <= 1, "data.noise", da.noise, "a number in [0, 1]")
-    _check(0 <= da.persona_divergence <= 1, "data.persona_divergence", da.persona_divergence, "a number in [0, 1]")
-    for split in ("train_per_user", "val_per_user", "test_per_user"):
-        _check(getattr(da, split) >= 1, f"data.{split}", getattr(da, split), "an integer >= 1")
-    _check(da.max_length == 0 or da.max_length >= 8, "data.max_length", da.max_length, "0 (the benchmark's default) or an integer >= 8")
-    _check(da.new_users >= 0 and (da.new_users < 1 or float(da.new_users).is_integer()), "data.new_users", da.new_users,
+    _check(da.new_users < 1 or float(da.new_users).is_integer(), "data.new_users", da.new_users,
            "0 (none), a fraction in (0, 1) of the users, or a whole count >= 1")
-    _check(0 <= da.train_per_user_min <= da.train_per_user, "data.train_per_user_min", da.train_per_user_min,
+    _check(da.train_per_user_min <= da.train_per_user, "data.train_per_user_min", da.train_per_user_min,
            f"0 (every user has data.train_per_user) or a count in 1..{da.train_per_user} (data.train_per_user)")
-    _check(da.max_train_per_user >= 0, "data.max_train_per_user", da.max_train_per_user, "0 (all) or a positive count")
-    _check(fed.new_user_epochs >= 0, "federation.new_user_epochs", fed.new_user_epochs, "0 (one round's local budget) or a positive count")
-    _check(da.retrieval_k >= 0, "data.retrieval_k", da.retrieval_k, "0 (off) or a positive count")
-    _check(0 <= tr.lr_min_factor <= 1, "train.lr_min_factor", tr.lr_min_factor, "a number in [0, 1]")
-    _check(fed.proximal_mu >= 0, "federation.proximal_mu", fed.proximal_mu, "a number >= 0")
-    _check(fed.server_lr > 0, "federation.server_lr", fed.server_lr, "a number > 0")
-    _check(fed.message_window >= 0, "federation.message_window", fed.message_window, "0 (a whole round at once) or a positive count")
-    _check(fed.num_nodes >= 0, "federation.num_nodes", fed.num_nodes, "0 (one node per user, up to 2 x message_window) or a positive count")
-    _check(0 <= fed.max_failed_fraction <= 1, "federation.max_failed_fraction", fed.max_failed_fraction, "a number in [0, 1]")
-    _check(fed.call_timeout > 0, "federation.call_timeout", fed.call_timeout, "a number of seconds > 0")
     st = config.strategy
-    _check(0 <= st.feddpa_mix <= 1, "strategy.feddpa_mix", st.feddpa_mix, "a number in [0, 1]")
-    _check(st.fedper_layers >= 0, "strategy.fedper_layers", st.fedper_layers, "an integer >= 0")
-    _check(st.fedrep_head_epochs >= 1, "strategy.fedrep_head_epochs", st.fedrep_head_epochs, "an integer >= 1")
-    _check(st.finetune_epochs >= 1, "strategy.finetune_epochs", st.finetune_epochs, "an integer >= 1")
-    _check(st.oppu_task_rounds >= 1, "strategy.oppu_task_rounds", st.oppu_task_rounds, "an integer >= 1")
     if st.fedper_pattern:
         try:
             re.compile(st.fedper_pattern)
         except re.error as err:
             raise ConfigError(f"Config key 'strategy.fedper_pattern' got {st.fedper_pattern!r}, not a valid regex: {err}") from None
     _validate_privacy(config.privacy)
-    ray = config.ray
-    _check(ray.client_cpus > 0, "ray.client_cpus", ray.client_cpus, "a number > 0")
-    _check(ray.client_gpus >= 0, "ray.client_gpus", ray.client_gpus, "a number >= 0")
-    _check(ray.num_cpus >= 0, "ray.num_cpus", ray.num_cpus, "0 (all cores) or a positive count")
+
+
+def _check_range(key: str, value: Any, spec: str, integer: bool) -> None:
+    """Refuse a number key (or an item of a list of numbers) outside its range (:data:`RANGES`)."""
+    for item in value if isinstance(value, list) else [value]:
+        if not in_range(item, spec):
+            default = _flatten(Config().to_dict())[key]
+            example = f"{key}={default}" if not isinstance(default, list) else f"{key}=0,1,2"
+            raise ConfigError(f"Config key '{key}' got {value!r}; allowed: {describe_range(spec, integer)}"
+                              f"{' (each item)' if isinstance(value, list) else ''}. Give a value in that range, "
+                              f"e.g. `{example}`{' (the default)' if not isinstance(default, list) else ''}.")
 
 
 def _validate_privacy(pr: PrivacyConfig) -> None:
-    """The privacy keys alone; what needs the strategy or the number of users (delta < 1 / users,
+    """The privacy keys alone, beyond their ranges (:data:`RANGES`); what needs the strategy or the number of users (delta < 1 / users,
     a strategy that shares nothing, a reachable target epsilon) is checked by
     :func:`fedpeft.privacy.prepare_privacy` before Ray starts."""
-    _check(pr.noise_multiplier >= 0, "privacy.noise_multiplier", pr.noise_multiplier, "a number >= 0 (0: clipping only, no noise)")
-    _check(pr.clipping_norm > 0, "privacy.clipping_norm", pr.clipping_norm, "a number > 0 (the L2 bound on a user's shared update)")
-    _check(0 <= pr.delta < 1, "privacy.delta", pr.delta, "0 (automatic: 1 / (10 x users)) or a number in (0, 1 / users)")
-    _check(pr.target_epsilon >= 0, "privacy.target_epsilon", pr.target_epsilon, "0 (off) or a number > 0")
-    _check(pr.max_epsilon >= 0, "privacy.max_epsilon", pr.max_epsilon, "0 (off) or a number > 0")
-    _check(0 <= pr.target_clipped_quantile <= 1, "privacy.target_clipped_quantile", pr.target_clipped_quantile, "a number in [0, 1]")
-    _check(pr.clip_norm_lr > 0, "privacy.clip_norm_lr", pr.clip_norm_lr, "a number > 0")
-    _check(pr.clipped_count_stddev >= 0, "privacy.clipped_count_stddev", pr.clipped_count_stddev,
-           "0 (Flower's default: users sampled / 20) or a number > 0")
     if pr.mechanism == "none":
         for key in ("target_epsilon", "max_epsilon"):
             _check(getattr(pr, key) == 0, f"privacy.{key}", getattr(pr, key),

@@ -89,7 +89,50 @@ def check_model(config: Config) -> str:
             f"Face cache ({type(err).__name__}). Download it first (`hf download {config.model.name}`) on a "
             "machine with network, set HF_HOME to that cache, or use --model minilm."
         ) from None
+    check_tokenizer(config.model.name, path, model_config)
     return model_config.model_type
+
+
+def _model_folder(path: str) -> Path | None:
+    """The folder a model is read from: ``path`` itself, or a Hub name's snapshot in the local cache."""
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached as a whole: transformers says what is missing when it loads
+        return None
+
+
+def check_tokenizer(name: str, path: str, model_config: Any) -> None:
+    """Refuse a backbone whose tokenizer would make its scores meaningless: a folder without any
+    of the files its tokenizer class reads the vocabulary from (transformers then builds a
+    vocabulary of the special tokens alone, e.g. BERT's 5, and every word becomes [UNK]), or a
+    tokenizer with more tokens than the model has embedding rows (the extra ids index nothing).
+    Embeddings larger than the vocabulary are normal (T5: 32,128 rows for 32,100 tokens)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"Model '{name}': its tokenizer could not be loaded ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}). Save the tokenizer the model was trained "
+                          f"with into the model's folder (tokenizer.save_pretrained(FOLDER)).") from None
+    folder = _model_folder(path)
+    files = sorted({*type(tokenizer).vocab_files_names.values(), "tokenizer.json"})
+    if folder is not None and not any((folder / f).is_file() for f in files):
+        raise ConfigError(f"Model folder '{folder}' has no tokenizer files (none of {', '.join(files)}, which "
+                          f"{type(tokenizer).__name__} reads its vocabulary from): transformers would build a "
+                          f"{len(tokenizer)}-token vocabulary and read every word as unknown. Save the model's tokenizer "
+                          f"into that folder (AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained('{folder}')).")
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    rows = getattr(text_config, "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise ConfigError(f"Model '{name}': its tokenizer has {len(tokenizer)} tokens but the model's embedding matrix "
+                          f"has {rows} rows (config vocab_size), so token ids {rows} and above index nothing. Use the "
+                          "tokenizer the model was trained with, or resize the model's embeddings "
+                          "(model.resize_token_embeddings(len(tokenizer))) and save it again.")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

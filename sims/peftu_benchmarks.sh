@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark runs on the real PEFT-U tasks in ../shared/data/peft-u (tweeteval, studemo):
-# prepare with PEFT-U's split protocol, a majority-label-per-user baseline, then the strategies
-# side by side with the MiniLM backbone. Usage: bash sims/peftu_benchmarks.sh [OUT] [KEY=VALUE ...]
+# prepare with PEFT-U's split protocol, then the strategies side by side with the MiniLM backbone;
+# each comparison has its own `majority` row (each user's majority label, over its own users).
+# Usage: bash sims/peftu_benchmarks.sh [OUT] [KEY=VALUE ...]
 set -euo pipefail
 OUT=${1:-runs/peftu}; shift || true
 RAW=${FEDPEFT_PEFTU_RAW:-../shared/data/peft-u}
@@ -11,7 +12,6 @@ for task in tweeteval studemo; do
   strategies=$STRATEGIES
   [ "$task" = studemo ] && strategies=$STUDEMO_STRATEGIES
   python -m fedpeft.data prepare peft-u --task "$task" --raw "$RAW/$task" --out "$OUT/data/$task"
-  python sims/majority_baseline.py --benchmark "peft-u/$task" "data.path=$OUT/data/$task" --json-out "$OUT/$task-majority.json" "$@"
   python sims/compare.py --strategies "$strategies" --benchmark "peft-u/$task" "data.path=$OUT/data/$task" \
     --compare-out "$OUT/$task" output.progress=false "$@"
 done

@@ -4,7 +4,14 @@ import pytest
 import yaml
 
 from fedpeft.cli import build_parser, config_from_args
-from fedpeft.config import REPO_DEFAULT_YAML, Config, ConfigError, all_keys, build_config
+from fedpeft.config import (
+    REPO_DEFAULT_YAML,
+    Config,
+    ConfigError,
+    all_keys,
+    build_config,
+    iter_fields,
+)
 from fedpeft.sim import check_ray_address, main
 
 
@@ -132,3 +139,79 @@ def test_config_is_a_leaf_of_fedpeft():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fedpeft', 'strategies')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['fedpeft', 'fedpeft.config']"
+
+
+# ----------------------------------------------------------------------------- number ranges
+
+
+@pytest.mark.parametrize("override, key", [("--seed=-1", "seed"), ("data.seed=-1", "data.seed"),
+                                           ("train.weight_decay=-5", "train.weight_decay")])
+def test_negative_seeds_and_weight_decay_are_refused_in_one_line(override, key, capsys):
+    """Before: seed=-1 and weight_decay=-5 passed (every training call then failed and the run
+    exited 0 with an untrained headline); data.seed=-1 ended in a numpy traceback."""
+    with pytest.raises(ConfigError) as err:
+        config_from_args([override])
+    message = str(err.value)
+    assert "\n" not in message and f"'{key}' got -" in message, message
+    assert ("a number >= 0" if key == "train.weight_decay" else "an integer in [0, 4294967295]") in message, message
+    assert main([override]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert printed.splitlines() == [f"fedpeft: error: {message}"]
+
+
+def _numeric_keys() -> dict[str, type]:
+    import typing
+
+    numbers = (int, float)
+    return {key: kind for key, kind, *_ in iter_fields()
+            if kind in numbers or (typing.get_origin(kind) is list and typing.get_args(kind)[0] in numbers)}
+
+
+def test_every_number_key_has_a_range_and_help_shows_it():
+    from fedpeft.config import RANGES
+
+    numeric = _numeric_keys()
+    assert set(RANGES) == set(numeric)  # every number key, and only those
+    helps = {action.dest: action.help for action in build_parser()._actions}
+    for key, spec in RANGES.items():
+        assert f"[range: {spec}]" in helps[key], key
+
+
+def test_each_range_refuses_just_outside_its_bounds_and_takes_its_bounds():
+    """Against a plain reading of each range: a closed bound is accepted, an open one refused,
+    and a value one step beyond a bound (1 for integers, 1e-6 for numbers) refused."""
+    from fedpeft.config import RANGES
+
+    numeric = _numeric_keys()
+    for key, spec in RANGES.items():
+        if " or " in spec:
+            continue  # data.max_length: 0 or >= 8, below
+        is_int = numeric[key] is int or numeric[key] == list[int]
+        step = 1 if is_int else 1e-6
+        low, high = (x.strip() for x in spec[1:-1].split(","))
+        cases = []
+        if low != "-inf":
+            cases += [(float(low), spec[0] == "["), (float(low) - step, False)]
+        if high != "inf":
+            cases += [(float(high), spec[-1] == "]"), (float(high) + step, False)]
+        for value, accepted in cases:
+            text = str(int(value)) if is_int else repr(value)
+            overrides = [(key, text)]
+            if key == "data.train_per_user_min":
+                overrides.append(("data.train_per_user", str(max(int(value), 1))))
+            if key == "train.epochs":
+                overrides.append(("train.steps", "1"))
+            try:
+                build_config(overrides=overrides)
+                ok = True
+            except ConfigError as err:
+                ok = False
+                assert f"'{key}'" in str(err), (key, str(err))
+            assert ok == accepted, (key, text)
+    for value, accepted in (("0", True), ("7", False), ("8", True), ("-1", False)):
+        try:
+            build_config(overrides=[("data.max_length", value)])
+            ok = True
+        except ConfigError:
+            ok = False
+        assert ok == accepted, value

@@ -48,8 +48,10 @@ def write_prepared(tmp_path: Path, users: list[str]) -> Path:
     return path
 
 
-def peft_u_config(path: Path, tmp_path: Path, task: str = "tweeteval") -> Config:
-    return Config.from_dict({"data": {"benchmark": f"peft-u/{task}", "path": str(path), "cache_dir": str(tmp_path / "cache")}})
+def peft_u_config(path: Path, tmp_path: Path, task: str = "tweeteval", split: str = "leaked") -> Config:
+    """The file's own splits unless ``split`` says otherwise."""
+    return Config.from_dict({"data": {"benchmark": f"peft-u/{task}", "path": str(path), "split": split,
+                                      "cache_dir": str(tmp_path / "cache")}})
 
 
 GOOD = ["Hateful", "Non-hateful", "Hateful", "Non-hateful"]
@@ -68,6 +70,43 @@ def test_prepared_label_outside_the_task_is_refused_naming_user_sample_label_and
     # a task name of one's own keeps the file's labels (the union): 3 of them here
     own = PeftUBenchmark(peft_u_config(path, tmp_path, task="my-hate"))
     assert own.task().labels == ("Hateful", "Hatefull", "Non-hateful")
+
+
+class RayStarted(AssertionError):
+    """Raised by a stand-in for fedpeft.sim.start_ray: the run got past its checks."""
+
+
+def refuse_ray(monkeypatch) -> None:
+    from fedpeft import sim
+
+    def started(*_args, **_kwargs):
+        raise RayStarted("Ray was started: the refusal came too late (or never)")
+
+    monkeypatch.setattr(sim, "start_ray", started)
+
+
+def test_tweeteval_data_with_one_label_is_refused_before_start(tiny_bert, tmp_path, capsys, monkeypatch):
+    """Before: a one-class head, loss 0.0000 and accuracy 1.0000, exit 0, without a word."""
+    path = write_prepared(tmp_path, [user_json(f"u{i}", ["Hateful"] * 4) for i in range(3)])
+    refuse_ray(monkeypatch)
+    args = tiny_args(tiny_bert, tmp_path, "one-label", "--benchmark", "peft-u/tweeteval", f"data.path={path}",
+                     f"data.cache_dir={tmp_path / 'cache'}", "data.split=leaked")
+    assert sim_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "carry only 1 label(s) ('Hateful')" in err and "the task's labels are Hateful, Non-hateful" in err, err
+    assert not (tmp_path / "one-label").exists()
+
+
+def test_the_label_set_is_the_tasks_whatever_the_data_holds(tmp_path):
+    users = [user_json("u1", ["joy", "fear", "joy", "fear"]), user_json("u2", ["fear", "anger", "joy", "anger"])]
+    bench = PeftUBenchmark(peft_u_config(write_prepared(tmp_path, users), tmp_path, task="studemo"))
+    assert bench.task().labels == tuple(sorted(raw_files.STUDEMO_LABELS))  # all 10 of PEFT-U's, not the 3 found
+    own = tmp_path / "own"
+    own.mkdir()
+    path = write_prepared(own, [user_json("u1", ["a"] * 4)])
+    with pytest.raises(ConfigError, match=r"carry only 1 label\(s\) \('a'\); a task of your own takes its labels from the data"):
+        PeftUBenchmark(peft_u_config(path, own, task="my-task")).task()
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:

@@ -91,8 +91,9 @@ def write_prepared(tmp_path: Path, data: dict, name: str = "user_data_leaked.jso
 
 
 def config(path, tmp_path: Path, task: str = "fixture-task", **data) -> Config:
-    """A task name PEFT-U does not have (the default) keeps the fixtures' labels x, y, z."""
-    return Config.from_dict({"data": {"benchmark": f"peft-u/{task}", "path": str(path),
+    """A task name PEFT-U does not have (the default) keeps the fixtures' labels x, y, z. The
+    file's own splits (data.split=leaked) unless ``split`` is given: these tests read files."""
+    return Config.from_dict({"data": {"benchmark": f"peft-u/{task}", "path": str(path), "split": "leaked",
                                       "cache_dir": str(tmp_path / "cache"), **data}})
 
 
@@ -377,7 +378,7 @@ def test_loader_malformed_input_names_file_record_field(tmp_path, data, expected
 
 def test_user_with_sample_in_two_splits_is_skipped(tmp_path):
     data = prepared({"u": {"train": [("a", "t", ["x"])], "val": [], "test": [("a", "t", ["x"])]},
-                     "v": {"train": [("a", "t", ["x"])], "val": [], "test": [("b", "t", ["x"])]}})
+                     "v": {"train": [("a", "t", ["x"])], "val": [], "test": [("b", "t", ["y"])]}})  # two labels
     with pytest.warns(UserWarning):
         b = PeftUBenchmark(config(write_prepared(tmp_path, data), tmp_path))
         assert b.user_ids() == ["v"]

@@ -166,7 +166,7 @@ def test_compare_writes_table_per_user_table_and_plots(tiny_bert, tmp_path, ray_
     assert compare_main(args) == 0
     with (out / "comparison.csv").open() as f:
         rows = {r["strategy"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"local_only", "fedsa"}  # the baseline is added
+    assert set(rows) == {"local_only", "fedsa", "majority"}  # the baseline is added; each user's majority label
     assert float(rows["local_only"]["gain_vs_local_only"]) == 0.0
     assert float(rows["fedsa"]["bytes_total"]) > 0 == float(rows["local_only"]["bytes_total"])
     with (out / "per_user.csv").open() as f:
@@ -212,14 +212,17 @@ def test_peft_u_multilabel_task_runs_through_the_entry_point(tiny_bert, tmp_path
     data.mkdir()
     (data / "user_data_leaked.json").write_text(json.dumps(users))
     args = tiny_args(tiny_bert, tmp_path, "peftu", "--benchmark", "peft-u/studemo", f"data.path={data}",
-                     f"data.cache_dir={tmp_path / 'cache'}", "--strategy", "fedsa")
+                     f"data.cache_dir={tmp_path / 'cache'}", "--strategy", "fedsa", "data.split=leaked")
     assert main(args) == 0
     results = json.loads((tmp_path / "peftu" / "results.json").read_text())
     assert results["num_users"] == 3 and results["summary"]["n_evaluated"] == 3
     assert results["summary"]["n_skipped"] == 1 and "annotator9" in results["skipped_users"]
     assert results["metrics"] == ["accuracy", "macro_f1", "example_f1", "jaccard", "accuracy_any"]  # top label first
     preds = [json.loads(line) for line in (tmp_path / "peftu" / "predictions.jsonl").read_text().splitlines()]
-    assert all(set(p.split(", ")) <= set(labels) for row in preds for p in row["predictions"])
+    from fedpeft.data.peft_u import LABELS
+
+    studemo = set(results["data"]["labels"])  # the task's 10 labels (PEFT-U's), not only the 3 the fixture uses
+    assert studemo == set(LABELS["studemo"]) and all(set(p.split(", ")) <= studemo for row in preds for p in row["predictions"])
 
 
 @pytest.mark.parametrize("task, model, metric", [(2, "tiny_bert", "accuracy"), (3, "tiny_bert", "mae"), (4, "tiny_t5", "rouge1")])

@@ -6,7 +6,9 @@
 
 ``prepare peft-u`` turns PEFT-U's raw files into its prepared per-user form with PEFT-U's split,
 for any of its 13 tasks (see fedpeft.data.peft_u and fedpeft.data.peft_u_tasks); set ``data.path``
-to the output folder. ``download lamp`` fetches LaMP's official question/output files (see
+to the output folder. A run reads that file's per-user splits with ``data.split=leaked``; the
+default ``data.split=by_text`` re-splits its examples by text when it loads them (PEFT-U's
+no-leak split, seeded by ``data.seed``). ``download lamp`` fetches LaMP's official question/output files (see
 fedpeft.data.lamp); set ``data.path`` to ``--out``.
 """
 

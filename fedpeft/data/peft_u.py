@@ -6,10 +6,17 @@
     {user_id: {"train"|"val"|"test": {sample_id: {"text": str, "label": [str, ...]}}}}
 
 Users are listed in the natural order of their ids (numbers compared as numbers, as PEFT-U's
-``sort_user_ids``). The label set is the sorted union over all users of the file; for one of
-PEFT-U's 13 tasks (:data:`LABELS`) every label must be one of the task's (a typo such as
-'Hatefull' would add a class), else the file is refused naming the user, the sample, the label,
-the task's labels and the closest one; a task name of one's own keeps any labels. A user id or
+``sort_user_ids``). ``data.split`` says which examples are a user's train / val / test:
+``leaked`` keeps the file's own per-user splits (PEFT-U's ``leakage=True``, where one user's test
+text is in other users' training splits); ``by_text`` (the default) re-splits every user's
+examples so that each text is in one split for all users, seeded by ``data.seed``
+(:func:`fedpeft.data.peft_u_split.split_by_text`, PEFT-U's ``leakage=False``).
+For one of PEFT-U's 13 tasks (:data:`LABELS`) the label set is the task's, whatever the data
+holds; every label must be one of them (a typo such as 'Hatefull' would add a class), else the
+file is refused naming the user, the sample, the label, the task's labels and the closest one;
+a task name of one's own takes the sorted union of the file's labels. Data whose users (those
+kept) carry fewer than two labels is refused (a one-class model scores 1.0 and learns nothing),
+naming the labels found and expected. A user id or
 sample id given twice in the file is refused too (JSON would keep the last silently). The task is "multilabel" when any
 example has more than one label, else "classification"; its metrics are
 :data:`fedpeft.scoring.KIND_METRICS` of that kind, scored by :func:`fedpeft.scoring.score`:
@@ -28,7 +35,8 @@ readers), following PEFT-U's code (ChrisIsKing/Parameter-Efficient-Personalizati
 ``peft_u/write_data/prepare_<task>.py`` for the raw files, in :mod:`fedpeft.data.peft_u_raw`,
 :mod:`fedpeft.data.peft_u_json` and :mod:`fedpeft.data.peft_u_hub`, and the latest
 ``peft_u/preprocess/convert_data_format.py``, ``data2dataset_splits(leakage=True)``); see
-:func:`split_user` for the split and where it differs from the paper's one-line description.
+:func:`fedpeft.data.peft_u_split.split_user` for the split and where it differs from the paper's
+one-line description.
 It writes ``OUT/user_data_leaked.json``, ``OUT/dropped_users.json`` (users with fewer than 10
 examples, id -> reason; PEFT-U drops them without a record) and PEFT-U's own
 ``OUT/users-with-empty-dataset-splits.json`` (kept users with an empty split).
@@ -37,7 +45,6 @@ examples, id -> reason; PEFT-U drops them without a record) and PEFT-U's own
 from __future__ import annotations
 
 import logging
-import random
 import warnings
 from pathlib import Path
 from typing import Any
@@ -74,6 +81,7 @@ from fedpeft.data.peft_u_raw import (  # noqa: F401  (re-exported: the readers a
     read_unhealthyconversations,
     read_wikidetox,
 )
+from fedpeft.data.peft_u_split import SPLITS, Rows, split_by_text, split_user, split_users  # noqa: F401
 from fedpeft.data.peft_u_tasks import (  # noqa: F401
     INSTRUCTIONS,
     LABELS,
@@ -86,76 +94,13 @@ from fedpeft.scoring import KIND_METRICS
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 2: multi-label tasks list the metrics of scoring.KIND_METRICS; 3: labels and ids checked
+CACHE_VERSION = 4  # 2: multi-label tasks list the metrics of scoring.KIND_METRICS; 3: labels and ids checked;
+# 4: data.split (by_text / leaked), the label set of one of PEFT-U's tasks is the task's
 PREPARED_FILE = "user_data_leaked.json"
 DROPPED_FILE = "dropped_users.json"
 EMPTY_SPLITS_FILE = "users-with-empty-dataset-splits.json"
-SPLITS = ("train", "val", "test")
 
 PREPARE_HINT = "Create it with `python -m fedpeft.data prepare peft-u --task <task> --raw <raw dir> --out <dir>`."
-
-
-# --------------------------------------------------------------------------------------------
-# Split (PEFT-U's data2dataset_splits, leakage=True)
-# --------------------------------------------------------------------------------------------
-
-def _split_label(samples: list, seed: int, train_ratio: float) -> tuple[list, list, list]:
-    """PEFT-U's ``_split2train_val_test``: the generator is re-seeded for every call."""
-    samples = list(samples)
-    random.Random(seed).shuffle(samples)  # == random.seed(seed); random.shuffle(samples)
-    n_held = max(2, round((1 - train_ratio) * len(samples)))
-    train, held = samples[:-n_held], samples[-n_held:]
-    n_val = round(0.5 * n_held)
-    return train, held[:n_val], held[n_val:]
-
-
-def split_user(samples: dict[str, dict[str, Any]], seed: int = 42, train_ratio: float = 0.8) -> dict[str, dict[str, Any]]:
-    """One user's examples -> {"train", "val", "test"}, exactly as PEFT-U's latest code does.
-
-    For each label of the user (sorted), the user's examples carrying it (in input order) are
-    shuffled with ``random.seed(42)`` set anew for that label; the *last*
-    ``max(2, round(0.2 n))`` of them are held out, of which the first ``round(0.5 * held)`` go to
-    val and the rest to test (Python rounds halves to even: 3 held -> 2 val + 1 test, 5 -> 2 + 3);
-    the others go to train. A multi-label example goes to the split chosen for it by the first
-    of its labels that places it (train checked before test before val within a label), so it is
-    in one split only. Differences from the paper's one-line description ("80/10/10, at least 2
-    held-out per label"): the held-out pair is not guaranteed to be one val + one test for a label
-    with a single example (it lands in val, test stays empty), a multi-label example counted for
-    several labels can leave a label with fewer held-out examples, and the rounding is banker's.
-    """
-    labels = sorted(set().union(*[s["label"] for s in samples.values()])) if samples else []
-    train: dict[str, Any] = {}
-    val: dict[str, Any] = {}
-    test: dict[str, Any] = {}
-    for label in labels:
-        tr, vl, ts = _split_label([(sid, s) for sid, s in samples.items() if label in s["label"]], seed, train_ratio)
-        train.update({sid: s for sid, s in tr if sid not in val and sid not in test})
-        test.update({sid: s for sid, s in ts if sid not in train and sid not in val})
-        val.update({sid: s for sid, s in vl if sid not in train and sid not in test})
-    assert len(train) + len(val) + len(test) == len(samples)
-    return {"train": train, "val": val, "test": test}
-
-
-def split_users(
-    data: PersonalizedData, seed: int = 42, train_ratio: float = 0.8, drop_threshold: int = 10
-) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, str], dict[str, dict[str, int]]]:
-    """(prepared form, dropped users id -> reason, kept users with an empty split -> sizes).
-
-    Users are split in input order; a user with fewer than ``drop_threshold`` examples (counted
-    over all splits, after the split, as PEFT-U does) is dropped and listed with its count.
-    """
-    prepared: dict[str, dict[str, dict[str, Any]]] = {}
-    dropped: dict[str, str] = {}
-    empty: dict[str, dict[str, int]] = {}
-    for uid, samples in data.items():
-        if len(samples) < drop_threshold:
-            dropped[str(uid)] = f"{len(samples)} examples (< {drop_threshold})"
-            continue
-        prepared[str(uid)] = split_user(samples, seed=seed, train_ratio=train_ratio)
-        sizes = {k: len(v) for k, v in prepared[str(uid)].items()}
-        if any(n == 0 for n in sizes.values()):
-            empty[str(uid)] = sizes
-    return prepared, dropped, empty
 
 
 def label_meta(prepared: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -253,6 +198,31 @@ def _check_split(path: Path, uid: str, split: str, samples: Any, task: str) -> l
     return rows
 
 
+def _clash(rows: Rows) -> str | None:
+    """Why a user of the file is unusable because a sample id of it is in two of its splits (None: none is)."""
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        for sid, _, _ in rows[split]:
+            if sid in seen:
+                return f"sample '{sid}' is in both {seen[sid]} and {split}"
+            seen[sid] = split
+    return None
+
+
+def task_labels(task: str, found: set[str], path: str | Path) -> list[str]:
+    """The label set of ``task``: PEFT-U's own for one of its tasks (:data:`LABELS`, whatever the
+    data holds), else the sorted labels ``found``. Refuses data whose kept users carry fewer than
+    two labels: a model with one class to predict trains to loss 0 and scores 1.0."""
+    expected = LABELS.get(task)
+    if len(found) < 2:
+        got = ", ".join(f"'{lb}'" for lb in sorted(found)) or "none"
+        of = f"the task's labels are {', '.join(expected)}" if expected else "a task of your own takes its labels from the data"
+        raise ConfigError(f"PEFT-U {task}: the users kept from {path} carry only {len(found)} label(s) ({got}); {of}. "
+                          "A model with fewer than two labels to tell apart learns nothing (loss 0, accuracy 1.0). Give "
+                          "data in which at least two labels occur.")
+    return sorted(expected) if expected else sorted(found)
+
+
 @register_benchmark
 class PeftUBenchmark(CachedBenchmark):
     """``peft-u/<task>``: PEFT-U's prepared per-user file, cached one file per user."""
@@ -261,29 +231,28 @@ class PeftUBenchmark(CachedBenchmark):
     has_tasks = True
     tasks = LABELS  # PEFT-U's 13 tasks -> their label sets (a prepared file's labels must be among them)
 
+    data_keys = ("split",)
+
     def __init__(self, config) -> None:
         super().__init__(config)
         if not self.task_name:
             raise ConfigError("data.benchmark='peft-u' needs a task: peft-u/<task>, e.g. peft-u/tweeteval. "
                               f"PEFT-U's tasks: {describe_tasks()}.")
         self.path = resolve_prepared_path(config.data.path, self.task_name)
+        split = {"split": config.data.split} | ({"split_seed": config.data.seed} if config.data.split == "by_text" else {})
         self.cache = UserCache(cache_root(config), self.name, self.task_name, {
             "version": CACHE_VERSION, "family": self.name, "task": self.task_name,
-            "sources": source_fingerprint([self.path]),
+            "sources": source_fingerprint([self.path]), **split,
         })
 
-
-    def _build(self, cache: UserCache) -> dict[str, Any]:
+    def _read_users(self) -> dict[str, Rows]:
+        """Every user of the file (natural order of ids) -> its checked rows per split, as the file splits them."""
         path = self.path
         data = _read_prepared(path)
         if not isinstance(data, dict):
             raise format_error(path, "top level", "<root>", type(data).__name__,
                                "an object {user_id: {train|val|test: {sample_id: {text, label}}}}", PREPARE_HINT)
-        labels: set[str] = set()
-        multi = False
-        users: list[str] = []
-        counts: list[list[int]] = []
-        skipped: dict[str, str] = {}
+        users: dict[str, Rows] = {}
         for uid in sorted(data, key=lambda u: natural_key(str(u))):
             record = data[uid]
             if not isinstance(record, dict):
@@ -292,38 +261,44 @@ class PeftUBenchmark(CachedBenchmark):
                 if split not in record:
                     raise format_error(path, f"user '{uid}'", split, f"<missing; keys: {sorted(record)}>",
                                        "an object with the keys train, val and test (each possibly empty {})", PREPARE_HINT)
-            splits = {s: _check_split(path, str(uid), s, record[s], self.task_name) for s in SPLITS}
-            for rows in splits.values():
-                for _, _, lb in rows:
+            users[str(uid)] = {s: _check_split(path, str(uid), s, record[s], self.task_name) for s in SPLITS}
+        return users
+
+    def _build(self, cache: UserCache) -> dict[str, Any]:
+        path = self.path
+        read = self._read_users()
+        clashes = {uid: why for uid, rows in read.items() if (why := _clash(rows))}  # in the file itself
+        splits = split_by_text(read, self.config.data.seed) if self.config.data.split == "by_text" else read
+        labels: set[str] = set()
+        multi = False
+        users: list[str] = []
+        counts: list[list[int]] = []
+        skipped: dict[str, str] = {}
+        for uid, rows in splits.items():
+            if not rows["train"] or not rows["test"]:
+                skipped[uid] = f"empty {' and '.join(s for s in ('train', 'test') if not rows[s])} split"
+                continue
+            if uid in clashes:
+                skipped[uid] = clashes[uid]
+                continue
+            for split_rows in rows.values():
+                for _, _, lb in split_rows:
                     labels.update(lb)
                     multi = multi or len(lb) > 1
-            seen: dict[str, str] = {}
-            clash = None
-            for s in SPLITS:
-                for sid, _, _ in splits[s]:
-                    if sid in seen and clash is None:
-                        clash = f"sample '{sid}' is in both {seen[sid]} and {s}"
-                    seen.setdefault(sid, s)
-            if not splits["train"] or not splits["test"]:
-                empty = " and ".join(s for s in ("train", "test") if not splits[s])
-                skipped[str(uid)] = f"empty {empty} split"
-                continue
-            if clash:
-                skipped[str(uid)] = clash
-                continue
-            cache.write_user(len(users), {"user_id": str(uid), **splits})
-            users.append(str(uid))
-            counts.append([len(splits[s]) for s in SPLITS])
+            cache.write_user(len(users), {"user_id": uid, **rows})
+            users.append(uid)
+            counts.append([len(rows[s]) for s in SPLITS])
         if skipped:
             shown = ", ".join(f"{u} ({r})" for u, r in list(skipped.items())[:10])
             more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
             warnings.warn(f"PEFT-U {self.task_name}: skipped {len(skipped)} user(s) of {path}: {shown}{more}.", stacklevel=2)
         if not users:
-            raise ConfigError(f"PEFT-U {self.task_name}: no usable user in {path} (every user has an empty train or test split).")
+            raise ConfigError(f"PEFT-U {self.task_name}: no usable user in {path} (every user has an empty train or test "
+                              f"split with data.split={self.config.data.split}).")
         kind = "multilabel" if multi else "classification"
         return {
             "version": CACHE_VERSION, "family": self.name, "task": self.task_name, "source": str(path),
-            "kind": kind, "labels": sorted(labels),
+            "split": self.config.data.split, "kind": kind, "labels": task_labels(self.task_name, labels, path),
             "metrics": list(KIND_METRICS[kind]), "users": users, "counts": counts, "skipped": skipped,
         }
 
