@@ -7,13 +7,18 @@ training metrics, evaluation scores or fedpeft's own logs (which users trained i
 
 **Mechanism** (Flower's own wrappers, :class:`PrivateAggregator`): each user's update is clipped
 to L2 norm ``privacy.clipping_norm`` = C (by the server: ``central``, ``central_adaptive``; by
-the client, :func:`clip_shared_update`: ``client``), the clipped updates are averaged with
-*equal* weights, and Gaussian noise of std sigma * C / m is added to the mean, m = the users
-sampled in the round (Flower's ``num_sampled_clients``). A user that fails is not in the mean,
-which is then over m' < m users with the noise still calibrated to m: the round's effective noise
-multiplier is sigma * m' / m, and :meth:`PrivacyAccountant.compose_release` accounts that, so
-failures raise epsilon rather than silently overstating privacy. FedAdam/FedYogi run on the
-noisy mean (post-processing); FedProx is local.
+the client, :func:`clip_shared_update`: ``client``), and the server releases the sum of the
+clipped updates divided by m, the users *sampled* in the round (a fixed denominator), plus
+Gaussian noise of std sigma * C / m (Flower's ``num_sampled_clients``). A sampled user that
+failed, was dropped or did not answer contributes a zero update: the server pads the replies
+with zero updates (the shared part as sent) up to m, so Flower's equal-weight mean divides by m.
+The sensitivity is then C / m whatever fails, failures cost no epsilon, a round in which every
+sampled user failed still releases (pure noise around the current shared part) and spends its
+epsilon, and the accountant composes exactly sigma per round: the spent epsilon does not depend
+on who failed (which may depend on their data), and ``privacy.max_epsilon`` and
+``privacy.target_epsilon`` hold exactly. The cost: a failed user's share of the mean is zero,
+so with m' of m users replying the mean of the updates shrinks towards the current shared part
+by m' / m. FedAdam/FedYogi run on the noisy mean (post-processing); FedProx is local.
 
 **Accounting** (:class:`PrivacyAccountant`, Flower's ``RdpAccountant`` on Google's
 ``dp-accounting``). fedpeft's cohort sampler (``Strategy.sample_cohort``) draws a fixed number m
@@ -26,6 +31,10 @@ up to 2C, so the noise multiplier relative to the sensitivity is sigma / 2; dp-a
 accountant (0.5.1 and 0.6.0) uses the multiplier as given (google/differential-privacy issue 378), so fedpeft
 passes sigma / 2 (:func:`replace_one_factor` checks whether the installed backend already does
 it). The amplification assumes the cohort draws are secret: fedpeft derives them from ``seed``.
+**delta** (``privacy.delta=0``, :func:`automatic_delta`): min(1e-5, 1 / (10 n)). delta bounds the
+probability that the guarantee fails outright, so it must lie well below 1 / n (Dwork and Roth
+2014, section 2.3; Ponomareva et al. 2023, "How to DP-fy ML"); 1e-5 is the value DP training
+usually reports (Abadi et al. 2016 onwards); from n = 10,000 users on, 1 / (10 n) is the smaller.
 
 **Randomness.** Flower draws the noise from numpy's global generator; :func:`seeded_numpy` seeds
 it per round from ``(seed, 50, round)`` and restores it afterwards, so a run (and a resumed
@@ -44,7 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.supercore.differential_privacy import (
     KEY_NORM_BIT,
@@ -66,14 +75,19 @@ State = dict[str, torch.Tensor]
 ACCOUNTANT = ("flwr.supercore.privacy_accounting.RdpAccountant (dp-accounting RDP): fixed-size sampling "
               "without replacement, replace-one neighbours")
 SAMPLING = "fixed-size cohort drawn uniformly without replacement each round (replace-one)"
+DENOMINATOR = "users sampled (a sampled user that failed counts as a zero update)"
 UNIFORM_WEIGHT = "dp-equal-weight"  # the metric the equal-weight FedAvg inside the DP wrapper averages by
 NOISE_STREAM = 50  # numpy seed of a round's noise: (seed, NOISE_STREAM, round)
 MAX_NOISE_MULTIPLIER = 1e4  # the largest noise multiplier privacy.target_epsilon may calibrate to
 
 
+AUTOMATIC_DELTA_CAP = 1e-5  # the conventional delta of DP training; see the module docstring
+
+
 def automatic_delta(population_size: int) -> float:
-    """The delta used when ``privacy.delta=0``: 1 / (10 n), n = users in the training population."""
-    return 1.0 / (10 * population_size)
+    """The delta used when ``privacy.delta=0``: min(1e-5, 1 / (10 n)), n = users in the training
+    population (well below 1 / n; see the module docstring)."""
+    return min(AUTOMATIC_DELTA_CAP, 1.0 / (10 * population_size))
 
 
 def resolve_delta(privacy: PrivacyConfig, population_size: int) -> float:
@@ -81,7 +95,7 @@ def resolve_delta(privacy: PrivacyConfig, population_size: int) -> float:
     if privacy.delta == 0:
         return automatic_delta(population_size)
     if not 0 < privacy.delta < 1 / population_size:
-        raise ConfigError(f"Config key 'privacy.delta' got {privacy.delta!r}; allowed: 0 (automatic: 1 / (10 x users) = "
+        raise ConfigError(f"Config key 'privacy.delta' got {privacy.delta!r}; allowed: 0 (automatic: min(1e-5, 1 / (10 x users)) = "
                           f"{automatic_delta(population_size):.3g}) or a number in (0, 1 / {population_size} users = "
                           f"{1 / population_size:.3g}): a delta of 1 / users or more allows releasing one user's data outright.")
     return privacy.delta
@@ -185,13 +199,8 @@ class Release:
     mechanism: str
     noise_multiplier: float  # the configured sigma (adaptive: the effective one, updates and count together)
     clipping_norm: float  # the bound the updates of this round were clipped to
-    sampled: int  # users sampled: the noise is calibrated to it
-    aggregated: int  # users whose update is in the mean (fewer when some failed)
-
-    @property
-    def effective_noise_multiplier(self) -> float:
-        """sigma * aggregated / sampled: the noise relative to the mean's sensitivity (C / aggregated)."""
-        return self.noise_multiplier * self.aggregated / self.sampled
+    sampled: int  # users sampled: the mean's denominator and the noise's calibration (failed users count as 0)
+    replied: int  # users whose update is in the sum (fewer when some failed): for reporting, not accounting
 
 
 class PrivacyAccountant:
@@ -199,9 +208,12 @@ class PrivacyAccountant:
 
     Each round is one Gaussian release on a cohort of m users sampled without replacement,
     composed with Flower's ``RdpAccountant`` (``WITHOUT_REPLACEMENT``, ``REPLACE_ONE``); see the
-    module docstring for why, and for the sigma / 2 of replace-one. A round with sigma = 0 makes
-    epsilon infinite. The state is a JSON ledger of the rounds (identical consecutive rounds
-    merged); restoring replays it. One release costs dp-accounting about 0.5 s (its RDP orders
+    module docstring for why, and for the sigma / 2 of replace-one. The mean's denominator is the
+    users sampled, so a round costs the same whoever failed. A round with sigma = 0 makes epsilon
+    infinite. The state is a JSON ledger of the rounds (identical consecutive rounds merged);
+    restoring replays it. A ledger written before the fixed denominator may hold entries with
+    ``aggregated`` < ``sample_size`` (the mean was then over the users that replied): they replay
+    as they were composed, with sigma * aggregated / sample_size. One release costs dp-accounting about 0.5 s (its RDP orders
     go up to 1024): :meth:`would_exceed` composes the candidate round once, on a copy rebuilt from
     the merged ledger, and :meth:`compose_round` adopts that copy when the round is the candidate.
     """
@@ -210,8 +222,9 @@ class PrivacyAccountant:
         if population_size < 1 or not 0 < delta < 1:
             raise ValueError(f"population_size must be >= 1 and delta in (0, 1), got {population_size}, {delta}")
         self.population_size, self.delta = population_size, delta
-        self.ledger: list[dict[str, Any]] = []  # {"noise_multiplier", "sample_size", "aggregated", "rounds"}
+        self.ledger: list[dict[str, Any]] = []  # {"noise_multiplier", "sample_size", "rounds"} (+ legacy "aggregated")
         self.last_clipping_norm: float | None = None
+        self.rounds_with_failures = 0  # rounds in which some sampled user did not reply (reporting only)
         self._backend = self._replay([])
         self._projection: tuple[list[dict[str, Any]], RdpAccountant] | None = None
 
@@ -220,7 +233,7 @@ class PrivacyAccountant:
                                                     neighboring_relation=NeighboringRelation.REPLACE_ONE,
                                                     sampling_method=SamplingMethod.WITHOUT_REPLACEMENT))
         for e in ledger:
-            effective = e["noise_multiplier"] * e["aggregated"] / e["sample_size"]
+            effective = e["noise_multiplier"] * e.get("aggregated", e["sample_size"]) / e["sample_size"]  # legacy: see class
             if effective > 0:  # sigma = 0: no event (epsilon is infinite, see :meth:`epsilon`)
                 backend.compose(GaussianPrivacyEvent(noise_multiplier=effective * replace_one_factor(),
                                                      sample_size=e["sample_size"], population_size=self.population_size),
@@ -240,29 +253,32 @@ class PrivacyAccountant:
     def rounds(self) -> int:
         return sum(entry["rounds"] for entry in self.ledger)
 
-    def _entry(self, noise_multiplier: float, sample_size: int, aggregated: int | None, count: int) -> dict[str, Any]:
-        aggregated = sample_size if aggregated is None else aggregated
-        if not 1 <= aggregated <= sample_size <= self.population_size or count < 1 or noise_multiplier < 0:
-            raise ValueError(f"a round needs 1 <= aggregated ({aggregated}) <= sample_size ({sample_size}) <= population "
-                             f"({self.population_size}), count >= 1 ({count}) and noise_multiplier >= 0 ({noise_multiplier})")
-        return {"noise_multiplier": float(noise_multiplier), "sample_size": int(sample_size), "aggregated": int(aggregated)}
+    def _entry(self, noise_multiplier: float, sample_size: int, count: int) -> dict[str, Any]:
+        if not 1 <= sample_size <= self.population_size or count < 1 or noise_multiplier < 0:
+            raise ValueError(f"a round needs 1 <= sample_size ({sample_size}) <= population ({self.population_size}), "
+                             f"count >= 1 ({count}) and noise_multiplier >= 0 ({noise_multiplier})")
+        return {"noise_multiplier": float(noise_multiplier), "sample_size": int(sample_size)}
 
-    def compose_round(self, noise_multiplier: float, sample_size: int, aggregated: int | None = None, count: int = 1) -> None:
-        """Compose ``count`` rounds, each sampling ``sample_size`` users, of which ``aggregated``
-        (default: all) are in the mean: the effective multiplier is sigma * aggregated / sample_size."""
-        entry = self._entry(noise_multiplier, sample_size, aggregated, count)
+    def compose_round(self, noise_multiplier: float, sample_size: int, *, count: int = 1, replied: int | None = None) -> None:
+        """Compose ``count`` rounds, each sampling ``sample_size`` users. ``replied`` (default: all)
+        only counts the rounds with failures: the mean divides by the users sampled, so each round
+        costs noise multiplier sigma whoever replied."""
+        replied = sample_size if replied is None else replied
+        if not 0 <= replied <= sample_size:
+            raise ValueError(f"a round needs 0 <= replied ({replied}) <= sample_size ({sample_size})")
+        entry = self._entry(noise_multiplier, sample_size, count)
         ledger = self._merged(self.ledger, entry, count)
         if self._projection is not None and self._projection[0] == ledger:
             self._backend = self._projection[1]
         elif entry["noise_multiplier"] > 0:
-            effective = noise_multiplier * entry["aggregated"] / sample_size
-            self._backend.compose(GaussianPrivacyEvent(noise_multiplier=effective * replace_one_factor(),
+            self._backend.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier * replace_one_factor(),
                                                        sample_size=sample_size, population_size=self.population_size), count)
         self.ledger, self._projection = ledger, None
+        self.rounds_with_failures += count if replied < sample_size else 0
 
     def compose_release(self, release: Release) -> None:
         """Compose one round from ``Strategy.privacy_release``."""
-        self.compose_round(release.noise_multiplier, release.sampled, release.aggregated)
+        self.compose_round(release.noise_multiplier, release.sampled, replied=release.replied)
         self.last_clipping_norm = release.clipping_norm
 
     @staticmethod
@@ -276,8 +292,9 @@ class PrivacyAccountant:
         return self._epsilon(self.ledger, self._backend, self.delta if delta is None else delta)
 
     def epsilon_after(self, noise_multiplier: float, sample_size: int) -> float:
-        """The epsilon one more round (every sampled user aggregated) would bring; nothing is composed."""
-        ledger = self._merged(self.ledger, self._entry(noise_multiplier, sample_size, None, 1), 1)
+        """The epsilon one more round sampling ``sample_size`` users brings (exactly: failures cost
+        nothing); nothing is composed."""
+        ledger = self._merged(self.ledger, self._entry(noise_multiplier, sample_size, 1), 1)
         if self._projection is None or self._projection[0] != ledger:
             self._projection = (ledger, self._replay(ledger))
         return self._epsilon(ledger, self._projection[1], self.delta)
@@ -289,7 +306,8 @@ class PrivacyAccountant:
     def state(self) -> dict[str, Any]:
         """JSON-serialisable state (for the run checkpoint)."""
         return {"schema": 1, "accountant": ACCOUNTANT, "population_size": self.population_size, "delta": self.delta,
-                "ledger": [dict(e) for e in self.ledger], "last_clipping_norm": self.last_clipping_norm}
+                "ledger": [dict(e) for e in self.ledger], "last_clipping_norm": self.last_clipping_norm,
+                "rounds_with_failures": self.rounds_with_failures}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> PrivacyAccountant:
@@ -300,6 +318,8 @@ class PrivacyAccountant:
         accountant.ledger = [dict(e) for e in state["ledger"]]
         accountant._backend = accountant._replay(accountant.ledger)
         accountant.last_clipping_norm = state.get("last_clipping_norm")
+        legacy = sum(e["rounds"] for e in accountant.ledger if e.get("aggregated", e["sample_size"]) < e["sample_size"])
+        accountant.rounds_with_failures = int(state.get("rounds_with_failures", legacy))  # not recorded before: the ledger's
         return accountant
 
     def report(self, privacy: PrivacyConfig) -> dict[str, Any]:
@@ -311,7 +331,7 @@ class PrivacyAccountant:
                 "delta": self.delta, "target_epsilon": privacy.target_epsilon or None,
                 "max_epsilon": privacy.max_epsilon or None, "sampling_model": SAMPLING, "population_size": self.population_size,
                 "sampling_rate": rates[0] if len(rates) == 1 else rates, "rounds_composed": self.rounds,
-                "rounds_with_failures": sum(e["rounds"] for e in self.ledger if e["aggregated"] < e["sample_size"]),
+                "rounds_with_failures": self.rounds_with_failures, "denominator": DENOMINATOR,
                 "epsilon": None if math.isinf(eps) else eps, "accountant": ACCOUNTANT}
 
 
@@ -373,12 +393,16 @@ def seeded_numpy(seed: Sequence[int]) -> Iterator[None]:
         np.random.set_state(saved)
 
 
-def _reply(record: ArrayRecord, metrics: dict[str, float], like: Message) -> Message:
-    """A train reply holding only ``record`` as "shared" (what Flower's wrappers may read and rewrite)."""
-    return Message(content=RecordDict({"shared": record, "metrics": MetricRecord(metrics)}), metadata=like.metadata)
+def _reply(record: ArrayRecord, metrics: dict[str, float], like: Message | None) -> Message:
+    """A train reply holding only ``record`` as "shared" (what Flower's wrappers may read and rewrite),
+    with the metadata of ``like``; None: a stand-in (a failed user's zero update), never sent."""
+    content = RecordDict({"shared": record, "metrics": MetricRecord(metrics)})
+    if like is None:
+        return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+    return Message(content=content, metadata=like.metadata)
 
 
-def mean_reply(record: ArrayRecord, weighted_by_key: str, like: Message) -> Message:
+def mean_reply(record: ArrayRecord, weighted_by_key: str, like: Message | None) -> Message:
     """One reply carrying an aggregate, for the server optimiser to step on (its mean is itself)."""
     return _reply(record, {weighted_by_key: 1.0}, like)
 
@@ -400,10 +424,14 @@ class _AdaptiveClipping(flwr_strategy.DifferentialPrivacyClientSideAdaptiveClipp
 
 
 class PrivateAggregator:
-    """The equal-weight mean of the replies' "shared" updates through Flower's DP wrappers.
+    """The noisy sum of the replies' clipped "shared" updates over the users sampled, through
+    Flower's DP wrappers.
 
     Each wrapper goes around a Flower ``FedAvg`` that weighs every user 1, and sees copies of the
-    replies' shared records only. ``central``: ``DifferentialPrivacyServerSideFixedClipping``
+    replies' shared records only, padded up to the users sampled with zero updates (the shared
+    part as sent) for the users that failed, so that Flower's mean divides by the users sampled
+    (the module docstring says why). Under ``central_adaptive`` a padded zero update is an
+    unclipped update (norm bit 1), as a user whose update is zero would be. ``central``: ``DifferentialPrivacyServerSideFixedClipping``
     clips and noises. ``client``: ``DifferentialPrivacyClientSideFixedClipping`` noises what the
     clients clipped (the server checks the norms). Two Flower 1.42 defects are worked around:
 
@@ -442,20 +470,24 @@ class PrivateAggregator:
         return self._wrappers[(kind, sampled)]
 
     def aggregate(self, server_round: int, current: dict[str, np.ndarray], replies: list[Message],
-                  sampled: int) -> tuple[ArrayRecord, Release]:
-        """The noisy equal-weight mean of ``replies`` (``current``: the shared part they started from,
-        as it travelled) and the release for the accountant."""
+                  sampled: int, keys: list[str] | None = None) -> tuple[ArrayRecord, Release]:
+        """The noisy sum of the clipped updates of ``replies`` divided by ``sampled`` (each sampled
+        user that did not reply counts as a zero update), and the release for the accountant.
+        ``current``: the shared part the users started from, as it travelled; ``keys``: the keys
+        the round shares (default: the replies'; needed when no user replied)."""
         mechanism, records = self.config.privacy.mechanism, [r.content.array_records["shared"] for r in replies]
-        keys = [k for k in current if k in records[0]]
-        if len(keys) != len(records[0]) or any(set(rec.keys()) != set(keys) for rec in records):
+        if keys is None:
+            keys = [k for k in current if records and k in records[0]]
+        if not keys or any(k not in current for k in keys) or any(set(rec.keys()) != set(keys) for rec in records):
             raise RuntimeError("privacy: the replies' shared keys differ from each other or from the server's shared part")
-        if not 1 <= len(replies) <= sampled:
+        if not 0 <= len(replies) <= sampled or sampled < 1:
             raise ValueError(f"privacy: {len(replies)} replies for {sampled} users sampled")
         base = [current[k] for k in keys]
         updates = [[rec[k].numpy() for k in keys] for rec in records]
+        updates += [[c.copy() for c in base] for _ in range(sampled - len(replies))]  # the failed users: zero updates
         norms = [get_norm([u - c for u, c in zip(upd, base)]) for upd in updates]
         C = self.clipping_norm if mechanism == "central_adaptive" else self.config.privacy.clipping_norm
-        metrics: list[dict[str, float]] = [{UNIFORM_WEIGHT: 1.0} for _ in replies]
+        metrics: list[dict[str, float]] = [{UNIFORM_WEIGHT: 1.0} for _ in updates]
         if mechanism == "client":
             kind, slack = "client", 1e-5 * C + np.finfo(np.float32).eps * (get_norm(base) + C)
             if max(norms) > C + slack:
@@ -469,8 +501,9 @@ class PrivateAggregator:
                 clipped = norm > 0 and compute_adaptive_clip_model_update(upd, base, C)
                 if kind == "adaptive":
                     m[KEY_NORM_BIT] = 0.0 if clipped else 1.0  # Andrew et al.'s b: the update was not clipped
+        likes: list[Message | None] = [*replies, *[None] * (sampled - len(replies))]
         copies = [_reply(ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(keys, upd)}), m, like)
-                  for upd, m, like in zip(updates, metrics, replies)]
+                  for upd, m, like in zip(updates, metrics, likes)]
         wrapper = self._wrapper(kind, sampled)
         if kind == "server":
             wrapper.current_arrays = ArrayRecord({k: Array(np.asarray(c)) for k, c in zip(keys, base)})
@@ -482,7 +515,7 @@ class PrivateAggregator:
                 raise RuntimeError("Flower's DP wrapper returned no aggregate (see its log)")
         if kind == "adaptive":
             self.clipping_norm = float(wrapper.clipping_norm)
-        return arrays, Release(server_round, mechanism, self.config.privacy.noise_multiplier, C, sampled, len(replies))
+        return arrays, Release(server_round, mechanism, self.config.privacy.noise_multiplier, C, sampled, replied=len(replies))
 
 
 # ---- the mechanism (client) ----------------------------------------------------------------

@@ -194,37 +194,44 @@ class Strategy:
             self._private = self._private or PrivateAggregator(self.config)
             self._private.clipping_norm = float(state[self.CLIPPING_NORM].item())
 
-    def aggregate(self, server_round: int, shared: State, replies: list[Message], sampled: int | None = None) -> State:
+    def aggregate(self, server_round: int, shared: State, replies: list[Message], sampled: int | None = None,
+                  phase: str | None = None) -> State:
         """New shared state from the replies' "shared" arrays with the configured Flower strategy.
 
-        With ``privacy.mechanism`` set, Flower's DP wrapper first makes the noisy equal-weight mean
-        of the clipped updates (:class:`fedpeft.privacy.PrivateAggregator`; the noise is calibrated
-        to ``sampled``, the users sampled this round, which the caller must give), and the Flower
-        strategy steps on that one mean (post-processing: FedAvg/FedProx return it, FedAdam/FedYogi
-        move towards it). The round's release is left in :attr:`privacy_release` for the accountant.
+        With ``privacy.mechanism`` set, Flower's DP wrapper first makes the noisy sum of the clipped
+        updates divided by ``sampled``, the users sampled this round, which the caller must give
+        (:class:`fedpeft.privacy.PrivateAggregator`: a sampled user that did not reply counts as a
+        zero update), and the Flower strategy steps on that one mean (post-processing: FedAvg/FedProx
+        return it, FedAdam/FedYogi move towards it). A round in ``phase`` that shares keys releases
+        even when no user replied (noise around the current shared part); without ``phase`` the
+        keys are the replies'. The round's release is left in :attr:`privacy_release` for the
+        accountant.
         """
         replies = [r for r in replies if len(r.content.array_records["shared"])]
         self.privacy_release = None
-        if not shared or not replies:
+        private = self.config.privacy.mechanism != "none"
+        keys = [k for k in shared if self.is_shared(k, phase)] if private and phase is not None else None
+        if not shared or not (replies or keys):
             return shared
         if self._aggregator is None:
             self._aggregator = flower_aggregator(self.config)
         aggregator = self._aggregator
         if hasattr(aggregator, "current_arrays"):  # FedOpt family: the server's current model
             aggregator.current_arrays = {k: v.detach().cpu().numpy() for k, v in transport_state(shared).items()}
-        if self.config.privacy.mechanism != "none":
-            replies = [self._private_mean(server_round, shared, replies, sampled)]
+        if private:
+            replies = [self._private_mean(server_round, shared, replies, sampled, keys)]
         arrays, _ = aggregator.aggregate_train(server_round, replies)
         if arrays is None:
             raise RuntimeError("Flower's aggregation returned nothing; the replies were inconsistent")
         new = ArrayRecord.to_torch_state_dict(arrays)
         return {**shared, **{k: new[k].to(shared[k].dtype) for k in new}}
 
-    def _private_mean(self, server_round: int, shared: State, replies: list[Message], sampled: int | None) -> Message:
-        """The replies' noisy equal-weight mean as one reply, for the Flower strategy to step on."""
+    def _private_mean(self, server_round: int, shared: State, replies: list[Message], sampled: int | None,
+                      keys: list[str] | None) -> Message:
+        """The noisy mean over the users sampled as one reply, for the Flower strategy to step on."""
         if sampled is None:
             raise ValueError("Strategy.aggregate under privacy needs sampled= (the users sampled this round)")
         self._private = self._private or PrivateAggregator(self.config)
         current = {k: v.detach().cpu().numpy() for k, v in transport_state(shared).items()}
-        mean, self.privacy_release = self._private.aggregate(server_round, current, replies, sampled)
-        return mean_reply(mean, self._aggregator.weighted_by_key, replies[0])
+        mean, self.privacy_release = self._private.aggregate(server_round, current, replies, sampled, keys)
+        return mean_reply(mean, self._aggregator.weighted_by_key, replies[0] if replies else None)

@@ -76,7 +76,7 @@ def test_per_round_composition_equals_composing_the_rounds_at_once():
     one_by_one = PrivacyAccountant(100, 1e-3)
     for _ in range(3):
         one_by_one.compose_round(1.0, 10)
-    assert one_by_one.ledger == [{"noise_multiplier": 1.0, "sample_size": 10, "aggregated": 10, "rounds": 3}]
+    assert one_by_one.ledger == [{"noise_multiplier": 1.0, "sample_size": 10, "rounds": 3}]
     assert one_by_one.epsilon() == pytest.approx(direct_epsilon(1.0, 100, 10, 3, 1e-3), rel=0.01)
 
 
@@ -84,30 +84,59 @@ def test_state_round_trip_gives_the_uninterrupted_epsilon():
     rounds = [(1.2, 50, 50), (1.2, 50, 45), (1.2, 50, 50), (1.2, 50, 50), (1.2, 50, 50)]  # round 2: 5 users failed
     straight = PrivacyAccountant(50, 1e-4)
     for sigma, m, ok in rounds:
-        straight.compose_round(sigma, m, ok)
+        straight.compose_round(sigma, m, replied=ok)
     first = PrivacyAccountant(50, 1e-4)
     for sigma, m, ok in rounds[:3]:
-        first.compose_round(sigma, m, ok)
+        first.compose_round(sigma, m, replied=ok)
     saved = json.loads(json.dumps(first.state()))  # what a checkpoint stores
     resumed = PrivacyAccountant.from_state(saved)
     assert resumed.epsilon() == pytest.approx(first.epsilon(), rel=1e-12)
     for sigma, m, ok in rounds[3:]:
-        resumed.compose_round(sigma, m, ok)
+        resumed.compose_round(sigma, m, replied=ok)
     assert resumed.rounds == straight.rounds == 5
     assert resumed.epsilon() == pytest.approx(straight.epsilon(), rel=1e-12)
-    assert resumed.epsilon() > fedpeft_epsilon(1.2, 50, 50, 5, 1e-4)  # the failed round cost more
+    assert resumed.epsilon() == pytest.approx(direct_epsilon(1.2, 50, 50, 5, 1e-4), rel=1e-12)  # the failed round: no extra cost
+    assert resumed.report(Config().privacy)["rounds_with_failures"] == 1  # still reported, and kept by the checkpoint
 
 
-def test_a_round_with_failures_costs_more_and_max_epsilon_looks_one_round_ahead():
-    full, failed = PrivacyAccountant(50, 1e-4), PrivacyAccountant(50, 1e-4)
-    full.compose_round(2.0, 50)
-    failed.compose_release(Release(1, "central", 2.0, 1.0, sampled=50, aggregated=40))  # 10 users failed
-    assert failed.epsilon() > full.epsilon()
-    assert failed.report(Config().privacy)["rounds_with_failures"] == 1
-    ahead = full.epsilon_after(2.0, 50)
-    full.compose_round(2.0, 50)
-    assert full.epsilon() == pytest.approx(ahead, rel=1e-12)
-    assert full.would_exceed(ahead * 1.01, 2.0, 50) and not full.would_exceed(full.epsilon_after(2.0, 50) * 1.01, 2.0, 50)
+def test_a_round_with_failures_costs_exactly_a_full_round_and_max_epsilon_holds():
+    """The issue's case, in the accountant: 50 users, 10 failing every round, a cap. The server stops
+    before a round that would pass the cap (would_exceed); the spent epsilon never passes it and
+    is the failure-free epsilon, computed with dp-accounting directly (before the fixed
+    denominator, 10 of 50 failing made a round cost sigma * 40/50: a cap of 6.31 spent 7.33)."""
+    sigma, n, delta = 2.0, 50, 1e-5
+    cap = (direct_epsilon(sigma, n, n, 3, delta) + direct_epsilon(sigma, n, n, 4, delta)) / 2  # between rounds 3 and 4
+    accountant = PrivacyAccountant(n, delta)
+    while not accountant.would_exceed(cap, sigma, n):
+        accountant.compose_release(Release(accountant.rounds + 1, "central", sigma, 1.0, sampled=n, replied=40))
+        assert accountant.epsilon() <= cap
+    assert accountant.rounds == 3
+    assert accountant.epsilon() == pytest.approx(direct_epsilon(sigma, n, n, 3, delta), rel=1e-12)
+    report = accountant.report(Config().privacy)
+    assert report["rounds_with_failures"] == 3 and "users sampled" in report["denominator"]
+    none_replied = PrivacyAccountant(n, delta)
+    none_replied.compose_release(Release(1, "central", sigma, 1.0, sampled=n, replied=0))  # every sampled user failed
+    assert none_replied.epsilon() == pytest.approx(direct_epsilon(sigma, n, n, 1, delta), rel=1e-12)
+
+
+def test_a_ledger_written_before_the_fixed_denominator_replays_to_its_epsilon():
+    """A checkpoint of the old mechanism (mean over the users that replied) holds entries with
+    aggregated < sample_size, composed with sigma * aggregated / sample_size: resuming it must
+    report the epsilon that run spent, recomputed here with dp-accounting directly."""
+    sigma, n, m, delta = 1.2, 20, 4, 1e-3
+    old = {"schema": 1, "accountant": "x", "population_size": n, "delta": delta, "last_clipping_norm": 1.0,
+           "ledger": [{"noise_multiplier": sigma, "sample_size": m, "aggregated": 4, "rounds": 2},
+                      {"noise_multiplier": sigma, "sample_size": m, "aggregated": 3, "rounds": 1}]}
+    theirs = rdp.RdpAccountant(neighboring_relation=REPLACE_ONE)
+    theirs.compose(dp_event.SampledWithoutReplacementDpEvent(n, m, dp_event.GaussianDpEvent(sigma / 2)), 2)
+    theirs.compose(dp_event.SampledWithoutReplacementDpEvent(n, m, dp_event.GaussianDpEvent(sigma * 3 / 4 / 2)), 1)
+    resumed = PrivacyAccountant.from_state(json.loads(json.dumps(old)))
+    assert resumed.epsilon() == pytest.approx(theirs.get_epsilon(delta), rel=1e-12)
+    assert resumed.report(Config().privacy)["rounds_with_failures"] == 1 and resumed.rounds == 3
+    resumed.compose_round(sigma, m, replied=2)  # a new round: sigma, whoever failed
+    theirs.compose(dp_event.SampledWithoutReplacementDpEvent(n, m, dp_event.GaussianDpEvent(sigma / 2)), 1)
+    assert resumed.epsilon() == pytest.approx(theirs.get_epsilon(delta), rel=1e-12)
+    assert resumed.report(Config().privacy)["rounds_with_failures"] == 2
 
 
 def test_no_noise_means_infinite_epsilon_and_an_empty_ledger_none_spent():
@@ -147,10 +176,13 @@ def test_report_names_the_sampling_model_the_sampler_uses():
 
 
 def test_delta_rule_and_its_bounds():
+    """Automatic delta: min(1e-5, 1 / (10 n)), well below 1 / n at every n."""
     cfg = Config()
-    assert resolve_delta(cfg.privacy, 40) == automatic_delta(40) == pytest.approx(1 / 400)
+    assert resolve_delta(cfg.privacy, 20) == automatic_delta(20) == 1e-5
+    assert automatic_delta(40) == 1e-5 and automatic_delta(10_000) == 1e-5
+    assert automatic_delta(100_000) == pytest.approx(1e-6) and automatic_delta(3) == 1e-5
     cfg.privacy.delta = 1e-3
     assert resolve_delta(cfg.privacy, 40) == 1e-3
     cfg.privacy.delta = 0.05  # >= 1 / 40 users
-    with pytest.raises(ConfigError, match=r"privacy\.delta"):
+    with pytest.raises(ConfigError, match=r"privacy\.delta.*min\(1e-5, 1 / \(10 x users\)\) = 1e-05"):
         resolve_delta(cfg.privacy, 40)

@@ -114,26 +114,72 @@ def promised_std(mechanism: str, sigma: float, sampled: int, count_stddev: float
 
 
 @pytest.mark.parametrize("mechanism", ["central", "central_adaptive", "client"])
-@pytest.mark.parametrize("replied", [4, 3])  # 3: one sampled user failed; the noise stays calibrated to 4
+@pytest.mark.parametrize("replied", [4, 3])  # 3: one sampled user failed; the sum is still over 4
 def test_noise_has_the_promised_standard_deviation(mechanism, replied):
-    """40 seeded rounds x 100 coordinates = 4000 draws of aggregate - clipped mean. Tolerance: the
+    """40 seeded rounds x 100 coordinates = 4000 draws of aggregate - clipped sum / sampled. Tolerance: the
     sum of squares over the promised variance must lie in the central 99.8% of chi-square(4000),
     i.e. the measured std within about 3.5% of the promised one."""
     sigma, sampled, d, rounds, count_stddev = 0.8, 4, 100, 40, 1.0
     ups = updates(3, d, scales=(0.01, 0.1, 0.3, 1.0))[:replied]  # norms 0.1 to 10 against C = 0.5
     start = np.zeros(d)
-    mean = np.mean([clipped(u) for u in ups], axis=0)
+    mean = np.sum([clipped(u) for u in ups], axis=0) / sampled  # a failed user adds zero
     draws = []
     for server_round in range(1, rounds + 1):  # a fresh strategy each time: the round's clipping norm is C
         strategy = Strategy(dp_config(mechanism, sigma, clipped_count_stddev=count_stddev))
         out = strategy.aggregate(server_round, {"w": torch.zeros(d)}, [reply(sent(mechanism, u, start)) for u in ups],
                                  sampled=sampled)
         draws.append(out["w"].numpy() - mean)
-        assert strategy.privacy_release.sampled == sampled and strategy.privacy_release.aggregated == replied
+        assert strategy.privacy_release.sampled == sampled and strategy.privacy_release.replied == replied
     draws = np.concatenate(draws)
     statistic = float(np.sum(draws**2)) / promised_std(mechanism, sigma, sampled, count_stddev) ** 2
     assert chi2.ppf(0.001, draws.size) <= statistic <= chi2.ppf(0.999, draws.size), draws.std()
-    assert strategy.privacy_release.effective_noise_multiplier == pytest.approx(sigma * replied / sampled)
+
+
+def seeded_gaussian(seed: int, server_round: int, shapes: list[tuple[int, ...]], std: float) -> list[np.ndarray]:
+    """The documented noise stream (fedpeft.privacy: numpy's global generator seeded from
+    (seed, 50, round)), drawn as numpy draws a normal: one array per key, in the keys' order."""
+    rng = np.random.RandomState(np.random.SeedSequence([seed, 50, server_round]).generate_state(4))
+    return [rng.normal(0, std, shape) for shape in shapes]
+
+
+@pytest.mark.parametrize("mechanism", ["central", "client"])
+@pytest.mark.parametrize("replied", [5, 3, 1, 0])  # of 5 sampled; 0: every sampled user failed
+def test_the_aggregate_is_the_clipped_sum_over_the_users_sampled_plus_the_noise(mechanism, replied):
+    """A plain numpy reference: current + (sum of the repliers' clipped updates + zeros) / m +
+    N(0, (sigma C / m)^2), the noise drawn from the same seeded stream. The mean over the users
+    that replied (the old mechanism) differs by far more than the tolerance."""
+    sigma, sampled, seed, server_round = 0.9, 5, 3, 7
+    cfg = dp_config(mechanism, sigma)
+    cfg.federation.strategy, cfg.seed = "fedsa", seed  # shares LoRA A, keeps B private
+    strategy = make_strategy(cfg)
+    shared = [k for k in KEYS if ".lora_A." in k]
+    rng = np.random.default_rng(11)
+    start = rng.normal(size=24)  # the two shared 3 x 4 matrices, flattened in key order
+    ups = [rng.normal(size=24) * s for s in (0.01, 0.1, 0.3, 1.0, 2.0)][:replied]  # norms 0.05 to 10 against C = 0.5
+    as_state = lambda flat: {k: flat[i * 12:(i + 1) * 12].reshape(3, 4) for i, k in enumerate(shared)}  # noqa: E731
+    replies = [reply(as_state(start + (clipped(u) if mechanism == "client" else u))) for u in ups]
+    out = strategy.aggregate(server_round, {k: torch.tensor(v, dtype=torch.float32) for k, v in as_state(start).items()},
+                             replies, sampled=sampled, phase="federated")
+    total = np.sum([clipped(u) for u in ups], axis=0) if ups else np.zeros(24)
+    noise = np.concatenate([n.ravel() for n in seeded_gaussian(seed, server_round, [(3, 4)] * 2, sigma * C / sampled)])
+    got = np.concatenate([out[k].numpy().ravel() for k in shared])
+    np.testing.assert_allclose(got, start.astype(np.float32) + total / sampled + noise, atol=2e-6)
+    assert strategy.privacy_release.sampled == sampled and strategy.privacy_release.replied == replied
+    if 0 < replied < sampled:  # the mean over the users that replied is far from it
+        assert np.abs(got - (start + total / replied + noise)).max() > 1e-2
+
+
+@pytest.mark.parametrize("mechanism", ["central", "central_adaptive", "client"])
+def test_without_noise_failed_users_are_zero_updates_and_none_replied_keeps_the_shared_part(mechanism):
+    ups = [clipped(u) if mechanism == "client" else u for u in updates(6)]
+    strategy = make_strategy(dp_config(mechanism, 0.0, clipped_count_stddev=1e-12))
+    out = strategy.aggregate(1, {"w": torch.zeros(50)}, [reply({"w": u}) for u in ups[:2]], sampled=4)  # 2 of 4 failed
+    np.testing.assert_allclose(out["w"].numpy(), (clipped(ups[0]) + clipped(ups[1])) / 4, atol=1e-6)
+    fedavg = make_strategy(dp_config(mechanism, 0.0, clipped_count_stddev=1e-12))
+    start = {k: torch.full((3, 4), 0.25) for k in KEYS}
+    kept = fedavg.aggregate(1, start, [], sampled=4, phase="federated")  # nobody replied: a release all the same
+    assert fedavg.privacy_release is not None and fedavg.privacy_release.replied == 0
+    assert all(torch.equal(kept[k], start[k]) for k in KEYS)
 
 
 def test_noise_is_seeded_by_run_and_round_and_leaves_numpy_alone():
@@ -172,6 +218,43 @@ def test_adaptive_clipping_norm_moves_to_the_target_quantile_and_resumes():
     for r in range(21, 41):
         again = step(resumed, r)
     np.testing.assert_array_equal(again, last)
+
+
+def andrew_clipping_norms(norms: list[float], clipped_quantile: float, start: float, lr: float, rounds: int) -> list[float]:
+    """Andrew et al. (2021), noise off, in plain python: each round clips to C, then
+    C <- C * exp(-lr * (fraction of updates with norm <= C - (1 - clipped quantile))). The norm
+    each round clipped to."""
+    norm, out = start, []
+    for _ in range(rounds):
+        out.append(norm)
+        unclipped = sum(1 for n in norms if n <= norm) / len(norms)
+        norm *= math.exp(-lr * (unclipped - (1 - clipped_quantile)))
+    return out
+
+
+@pytest.mark.parametrize("quantile, failed, settles_in", [
+    (0.2, False, (8, 9)), (0.8, False, (2, 3)),  # 20% of 10 updates clipped: C between the 8th and 9th norm
+    (0.2, True, (8, 9)), (0.8, True, (2, 3)),  # the user of norm 1 failed: a zero update, unclipped
+])
+def test_adaptive_clipping_settles_at_the_target_quantile_as_andrew_et_al(quantile, failed, settles_in):
+    """Norms 1..10 (one user failed: 0, 2..10), target clipped quantile 0.2 or 0.8, noise off:
+    each round's clipping norm equals the plain loop's; 0.2 and 0.8 settle at different norms, so
+    a swapped q <-> 1 - q fails. With the failed user's zero update counted as clipped, 0.8
+    would settle between 3 and 4."""
+    rounds, start = 80, 5.0
+    cfg = dp_config("central_adaptive", 0.0, clipping_norm=start, target_clipped_quantile=quantile,
+                    clipped_count_stddev=1e-12)  # the clipped count's noise, off (0 means Flower's default)
+    norms = [float(n) for n in range(1, 11)]
+    sent_norms = norms[1:] if failed else norms
+    strategy = Strategy(cfg)
+    seen = []
+    for r in range(1, rounds + 1):
+        strategy.aggregate(r, {"w": torch.zeros(4)}, [reply({"w": np.full(4, n / 2)}) for n in sent_norms], sampled=10)
+        seen.append(strategy.privacy_release.clipping_norm)
+    expected = andrew_clipping_norms([0.0, *sent_norms] if failed else norms, quantile, start, cfg.privacy.clip_norm_lr, rounds)
+    assert seen == pytest.approx(expected, rel=1e-9)
+    low, high = settles_in
+    assert all(low <= c < high for c in seen[-20:]), seen[-20:]
 
 
 def test_client_clip_bounds_the_update_and_keeps_one_inside_the_ball():
@@ -245,7 +328,7 @@ def test_prepare_resolves_delta_and_calibrates_the_noise_into_the_config():
     cfg = build_config(overrides=[("federation.strategy", "fedavg"), ("privacy.mechanism", "central"),
                                   ("privacy.target_epsilon", "4"), ("federation.rounds", "3")])
     prepare_privacy(cfg, make_strategy(cfg), KEYS, 10)  # everyone every round: fast to account
-    assert cfg.privacy.delta == pytest.approx(0.01)  # 1 / (10 x 10 users)
+    assert cfg.privacy.delta == pytest.approx(1e-5)  # min(1e-5, 1 / (10 x 10 users))
     assert cfg.privacy.noise_multiplier != 1.0
     from fedpeft.privacy import PrivacyAccountant
 

@@ -12,17 +12,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from fedpeft.checkpoint import Checkpoint, resume_config
 from fedpeft.config import ConfigError
+from fedpeft.messages import TRAIN
 from fedpeft.privacy import automatic_delta
 from fedpeft.reporting import summary_table
 from fedpeft.sim import prepare_adapter
 from fedpeft.store import AdapterStore
-from tests.inprocess_grid import run_in_process
+from tests.inprocess_grid import InProcessGrid, run_in_process
 from tests.test_resume import DriverKilled, KilledInRound3, assert_same_results, config
 
 
@@ -99,6 +101,54 @@ def test_private_keys_are_never_clipped_nor_noised(tiny_bert, tmp_path):
     a, b = load_file(plain_run / "shared_final.safetensors"), load_file(noisy_run / "shared_final.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     assert all(".lora_A." in k for k in a)  # only LoRA A was shared (and noised)
+
+
+def recording_grid(calls: list) -> type[InProcessGrid]:
+    """An in-process grid that keeps every train call's (shared part sent down, reply content)."""
+    class Recording(InProcessGrid):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            app = self.client_app
+
+            def watched(message, context):
+                reply = app(message, context)
+                if message.metadata.message_type == TRAIN:
+                    calls.append((message.content.array_records["shared"], reply.content))
+                return reply
+            self.client_app = watched
+    return Recording
+
+
+def test_under_client_clipping_private_keys_are_never_clipped_noised_nor_sent(tiny_bert, tmp_path):
+    """mechanism=client, the one mechanism that clips on the client: fedsa sends LoRA A only; every
+    reply holds LoRA A keys only, its update clipped to C (1e-3, so every update is clipped); each
+    user's stored private part (LoRA B, head) equals the run without DP bit for bit, so nothing
+    private was clipped nor noised. A client that clipped its whole adapter fails here."""
+    C = 1e-3
+
+    def one_round(name, dp, calls=None):
+        cfg = config(tiny_bert, tmp_path, name, strategy="fedsa")
+        cfg.federation.rounds, cfg.federation.cohort_fraction = 1, 1.0
+        if dp:
+            private(cfg, "client", noise_multiplier=5.0, clipping_norm=C)
+        _, run = run_in_process(cfg, grid_class=recording_grid(calls) if calls is not None else InProcessGrid)
+        store = AdapterStore(run / "adapters")
+        return {u: store.latest(u)[1] for u in [f"user{i:04d}" for i in range(6)]}
+
+    calls: list = []
+    plain, clipped = one_round("plain", dp=False), one_round("client", dp=True, calls=calls)
+    assert len(calls) == 6
+    for down, reply in calls:
+        assert set(reply.array_records) == {"shared"}
+        sent = reply.array_records["shared"]
+        assert sent.keys() and all(".lora_A." in k for k in sent.keys())  # nothing private left the user
+        update = np.concatenate([sent[k].numpy().astype(np.float64).ravel() - down[k].numpy().ravel() for k in sent.keys()])
+        assert np.linalg.norm(update) == pytest.approx(C, rel=1e-3)  # clipped on the client, to C
+    for user, state in plain.items():
+        private_keys = [k for k in state if ".lora_A." not in k]
+        assert private_keys and state.keys() == clipped[user].keys()
+        for key in private_keys:
+            assert torch.equal(state[key], clipped[user][key]), (user, key)
 
 
 def test_max_epsilon_stops_training_and_still_scores_everyone(tiny_bert, tmp_path):
