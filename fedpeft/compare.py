@@ -4,22 +4,28 @@
 
 Each strategy runs once per seed of ``compare.seeds`` (the model seed ``seed``; ``data.seed`` stays
 fixed, so the users are the same). Every number is computed over ONE common set of users, those
-scored in every seed of every strategy (fedpeft.compare_runs); who was left out, and why, is in
-the table. Writes into one folder: ``comparison.md`` / ``comparison.csv`` (per strategy: the
-headline, the mean over users of per-user test scores, under ``best_val`` and ``final``
-(fedpeft.selection), as the mean over seeds with its 95% t-interval, and beside it the mean over
-each run's own scored users; the 10th percentile over users; per user against the baseline, under
-``compare.select``, the paired difference averaged over seeds with the 95% t-interval of the
-per-seed gains, wins, ties and losses, the Wilcoxon signed-rank p across users and the share of
-users hurt by more than one test example (fedpeft.compare_stats); local compute as examples
-processed per user (forward + backward passes, every pass of every round: fedrep's head epochs and
-feddpa's two passes count) and centrally before the simulation (pooled oppu), bytes communicated,
-wall time, parameters; the same for new users, ``data.new_users``, with their own common set, and
-"as is" before their fine-tune where the run has it), ``by_activity.csv`` and ``activity.png``
-(users binned by training examples, fedpeft.activity), ``per_user.csv`` (one score column per
-strategy, averaged over seeds; ``per_user_new.csv`` for new users), ``scatter.png`` (each common
-user against the baseline, one panel per strategy), ``rounds.png``, ``distribution.png``, and
-each run's own folder (``<strategy>``, or ``<strategy>-seed<s>`` with several seeds).
+scored in every seed of every strategy without a failed run (fedpeft.compare_runs); who was left
+out, and which strategy lost them, is in the table. Each run's status (results.json: ok, degraded,
+failed; fedpeft.compare_status) is shown: a run that raises is recorded as failed and the others go
+on, a strategy with a failed run has no number (``failed (k/n seeds)``), a degraded one or one that
+lost users is flagged. Writes into one folder: ``comparison.md`` / ``comparison.csv`` (per
+strategy: its status, the headline, the mean over users of per-user test scores, under
+``best_val`` and ``final`` (fedpeft.selection), as the mean over seeds with its 95% t-interval, and
+beside it the mean over all users each run scored, its lost users counted beside it; the 10th
+percentile over users; per user against the baseline, under ``compare.select``, the paired
+difference averaged over seeds with the 95% t-interval of the per-seed gains, wins, ties and
+losses, the Wilcoxon signed-rank p across users and the share of users hurt by more than one test
+example (fedpeft.compare_stats); local compute as examples processed per user (forward +
+backward passes, every pass of every round: fedrep's head epochs and feddpa's two passes count)
+and centrally before the simulation (pooled oppu), bytes communicated, wall time, parameters, ε
+with its δ and n; the same for new users, ``data.new_users``, with their own common set, and "as
+is" before their fine-tune where the run has it; and a ``majority`` row, each user's own most
+frequent training label over the same users, fedpeft.compare_majority), ``runs.csv`` (every
+run's status), ``by_activity.csv`` and ``activity.png`` (users binned by training examples,
+fedpeft.activity), ``per_user.csv`` (one score column per strategy, averaged over seeds;
+``per_user_new.csv`` for new users), ``scatter.png`` (each common user against the baseline, one
+panel per strategy), ``rounds.png``, ``distribution.png``, and each run's own folder
+(``<strategy>``, or ``<strategy>-seed<s>`` with several seeds).
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ import numpy as np
 
 from fedpeft.activity import activity_bins, bin_means
 from fedpeft.cli import config_from_args
-from fedpeft.compare_runs import NEW, TRAINED, SeedRun, UserSet, left_out_text, user_set
+from fedpeft.compare_runs import NEW, TRAINED, SeedRun, UserSet, metric_of, reference_run, user_set
 from fedpeft.compare_stats import mean_interval, paired_differences, paired_stats
+from fedpeft.compare_status import privacy_columns, run_one, run_rows, status_columns
 from fedpeft.config import Config, ConfigError
 from fedpeft.metrics import gain
 from fedpeft.strategies import STRATEGIES, get_strategy_class
@@ -128,27 +135,33 @@ def spent_epsilon(results: dict[str, Any]) -> float:
 
 def comparison_rows(runs: dict[str, list[SeedRun]], baseline: str, rule: str, trained: UserSet) -> list[dict[str, Any]]:
     """One row per strategy, over the common trained users: the headline under best_val and final
-    (and ``rule``; mean over seeds, 95% interval), each beside its mean over each run's own scored
-    users, the 10th percentile over users, the paired statistics against ``baseline`` under
-    ``rule``, who was left out, compute and bytes."""
+    (and ``rule``; mean over seeds, 95% interval), each beside its mean over all users the
+    strategy's runs scored (``_all_users``: the users it lost are excluded, and counted beside it in
+    ``users_lost``: an untrained model's score is not measured by the runs, and any stand-in for it
+    would be a number nobody measured), the 10th percentile over users, the paired statistics
+    against ``baseline`` under ``rule``, its status and lost users, compute and bytes. A strategy
+    with a failed run has no score columns at all."""
     rows = []
-    base = runs[baseline]
     common = trained.common
-    n_train = base[0].n_train
+    ref = reference_run(runs, baseline, trained)
+    n_train = ref.n_train if ref else {}
     for name, seeds in runs.items():
         res = seeds[0].results
-        metric = res["metrics"][0]
+        metric = metric_of(runs)
         row: dict[str, Any] = {"strategy": name, "metric": metric, "seeds": len(seeds), "users_common": len(common),
-                               "users_all": len(trained.everyone), "users_left_out": len(trained.left_out[name]),
-                               "left_out_why": left_out_text(trained.left_out[name])}
+                               "users_all": len(trained.everyone), **status_columns(name, seeds, trained),
+                               **privacy_columns(seeds)}
+        if name in trained.failed:
+            rows.append(row)
+            continue
         for headline_rule in dict.fromkeys((*HEADLINE_RULES, rule)):
             row.update(_interval(f"{metric}_{headline_rule}", [headline(run, headline_rule, common) for run in seeds]))
         for headline_rule in HEADLINE_RULES:
-            row[f"{metric}_{headline_rule}_all_scored"] = _mean([headline(run, headline_rule) for run in seeds])
+            row[f"{metric}_{headline_rule}_all_users"] = _mean([headline(run, headline_rule) for run in seeds])
         row[f"{metric}_p10"] = _mean([float(np.percentile([r.scores[rule][u] for u in common], 10)) for r in seeds]) \
             if common else math.nan
-        row.update(paired_columns(metric, [r.scores[rule] for r in seeds], [r.scores[rule] for r in base], common,
-                                  {**seeds[0].n_test, **base[0].n_test}, baseline))
+        row.update(paired_or_nan(metric, [r.scores[rule] for r in seeds], runs, baseline, trained,
+                                 lambda r: r.scores[rule], seeds[0].n_test))
         row["n_train_mean"] = _mean([n_train[u] for u in common]) if all(u in n_train for u in common) else math.nan
 
         def mean_of(get: Callable[[dict[str, Any]], float], seeds: list[SeedRun] = seeds) -> float:
@@ -169,53 +182,74 @@ def comparison_rows(runs: dict[str, list[SeedRun]], baseline: str, rule: str, tr
     return rows
 
 
+def paired_or_nan(metric: str, scores: list[dict[str, float]], runs: dict[str, list[SeedRun]], baseline: str,
+                  users: UserSet, pick: Callable[[SeedRun], dict[str, float]], n_test: dict[str, int],
+                  prefix: str = "") -> dict[str, Any]:
+    """:func:`paired_columns` against the baseline's runs (``pick``: their scores) over the common
+    users; NaN columns when the baseline failed (nothing to pair with)."""
+    if baseline in users.failed:
+        key = f"{prefix}gain_vs_{baseline}"
+        return {k: math.nan for k in (key, f"{key}_ci95_low", f"{key}_ci95_high", f"{prefix}wins", f"{prefix}ties",
+                                      f"{prefix}losses", f"{prefix}wilcoxon_p", f"{prefix}hurt_vs_{baseline}",
+                                      f"{prefix}worse_than_{baseline}")}
+    base = runs[baseline]
+    return paired_columns(metric, scores, [pick(r) for r in base], users.common, {**n_test, **base[0].n_test}, baseline,
+                          prefix)
+
+
 def new_user_rows(runs: dict[str, list[SeedRun]], baseline: str, new: UserSet) -> dict[str, dict[str, Any]]:
     """Per strategy, over the common new users (none in the runs: {}): their headline (mean over
-    seeds, 95% interval), the paired statistics against the baseline's new users, who was left
-    out; and, where every seed has it for every common new user, the same "as is" (the global
-    model before the fine-tune) against the baseline's (fine-tuned) new users."""
+    seeds, 95% interval), the paired statistics against the baseline's new users, the users it
+    lost; and, where every seed has it for every common new user, the same "as is" (the global
+    model before the fine-tune) against the baseline's (fine-tuned) new users. A strategy with a
+    failed run: its lost users only."""
     if not new.everyone:
         return {}
-    base = runs[baseline]
     common = new.common
-    n_train = base[0].n_train
+    ref = reference_run(runs, baseline, new)
+    n_train = ref.n_train if ref else {}
+    metric = metric_of(runs)
     out = {}
     for name, seeds in runs.items():
-        metric = seeds[0].results["metrics"][0]
-        n_test = {**seeds[0].n_test, **base[0].n_test}
         row: dict[str, Any] = {"new_users_common": len(common), "new_users_all": len(new.everyone),
-                               "new_users_left_out": len(new.left_out[name]),
-                               "new_left_out_why": left_out_text(new.left_out[name]),
+                               **status_columns(name, seeds, new, "new_"),
                                "new_n_train_mean": _mean([n_train[u] for u in common]) if all(u in n_train for u in common) else math.nan}
+        out[name] = row
+        if name in new.failed:
+            continue
         row.update(_interval(f"new_{metric}", [_mean([r.new[u] for u in common]) for r in seeds]))
-        row.update(paired_columns(metric, [r.new for r in seeds], [r.new for r in base], common, n_test, baseline, "new_"))
+        row[f"new_{metric}_all_users"] = _mean([_mean(list(r.new.values())) for r in seeds])
+        row.update(paired_or_nan(metric, [r.new for r in seeds], runs, baseline, new, lambda r: r.new, seeds[0].n_test, "new_"))
         if common and all(u in r.new_as_is for r in seeds for u in common):
             row.update(_interval(f"new_as_is_{metric}", [_mean([r.new_as_is[u] for u in common]) for r in seeds]))
-            row.update(paired_columns(metric, [r.new_as_is for r in seeds], [r.new for r in base], common, n_test,
-                                      baseline, "new_as_is_"))
-        out[name] = row
+            row.update(paired_or_nan(metric, [r.new_as_is for r in seeds], runs, baseline, new, lambda r: r.new,
+                                     seeds[0].n_test, "new_as_is_"))
     return out
 
 
 def per_user_means(runs: dict[str, list[SeedRun]], rule: str, users: UserSet) -> dict[str, dict[str, float]]:
-    """Per strategy, each common user's score averaged over seeds (trained: under ``rule``)."""
+    """Per strategy without a failed run, each common user's score averaged over seeds (trained:
+    under ``rule``)."""
     pick = (lambda r: r.scores[rule]) if users.group == TRAINED else (lambda r: r.new)
-    return {name: {u: _mean([pick(r)[u] for r in seeds]) for u in users.common} for name, seeds in runs.items()}
+    return {name: {u: _mean([pick(r)[u] for r in seeds]) for u in users.common}
+            for name, seeds in runs.items() if name not in users.failed}
 
 
 def activity_rows(runs: dict[str, list[SeedRun]], baseline: str, rule: str, users: UserSet) -> list[dict[str, Any]]:
-    """Per strategy and activity bin (fedpeft.activity, computed once from the baseline's
-    ``n_train`` over the common users; none without ``n_train``): users, their range of training
-    examples, the headline (mean over the bin's users of their score averaged over seeds) and the
-    mean paired difference against the baseline."""
+    """Per strategy without a failed run and activity bin (fedpeft.activity, computed once from the
+    baseline's ``n_train`` over the common users; none without ``n_train`` or when the baseline
+    failed): users, their range of training examples, the headline (mean over the bin's users of
+    their score averaged over seeds) and the mean paired difference against the baseline."""
+    if baseline in users.failed:
+        return []
     n_train = runs[baseline][0].n_train
     if not users.common or not all(u in n_train for u in users.common):
         return []
-    metric = runs[baseline][0].results["metrics"][0]
+    metric = metric_of(runs)
     bins = activity_bins({u: n_train[u] for u in users.common})
     means = per_user_means(runs, rule, users)
     per_strategy = {}
-    for name in runs:
+    for name in means:
         diffs = {u: gain(metric, means[name][u], means[baseline][u]) for u in users.common}
         scores = {u: {metric: means[name][u], "gain": diffs[u]} for u in users.common}
         per_strategy[name] = bin_means(bins, scores, [metric, "gain"], n_train)
@@ -224,7 +258,8 @@ def activity_rows(runs: dict[str, list[SeedRun]], baseline: str, rule: str, user
 
 
 def run_all(names: list[str], config: Config, out: Path, runner: Runner) -> dict[str, list[SeedRun]]:
-    """Each strategy once per seed of ``compare.seeds`` (default: the config's seed), into ``out``."""
+    """Each strategy once per seed of ``compare.seeds`` (default: the config's seed), into ``out``;
+    a run that fails is recorded as failed and the others go on (fedpeft.compare_status)."""
     seeds = list(config.compare.seeds) or [config.seed]
     rules = tuple(dict.fromkeys((*HEADLINE_RULES, config.compare.select)))
     runs: dict[str, list[SeedRun]] = {name: [] for name in names}
@@ -236,49 +271,70 @@ def run_all(names: list[str], config: Config, out: Path, runner: Runner) -> dict
             cfg.output.dir, cfg.output.name, cfg.output.store_dir = str(out), folder, ""
             cfg.wandb.group = cfg.wandb.group or out.name
             print(f"=== {name}, seed {seed} ===", flush=True)
-            results = runner(cfg)
-            runs[name].append(SeedRun.read(seed, out / folder, results, rules))
+            runs[name].append(run_one(runner, cfg, out / folder, seed, rules))
     return runs
 
 
 def compare(names: list[str], baseline: str, config: Config, out: Path | None = None, runner: Runner | None = None) -> Path:
     """Run ``names`` one after the other, once per seed of ``compare.seeds`` (default: the
-    config's seed), with the same users; write the comparison. ``runner`` runs one config
-    (default: :func:`fedpeft.sim.run`) and returns its results."""
+    config's seed), with the same users; write the comparison, with each user's majority label
+    (fedpeft.compare_majority) from ``config``'s data. ``runner`` runs one config (default:
+    :func:`fedpeft.sim.run`) and returns its results."""
     if runner is None:
         from fedpeft.sim import run as runner
 
     out = (out or Path(config.output.dir) / f"compare-{datetime.now():%Y%m%d-%H%M%S}").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    write_comparison(out, run_all(names, config, out, runner), baseline, config.compare.select)
+    write_comparison(out, run_all(names, config, out, runner), baseline, config.compare.select, config)
     return out
 
 
-def write_comparison(out: Path, runs: dict[str, list[SeedRun]], baseline: str, rule: str) -> None:
-    """The comparison's files from its runs (see the module's docstring)."""
-    from fedpeft import compare_plots, compare_report
+def write_comparison(out: Path, runs: dict[str, list[SeedRun]], baseline: str, rule: str, config: Config | None = None) -> None:
+    """The comparison's files from its runs (see the module's docstring); the majority row from
+    ``config``'s data (None: no majority row, and the report says so)."""
+    from fedpeft import compare_majority, compare_plots, compare_report
 
-    metric = runs[baseline][0].results["metrics"][0]
+    metric = metric_of(runs)
     trained, new = user_set(runs, TRAINED), user_set(runs, NEW)
     rows = comparison_rows(runs, baseline, rule, trained)
     new_rows = new_user_rows(runs, baseline, new)
+    majority = compare_majority.majority_rows(config, runs, baseline, rule, trained, new)
+    if majority.row:
+        rows.append(majority.row)
+        new_rows[compare_majority.MAJORITY] = majority.new_row
     for row in rows:
         row.update(new_rows.get(row["strategy"], {}))
     activity = activity_rows(runs, baseline, rule, trained) + activity_rows(runs, baseline, rule, new)
+    status_rows = run_rows(runs)
     compare_report.write_csv(out / "comparison.csv", rows)
     compare_report.write_csv(out / "by_activity.csv", activity)
+    compare_report.write_csv(out / "runs.csv", status_rows)
     seeds = [run.seed for run in runs[baseline]]
-    (out / "comparison.md").write_text(compare_report.report(rows, metric, baseline, rule, seeds, trained, new, activity))
+    (out / "comparison.md").write_text(compare_report.report(rows, metric, baseline, rule, seeds, trained, new, activity,
+                                                             majority.note, status_rows))
     compare_report.write_per_user(out / "per_user.csv", {n: [r.scores[rule] for r in s] for n, s in runs.items()})
     if new.everyone:
         compare_report.write_per_user(out / "per_user_new.csv", {n: [r.new for r in s] for n, s in runs.items()},
                                       {n: [r.new_as_is for r in s] for n, s in runs.items() if any(r.new_as_is for r in s)})
     common = per_user_means(runs, rule, trained)
-    compare_plots.plot(out, {n: compare_plots.mean_rounds([r.rounds for r in runs[n]], metric) for n in runs}, common,
+    if not common:  # every strategy has a failed run: nothing to plot
+        return warn_failed(out, runs)
+    compare_plots.plot(out, {n: compare_plots.mean_rounds([r.rounds for r in runs[n]], metric) for n in common}, common,
                        baseline, metric)
-    compare_plots.scatter(out, common, rows, baseline, metric, rule)
+    if baseline in common:
+        compare_plots.scatter(out, common, rows, baseline, metric, rule)
     means = {group.group: per_user_means(runs, rule, group) for group in (trained, new) if group.common}
-    compare_plots.activity_plot(out, means, runs[baseline][0].n_train, baseline, metric, rule)
+    ref = reference_run(runs, baseline, trained)
+    compare_plots.activity_plot(out, means, ref.n_train if ref else {}, baseline, metric, rule)
+    warn_failed(out, runs)
+
+
+def warn_failed(out: Path, runs: dict[str, list[SeedRun]]) -> None:
+    """One line on stderr when runs failed: the comparison was written, without their strategies."""
+    failed = [f"{n} seed {r.seed}" for n, s in runs.items() for r in s if r.status == "failed"]
+    if failed:
+        print(f"fedpeft: warning: {len(failed)} run(s) failed ({', '.join(failed)}): their strategies have no headline "
+              f"in the comparison; why is in {out / 'runs.csv'}", file=sys.stderr)
 
 
 def study_main(work: Callable[[], Path], table: str, what: str) -> int:

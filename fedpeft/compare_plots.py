@@ -29,12 +29,13 @@ def interval_errors(values, lows, highs) -> list[list[float]]:
             [max(0.0, hi - v) if not math.isnan(hi) else 0.0 for v, hi in zip(values, highs)]]
 
 
-def save_with_legend(fig: Any, ax: Any, path: Path) -> Path:
-    """Grid, the legend outside on the right, then the file (the figure is closed)."""
+def save_with_legend(fig: Any, ax: Any, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Grid, the legend outside on the right, then the file (the figure is closed; ``metadata``:
+    text chunks of the PNG, e.g. its Description)."""
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, metadata=metadata)
     pyplot().close(fig)
     return path
 
@@ -73,7 +74,9 @@ def plot(out: Path, rounds: dict[str, list[dict[str, Any]]], per_user: dict[str,
     for i, values in enumerate(data, start=1):
         ax.scatter(i + rng.uniform(-0.15, 0.15, len(values)), values, s=14, color="black", alpha=0.6, zorder=3)
     ax.set_xticks(range(1, len(order) + 1), order, rotation=20, ha="right")
-    ax.axhline(np.mean(list(per_user[baseline].values()) or [math.nan]), color="black", linestyle="--", linewidth=1, label=f"{baseline} mean")
+    if baseline in per_user:  # a baseline with a failed run has no scores
+        ax.axhline(np.mean(list(per_user[baseline].values()) or [math.nan]), color="black", linestyle="--", linewidth=1,
+                   label=f"{baseline} mean")
     ax.set_ylabel(f"per-user test {metric}")
     ax.set_title("Per-user score distribution (box: quartiles, diamond: mean, dots: users)")
     ax.grid(axis="y", alpha=0.3)

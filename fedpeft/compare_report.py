@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from fedpeft.compare_runs import UserSet
+from fedpeft.compare_status import BASELINE_STATUS, DEGRADED, FAILED, runs_section
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -94,65 +95,139 @@ def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _users_line(users: UserSet, what: str, but: str = "") -> str:
-    text = (f"**{what}: {len(users.common)} of {len(users.everyone)}**, those scored in every seed of every strategy; "
-            f"every headline and paired statistic below is over them{but}.")
+    text = (f"**{what}: {len(users.common)} of {len(users.everyone)}**, those scored in every seed of every strategy "
+            f"without a failed run; every headline and paired statistic below is over them{but}.")
+    lost = {name: len(why) for name, why in users.left_out.items() if why}
+    if lost:
+        text += (" **Lost users** (out of every strategy's common set because these strategies did not score them): "
+                 + ", ".join(f"{name} {count}" for name, count in lost.items()) + ".")
     left = sorted({u for why in users.left_out.values() for u in why})
     if left:
         who = [f"{u} ({'; '.join(f'{n}: {why[u]}' for n, why in users.left_out.items() if u in why)})" for u in left[:10]]
         text += " Left out: " + _md(", ".join(who)) + (f" and {len(left) - 10} more" if len(left) > 10 else "") + "."
+    if users.failed:
+        text += (f" Not in the common set: {', '.join(users.failed)}, with a failed run (no headline; a run that did not "
+                 "train must not shrink the others' users).")
     return text
 
 
-def _epsilon_cell(epsilon: float) -> str:
-    """User-level epsilon spent on the shared part: ∞ without DP, 0 when nothing is shared."""
-    if math.isnan(epsilon):
+def _epsilon_cell(row: dict[str, Any]) -> str:
+    """User-level epsilon spent on the shared part: ∞ without DP, 0 when nothing is shared; with
+    DP, the δ and the population n it holds for (each run's results.json ``privacy``)."""
+    epsilon = row.get("epsilon", math.nan)
+    if not isinstance(epsilon, float) or math.isnan(epsilon):
         return "n/a"
-    return "∞" if math.isinf(epsilon) else f"{epsilon:.3g}"
+    if math.isinf(epsilon):
+        return "∞"
+    cell = f"{epsilon:.3g}"
+    delta, n = row.get("delta", math.nan), row.get("population_size", math.nan)
+    if not (isinstance(delta, float) and math.isnan(delta)) and epsilon > 0:
+        cell += f" (δ={delta:.2g}, n={n:.0f})" if isinstance(delta, float) and isinstance(n, (int, float)) else f" (δ={delta}, n={n})"
+    return cell
+
+
+def _number(value: Any, digits: str = ".3f") -> str:
+    return "n/a" if not isinstance(value, (int, float)) or math.isnan(value) else f"{value:{digits}}"
+
+
+def _strategy_cells(row: dict[str, Any], metric: str, baseline: str, prefix: str = "") -> list[str]:
+    """A row's headline cells: common users (interval), all users (lost count beside), and for
+    trained users final and p10; ``failed (k/n seeds)`` where the strategy has a failed run."""
+    failed = row.get("status") == FAILED
+    if failed:
+        return [f"failed ({row['status_seeds']} seeds)"] * (4 if not prefix else 2)
+    lost = row.get(f"{prefix}users_lost", 0) or 0
+    all_users = _number(row.get(f"{prefix}{metric}_all_users" if prefix else f"{metric}_best_val_all_users"))
+    all_users += f" ({lost:.0f} lost)" if lost else ""
+    plain = row.get("status") == BASELINE_STATUS  # no seeds: no interval
+    key = f"{prefix}{metric}" if prefix else f"{metric}_best_val"
+    cells = [_number(row[key]) if plain else _with_interval(row, key), all_users]
+    if not prefix:
+        cells += [_number(row[f"{metric}_final"]) if plain else _with_interval(row, f"{metric}_final"),
+                  _number(row[f"{metric}_p10"])]
+    return cells
+
+
+def _status_cell(row: dict[str, Any]) -> str:
+    status = row.get("status", "")
+    if status == BASELINE_STATUS:
+        return "no model"
+    if status in (FAILED, DEGRADED):
+        return f"**{status} ({row['status_seeds']} seeds)**: " + _md(row["status_reason"])
+    return status
+
+
+def _name_cell(row: dict[str, Any], prefix: str = "") -> str:
+    """The strategy, flagged ⚠ when it lost users or a run of it was degraded."""
+    flagged = row.get(f"{prefix}users_lost", 0) or row.get("status") == DEGRADED
+    return f"{row['strategy']} ⚠" if flagged else row["strategy"]
+
+
+def _lost_cell(row: dict[str, Any], prefix: str = "") -> str:
+    if row.get("status") == FAILED and not prefix:
+        return "–"
+    why = _md(row.get(f"{prefix}lost_why", "0"))
+    return f"⚠ {why}" if row.get(f"{prefix}users_lost", 0) else why
 
 
 def report(rows: list[dict[str, Any]], metric: str, baseline: str, rule: str, seeds: list[int], trained: UserSet,
-           new: UserSet, activity: list[dict[str, Any]]) -> str:
-    """comparison.md: what was compared and how, then one line per strategy (trained users), the
-    new users, and both by activity."""
+           new: UserSet, activity: list[dict[str, Any]], majority_note: str = "",
+           runs: list[dict[str, Any]] | None = None) -> str:
+    """comparison.md: what was compared and how, then one line per strategy (trained users) and the
+    majority label, the new users, both by activity, and the runs that are not plainly ok."""
     head = [f"Seeds {', '.join(map(str, seeds))} (model seed; the data seed is fixed, so the users are the same).",
-            _users_line(trained, "Trained users", " (but `all scored users`)"),
+            _users_line(trained, "Trained users", " (but `all users`)"),
             f"`{metric} best_val` / `{metric} final`: the headline (mean over users of the per-user test {metric} at "
             "the round chosen on validation / at the last round), mean over seeds with its 95% t-interval over seeds; "
-            "`all scored users`: the same mean over each run's own scored users instead (not paired).",
+            "`all users`: the same over every user each run scored; a strategy's lost users (users it did not score in "
+            "every seed) are excluded there and counted beside it, not given an imputed score. status: the runs' "
+            "(results.json); a strategy with a failed run has no number (`failed (k/n seeds)`); ⚠: it lost users or a "
+            "run was degraded. `majority`: each user predicts its own most frequent training label (no model; "
+            "fedpeft.majority), scored like the runs over the same users.",
             f"Per user against {baseline}, under `{rule}`: the paired difference (positive = better) averaged over "
             f"seeds, with the 95% t-interval of the per-seed mean differences; wins/ties/losses over users; the "
             f"Wilcoxon signed-rank p across users; hurt = users worse by more than one test example (1/n_test). "
-            f"p10: 10th percentile over users under `{rule}`, mean over seeds. left out: users this strategy did not "
-            "score in every seed, and why. ε: the user-level privacy budget each run spent on its shared part "
-            "(privacy.*; mean over seeds; ∞ = shared without differential privacy, 0 = shares nothing).", ""]
-    cols = ["strategy", f"{metric} best_val", f"{metric} final", "p10", f"vs {baseline}", "wins/ties/losses",
-            "Wilcoxon p", "hurt", "left out", f"{metric} best_val, all scored users", "examples/user", "bytes communicated", "ε"]
+            f"p10: 10th percentile over users under `{rule}`, mean over seeds. lost users: users this strategy did not "
+            "score in every seed, and why. ε: the user-level privacy budget each run spent on its shared part, at "
+            "δ over a population of n users (privacy.*; mean over seeds; ∞ = shared without differential privacy, "
+            "0 = shares nothing).", ""]
+    cols = ["strategy", "status", f"{metric} best_val", f"{metric} best_val, all users", f"{metric} final", "p10",
+            f"vs {baseline}", "wins/ties/losses", "Wilcoxon p", "hurt", "lost users", "examples/user",
+            "bytes communicated", "ε"]
     cells = []
     for row in rows:
-        paired = ["–"] * 4 if row["strategy"] == baseline else _paired_cells(row, baseline)
-        all_scored = row[f"{metric}_best_val_all_scored"]
-        cells.append([row["strategy"], _with_interval(row, f"{metric}_best_val"), _with_interval(row, f"{metric}_final"),
-                      f"{row[f'{metric}_p10']:.3f}", *paired, _md(row["left_out_why"]),
-                      "n/a" if math.isnan(all_scored) else f"{all_scored:.3f}",
-                      f"{row['examples_per_user']:.0f}", _cell(row["bytes_total"]) if row["bytes_total"] else "0",
-                      _epsilon_cell(row.get("epsilon", math.nan))])
+        failed = row.get("status") == FAILED
+        paired = ["–"] * 4 if row["strategy"] == baseline or failed else _paired_cells(row, baseline)
+        costs = ["–"] * 3 if failed or row.get("status") == BASELINE_STATUS else [
+            f"{row['examples_per_user']:.0f}", _cell(row["bytes_total"]) if row["bytes_total"] else "0", _epsilon_cell(row)]
+        cells.append([_name_cell(row), _status_cell(row), *_strategy_cells(row, metric, baseline), *paired,
+                      _lost_cell(row), *costs])
     lines = head + _table(cols, cells)
+    if majority_note:
+        lines += ["", f"No `majority` row: {_md(majority_note)}."]
     if new.everyone:
         lines += ["", "## New users", "", _users_line(new, "New users (data.new_users)"),
                   "They never trained in rounds: at the end each took the final shared part, fine-tuned its private part "
                   f"on its own training split and was scored once (the same under every rule). `{metric}`: mean over "
                   f"users, mean over seeds with its 95% t-interval; vs {baseline}: against {baseline}'s new users, as "
-                  "above. `as is`: the global model before the fine-tune (strategies with nothing private).", ""]
+                  "above. `as is`: the global model before the fine-tune (strategies with nothing private). "
+                  "`majority`: each new user's own most frequent training label.", ""]
         new_cells = []
         for row in rows:
+            if row.get("status") == FAILED:
+                new_cells.append([row["strategy"], *_strategy_cells(row, metric, baseline, "new_"), *["–"] * 4, "–"])
+                continue
             for label, prefix in ((row["strategy"], "new_"), (f"{row['strategy']}, as is", "new_as_is_")):
                 if f"{prefix}{metric}" not in row or (prefix == "new_as_is_" and math.isnan(row[f"{prefix}{metric}"])):
                     continue
                 paired = ["–"] * 4 if label == baseline else _paired_cells(row, baseline, prefix)
-                new_cells.append([label, _with_interval(row, f"{prefix}{metric}"), *paired,
-                                  _md(row["new_left_out_why"]) if prefix == "new_" else "–"])
-        lines += _table(["strategy", metric, f"vs {baseline}", "wins/ties/losses", "Wilcoxon p", "hurt", "left out"],
-                        new_cells)
+                if prefix == "new_":
+                    new_cells.append([_name_cell(row, prefix), *_strategy_cells(row, metric, baseline, prefix), *paired,
+                                      _lost_cell(row, prefix)])
+                else:
+                    new_cells.append([label, _with_interval(row, f"{prefix}{metric}"), "–", *paired, "–"])
+        lines += _table(["strategy", metric, f"{metric}, all users", f"vs {baseline}", "wins/ties/losses", "Wilcoxon p",
+                         "hurt", "lost users"], new_cells)
     lines += ["", "## By activity", ""]
     if activity:
         lines += [f"Users binned by their training examples (`n_train`), once, over the common users of each group, from "
@@ -165,5 +240,7 @@ def report(rows: list[dict[str, Any]], metric: str, baseline: str, rule: str, se
                          for r in activity])
     else:
         lines.append("No activity bins: the run folders' per_user.csv has no `n_train` column for the common users "
-                     "(written by runs that report it), or no user is common.")
+                     "(written by runs that report it), no user is common, or the baseline failed.")
+    if runs is not None:
+        lines += ["", "## Runs", "", *runs_section(runs)]
     return "\n".join(lines) + "\n"

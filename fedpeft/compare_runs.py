@@ -56,13 +56,20 @@ class SeedRun:
     groups: dict[str, str] = field(default_factory=dict)
     missing: dict[str, tuple[str, str]] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "ok"  # fedpeft.compare_status: ok, degraded, failed or unknown (a run from before statuses)
+    status_reason: str = ""
+    status_counts: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, seed: int, run_dir: Path, results: dict[str, Any], rules: tuple[str, ...]) -> SeedRun:
         metric = results["metrics"][0]
         with (run_dir / "per_user.csv").open() as f:
             table = list(csv.DictReader(f))
+        from fedpeft.compare_status import run_status
+
         run = cls(seed, results, {rule: {} for rule in rules})
+        run.status, run.status_reason = run_status(results)
+        run.status_counts = dict(results.get("status_counts") or {})
         metrics_path = run_dir / "metrics.jsonl"
         run.rounds = [json_value(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         ok_trained = set()
@@ -116,24 +123,31 @@ class SeedRun:
 @dataclass(frozen=True)
 class UserSet:
     """One group's users across a comparison: ``common``, those scored in every run (every seed) of
-    every strategy, which every headline and paired statistic is computed over; ``everyone``, the
-    group's users in any run; ``left_out[strategy][user]``: why that strategy's runs did not score
-    a user of ``everyone``."""
+    every strategy without a failed run, which every headline and paired statistic is computed
+    over; ``everyone``, the group's users in those runs; ``left_out[strategy][user]``: why that
+    strategy's runs did not score a user of ``everyone`` (the users it *lost*; each one is out of
+    every strategy's common set); ``failed``: the strategies with a failed run (no headline; kept
+    out of the common set, so that a run that did not train cannot empty it)."""
 
     group: str
     common: list[str]
     everyone: list[str]
     left_out: dict[str, dict[str, str]]
+    failed: tuple[str, ...] = ()
 
 
 def user_set(runs: dict[str, list[SeedRun]], group: str) -> UserSet:
-    everyone = sorted({u for seeds in runs.values() for run in seeds for u, g in run.groups.items() if g == group})
-    scored = {name: [run.scored(group) for run in seeds] for name, seeds in runs.items()}
-    common = [u for u in everyone if all(u in s for sets in scored.values() for s in sets)]
+    from fedpeft.compare_status import FAILED
+
+    failed = tuple(name for name, seeds in runs.items() if any(run.status == FAILED for run in seeds))
+    usable = {name: seeds for name, seeds in runs.items() if name not in failed}
+    everyone = sorted({u for seeds in (usable or runs).values() for run in seeds for u, g in run.groups.items() if g == group})
+    scored = {name: [run.scored(group) for run in seeds] for name, seeds in usable.items()}
+    common = [u for u in everyone if all(u in s for sets in scored.values() for s in sets)] if usable else []
     left_out = {name: {u: ", ".join(run.why_not(u) for run, s in zip(seeds, scored[name]) if u not in s)
-                       for u in everyone if any(u not in s for s in scored[name])}
+                       for u in everyone if any(u not in s for s in scored[name])} if name in usable else {}
                 for name, seeds in runs.items()}
-    return UserSet(group, common, everyone, left_out)
+    return UserSet(group, common, everyone, left_out, failed)
 
 
 def left_out_text(left_out: dict[str, str], names: int = 3) -> str:
@@ -149,3 +163,21 @@ def left_out_text(left_out: dict[str, str], names: int = 3) -> str:
         who = ", ".join(users[:names]) + (f" and {len(users) - names} more" if len(users) > names else "")
         parts.append(f"{who} {reason}")
     return f"{len(left_out)} ({'; '.join(parts)})"
+
+
+def metric_of(runs: dict[str, list[SeedRun]]) -> str:
+    """The headline metric: the first of any run's results.json ``metrics`` (a run that failed
+    before writing results has none)."""
+    for seeds in runs.values():
+        for run in seeds:
+            if run.results.get("metrics"):
+                return run.results["metrics"][0]
+    raise ValueError("no run of the comparison wrote its results.json metrics: every run failed before scoring; "
+                     "see each run's folder and runs.csv")
+
+
+def reference_run(runs: dict[str, list[SeedRun]], baseline: str, users: UserSet) -> SeedRun | None:
+    """The run whose ``n_train`` the activity bins and examples/user use: the baseline's first,
+    or the first strategy's without a failed run when the baseline failed; None if all failed."""
+    usable = [baseline] + [n for n in runs if n != baseline]
+    return next((runs[n][0] for n in usable if n not in users.failed), None)

@@ -4,7 +4,11 @@
 
 Prints mean / median / 10th-percentile per-user scores of every metric of the task (the same
 scoring as a simulation, :func:`fedpeft.scoring.score`) and writes them to --json-out. No model,
-no training: what personalization must beat.
+no training: what personalization must beat. The computation is :mod:`fedpeft.majority`, the one
+every comparison (sims/compare.py) uses for its own ``majority`` row over its own common users:
+quote that row beside a comparison, not this script's numbers. Here the users are every user of
+the data config (``data.max_train_per_user`` caps their training splits as in a run), by group:
+with ``data.new_users`` the trained and the new users are summarised apart.
 
 ``--top-k K`` makes every user predict, for every test example, its K most frequent training
 labels, most frequent first (ties: the label seen first in its training split); ``--top-k all``
@@ -23,13 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from fedpeft.cli import config_from_args
-from fedpeft.data import Example, TaskSpec, get_benchmark
+from fedpeft.config import Config
+from fedpeft.majority import majority, user_groups
 from fedpeft.metrics import summarize
-from fedpeft.scoring import score
 
 
 def parse_top_k(value: str) -> int | None:
@@ -46,29 +50,20 @@ def parse_top_k(value: str) -> int | None:
     return k
 
 
-def majority_guess(train: list[Example], task: TaskSpec, top_k: int | None = 1) -> list[str]:
-    """A user's constant prediction: its ``top_k`` most frequent training labels, most frequent
-    first (ties: first seen); ``None``: those, then the task's other labels in the task's order."""
-    ranked = [label for label, _ in Counter(label for ex in train for label in ex.labels).most_common()]
-    if top_k is None:
-        return ranked + [label for label in task.labels if label not in ranked]
-    return ranked[:top_k]
-
-
-def majority_scores(config, top_k: int | None = 1) -> dict:
-    """Every user's scores when it predicts :func:`majority_guess` for each test example."""
-    bench = get_benchmark(config)
-    task = bench.task()
-    per_user = {}
-    for index, user_id in enumerate(bench.user_ids()):
-        user = bench.load_user(index)
-        guess = majority_guess(user.train, task, top_k)
-        per_user[user_id] = score(task.kind, [guess] * len(user.test), [list(ex.labels) for ex in user.test],
-                                  labels=task.labels or None)
-    metrics = list(task.metrics)
+def majority_scores(config: Config, top_k: int | None = 1) -> dict[str, Any]:
+    """Every user's scores when it predicts its ``top_k`` most frequent training labels
+    (:func:`fedpeft.majority.majority`), summarised over all users and per group."""
+    found = majority(config, top_k=top_k)
+    per_user = found.per_user
+    metrics = list(found.task.metrics)
+    groups = user_groups(config)
+    by_group = {g: {m: summarize([per_user[u][m] for u in per_user if groups[u] == g]) for m in metrics}
+                for g in dict.fromkeys(groups.values())}
     return {"benchmark": config.data.benchmark, "top_k": "all" if top_k is None else top_k,
             "metric": metrics[0], "metrics": metrics, "users": len(per_user),
-            "summary": {m: summarize([s[m] for s in per_user.values()]) for m in metrics}, "per_user": per_user}
+            "summary": {m: summarize([s[m] for s in per_user.values()]) for m in metrics},
+            "groups": {g: sum(1 for u in per_user if groups[u] == g) for g in by_group}, "by_group": by_group,
+            "per_user": per_user, "group_of": groups}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     for metric in result["metrics"]:
         s = result["summary"][metric]
         print(f"  {metric:<13} mean {s['mean']:.4f}, median {s['median']:.4f}, p10 {s['p10']:.4f}")
+    if len(result["by_group"]) > 1:  # data.new_users: the trained and the new users apart
+        for group, summary in result["by_group"].items():
+            s = summary[result["metric"]]
+            print(f"  {group} users ({result['groups'][group]}): {result['metric']} mean {s['mean']:.4f}, "
+                  f"median {s['median']:.4f}, p10 {s['p10']:.4f}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
     return 0

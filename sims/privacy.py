@@ -38,6 +38,7 @@ from fedpeft.compare_report import read_csv, write_csv
 from fedpeft.config import CHOICES, FLAG_ALIASES, Config, ConfigError
 
 BASELINE = "local_only"
+MAJORITY = "majority"
 DEFAULT_EPSILONS = "inf,8,2,1"
 Row = dict[str, Any]
 
@@ -123,17 +124,28 @@ def baseline_once(runner: Callable[[Config], dict[str, Any]]) -> Callable[[Confi
     return run
 
 
+def _float(value: Any) -> float:
+    return value if isinstance(value, float) else math.nan
+
+
 def study_rows(epsilon: float, comparison: list[Row], rule: str) -> list[Row]:
+    """The study's rows of one budget, from its comparison.csv (a strategy with a failed run: NaN
+    scores, its status says why; δ and n: the runs' results.json ``privacy``, NaN without DP)."""
     rows = []
     for c in comparison:
         metric, gain = c["metric"], f"gain_vs_{BASELINE}"
         rows.append({"budget": label(epsilon), "strategy": c["strategy"], "seeds": int(c["seeds"]),
-                     "users": int(c["users_common"]), "epsilon_spent": c.get("epsilon", math.nan),
-                     "noise_multiplier": c.get("noise_multiplier", math.nan),
-                     metric: c[f"{metric}_{rule}"], f"{metric}_ci95_low": c[f"{metric}_{rule}_ci95_low"],
-                     f"{metric}_ci95_high": c[f"{metric}_{rule}_ci95_high"], gain: c[gain],
-                     f"{gain}_ci95_low": c[f"{gain}_ci95_low"], f"{gain}_ci95_high": c[f"{gain}_ci95_high"],
-                     "wilcoxon_p": c["wilcoxon_p"]})
+                     "status": c.get("status", "unknown"), "status_seeds": c.get("status_seeds", ""),
+                     "status_reason": c.get("status_reason", ""), "users": int(c["users_common"]),
+                     "users_lost": int(_float(c.get("users_lost"))) if not math.isnan(_float(c.get("users_lost"))) else 0,
+                     "epsilon_spent": _float(c.get("epsilon")), "delta": c.get("delta", math.nan),
+                     "population_size": c.get("population_size", math.nan),
+                     "noise_multiplier": _float(c.get("noise_multiplier")),
+                     **{key: _float(c.get(column)) for key, column in (
+                         (metric, f"{metric}_{rule}"), (f"{metric}_ci95_low", f"{metric}_{rule}_ci95_low"),
+                         (f"{metric}_ci95_high", f"{metric}_{rule}_ci95_high"), (gain, gain),
+                         (f"{gain}_ci95_low", f"{gain}_ci95_low"), (f"{gain}_ci95_high", f"{gain}_ci95_high"),
+                         ("wilcoxon_p", "wilcoxon_p"))}})
     return rows
 
 
@@ -144,6 +156,8 @@ def _number(value: Any, sign: str = "") -> str:
 
 
 def _interval(row: Row, key: str, sign: str = "") -> str:
+    if row.get("status") == "failed":
+        return f"failed ({row['status_seeds']} seeds)"
     low, high = row[f"{key}_ci95_low"], row[f"{key}_ci95_high"]
     cell = _number(row[key], sign)
     if isinstance(low, float) and not math.isnan(low):
@@ -151,45 +165,100 @@ def _interval(row: Row, key: str, sign: str = "") -> str:
     return cell
 
 
-def report(rows: list[Row], metric: str, rule: str, seeds: list[int], mechanism: str, names: list[str]) -> str:
+def _given(value: Any) -> bool:
+    return value != "" and not (isinstance(value, float) and math.isnan(value))
+
+
+def delta_text(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def accounting_text(rows: list[Row]) -> str:
+    """'δ = 0.005, n = 20 users' over the rows with DP (each distinct pair, when they differ);
+    'no run used differential privacy' when none did."""
+    pairs = list(dict.fromkeys((delta_text(r["delta"]), _n(r)) for r in rows if _given(r.get("delta"))))
+    if not pairs:
+        return "no run used differential privacy (no δ)"
+    return "; ".join(f"δ = {d}, n = {n} users" for d, n in pairs)
+
+
+def _n(row: Row) -> str:
+    n = row["population_size"]
+    return f"{n:.0f}" if isinstance(n, float) else str(n)
+
+
+def _status(row: Row) -> str:
+    status = row.get("status", "unknown")
+    if status == "baseline":
+        return "no model"
+    return f"**{status} ({row['status_seeds']} seeds)**" if status in ("failed", "degraded") else status
+
+
+def report(rows: list[Row], metric: str, rule: str, seeds: list[int], mechanism: str, names: list[str],
+           runs: list[str] | None = None) -> str:
     lines = ["# Privacy and personalization", "",
+             f"**Every ε below is at {accounting_text(rows)}** (each run's results.json `privacy.delta` and "
+             "`privacy.population_size`: the population the accountant counts).", "",
              f"Strategies {', '.join(names)}, seeds {', '.join(map(str, seeds))}; budget: the target ε of the runs "
              f"(`privacy.target_epsilon`, mechanism `{mechanism}`, user-level: one user is the unit of privacy); inf = "
-             "no differential privacy. ε spent: what the accountant reports at the end of the run (δ in each run's "
-             "results.json `privacy`); σ: the noise multiplier the run calibrated to it. "
-             f"`{metric}`: the headline under `{rule}` (mean over users, mean over seeds, 95% t-interval over seeds); "
-             f"vs {BASELINE}: the paired gain over {BASELINE} (which shares nothing: ε = 0), 95% t-interval of the "
-             "per-seed gains (one seed: Wilcoxon p across users). Each budget's own comparison is in `eps<ε>/comparison.md`.",
-             "", "| budget | strategy | users | ε spent | σ | " + f"{metric} | vs {BASELINE} |", "|---|---|---|---|---|---|---|"]
+             "no differential privacy. ε spent: what the accountant reports at the end of the run, at the δ and over "
+             "the n users of its row; σ: the noise multiplier the run calibrated to it. status: the runs' "
+             "(results.json; a strategy with a failed run has no number). `majority`: each user's own most frequent "
+             f"training label, no model, nothing released. `{metric}`: the headline under `{rule}` (mean over users, "
+             f"mean over seeds, 95% t-interval over seeds); vs {BASELINE}: the paired gain over {BASELINE} (which shares "
+             "nothing: ε = 0), 95% t-interval of the per-seed gains (one seed: Wilcoxon p across users). Each budget's "
+             "own comparison is in `eps<ε>/comparison.md`.",
+             "", f"| budget | strategy | status | users | ε spent | δ | n | σ | {metric} | vs {BASELINE} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gain = "–" if r["strategy"] == BASELINE else _interval(r, f"gain_vs_{BASELINE}", "+")
-        if r["strategy"] != BASELINE and math.isnan(r[f"gain_vs_{BASELINE}_ci95_low"]) and not math.isnan(r["wilcoxon_p"]):
+        if (r["strategy"] != BASELINE and r.get("status") != "failed" and math.isnan(r[f"gain_vs_{BASELINE}_ci95_low"])
+                and not math.isnan(r["wilcoxon_p"])):
             gain += f" (Wilcoxon p={r['wilcoxon_p']:.2g})"
-        lines.append(f"| {r['budget']} | {r['strategy']} | {r['users']} | {_number(r['epsilon_spent'])} | "
+        dp = _given(r.get("delta"))
+        users = f"{r['users']}" + (f" ⚠ lost {r['users_lost']}" if r.get("users_lost") else "")
+        lines.append(f"| {r['budget']} | {r['strategy']} | {_status(r)} | {users} | {_number(r['epsilon_spent'])} | "
+                     f"{delta_text(r['delta']) if dp else '–'} | "
+                     f"{_n(r) if dp else '–'} | "
                      f"{_number(r['noise_multiplier'])} | {_interval(r, metric)} | {gain} |")
+    if runs:
+        lines += ["", "Runs not plainly ok:", *runs]
     return "\n".join(lines) + "\n"
 
 
 def plot(path: Path, rows: list[Row], budgets: list[str], metric: str, rule: str) -> None:
     """The headline against the budget (categorical, from no DP to the smallest ε), one line per
-    strategy with its interval over seeds; local_only a horizontal line with its interval shaded."""
+    strategy with its interval over seeds (a budget where it failed: no point, said in the legend);
+    local_only a horizontal line with its interval shaded, the majority label a dashed one. The
+    title states δ and n (also the PNG's Description)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    base = next(r for r in rows if r["strategy"] == BASELINE)
-    ax.axhline(base[metric], color="black", linewidth=1.2, label=f"{BASELINE} (shares nothing, ε = 0)")
-    if not math.isnan(base[f"{metric}_ci95_low"]):
-        ax.axhspan(base[f"{metric}_ci95_low"], base[f"{metric}_ci95_high"], color="black", alpha=0.08)
-    names = list(dict.fromkeys(r["strategy"] for r in rows if r["strategy"] != BASELINE))
+    for name, style in ((BASELINE, {"color": "black", "linewidth": 1.2}), (MAJORITY, {"color": "grey", "linestyle": "--"})):
+        line = next((r for r in rows if r["strategy"] == name and not math.isnan(r[metric])), None)
+        if line is None:
+            continue
+        what = "shares nothing, ε = 0" if name == BASELINE else "each user's most frequent training label"
+        ax.axhline(line[metric], label=f"{name} ({what})", **style)
+        if not math.isnan(line[f"{metric}_ci95_low"]):
+            ax.axhspan(line[f"{metric}_ci95_low"], line[f"{metric}_ci95_high"], color="black", alpha=0.08)
+    names = list(dict.fromkeys(r["strategy"] for r in rows if r["strategy"] not in (BASELINE, MAJORITY)))
     for i, name in enumerate(names):
+        mine = [r for r in rows if r["strategy"] == name]
+        failed = [r["budget"] for r in mine if r.get("status") == "failed"]
         points = [(budgets.index(r["budget"]), r[metric], r[f"{metric}_ci95_low"], r[f"{metric}_ci95_high"])
-                  for r in rows if r["strategy"] == name]
+                  for r in mine if not math.isnan(r[metric])]
+        text = name + (f" (failed at {', '.join(failed)})" if failed else "")
+        if not points:
+            ax.plot([], [], marker="x", linestyle="", color=plt.cm.tab10(i % 10), label=text)
+            continue
         x, y, low, high = zip(*points)
-        ax.errorbar(x, y, yerr=interval_errors(y, low, high), marker="o", capsize=3, color=plt.cm.tab10(i % 10), label=name)
+        ax.errorbar(x, y, yerr=interval_errors(y, low, high), marker="o", capsize=3, color=plt.cm.tab10(i % 10), label=text)
     ax.set_xticks(range(len(budgets)), ["no DP" if b == "inf" else f"ε = {b}" for b in budgets])
     ax.set_xlabel("privacy budget of the shared part (user-level, whole run)")
     ax.set_ylabel(f"test {metric} ({rule})")
-    ax.set_title("Privacy–personalization trade-off (bars: 95% interval over seeds)", fontsize=10)
-    save_with_legend(fig, ax, path)
+    title = f"Privacy–personalization trade-off (bars: 95% interval over seeds)\nε at {accounting_text(rows)}"
+    ax.set_title(title, fontsize=10)
+    save_with_legend(fig, ax, path, metadata={"Description": title})
 
 
 def study(names: list[str], config: Config, epsilons: list[float], mechanism: str = "central", out: Path | None = None,
@@ -203,16 +272,20 @@ def study(names: list[str], config: Config, epsilons: list[float], mechanism: st
     ordered = sorted(epsilons, reverse=True)  # no DP first, then ever smaller budgets
     run_once = baseline_once(runner)
     rows: list[Row] = []
+    not_ok: list[str] = []
     for epsilon in ordered:
         cfg = private_config(config, epsilon, mechanism)
         cfg.compare.out = ""
         print(f"##### privacy budget {label(epsilon)} #####", flush=True)
         folder = compare(names, BASELINE, cfg, out / f"eps{label(epsilon)}", runner=run_once)
         rows += study_rows(epsilon, read_csv(folder / "comparison.csv"), rule)
+        not_ok += [f"- eps{label(epsilon)}/{r['folder'] or r['strategy']}: **{r['status']}**"
+                   + (f": {r['status_reason']}" if r["status_reason"] else "")
+                   for r in read_csv(folder / "runs.csv") if r["status"] != "ok"]
     metric = next(key for key in rows[0] if f"{key}_ci95_low" in rows[0] and not key.startswith("gain_vs_"))
     write_csv(out / "privacy.csv", rows)
     seeds = list(config.compare.seeds) or [config.seed]
-    (out / "privacy.md").write_text(report(rows, metric, rule, seeds, mechanism, names))
+    (out / "privacy.md").write_text(report(rows, metric, rule, seeds, mechanism, names, not_ok))
     plot(out / "privacy.png", rows, [label(e) for e in ordered], metric, rule)
     return out
 

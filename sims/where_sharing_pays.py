@@ -84,21 +84,29 @@ def _nan(value: Any) -> float:
     return value if isinstance(value, float) else math.nan
 
 
+def _count(value: Any) -> int:
+    """A count read back from a csv; empty or NaN (a folder from before the column): 0."""
+    return 0 if math.isnan(_nan(value)) else int(value)
+
+
 def study_rows(k: int | str, comparison: list[Row], baseline: str, rule: str) -> list[Row]:
-    """The study's rows of one K, from its comparison.csv."""
+    """The study's rows of one K, from its comparison.csv (a strategy with a failed run: NaN
+    scores, its status says why; ``majority``: each user's majority label, no model)."""
     rows = []
     for c in comparison:
         metric, gain = c["metric"], f"gain_vs_{baseline}"
-        row: Row = {"K": k, "strategy": c["strategy"], "seeds": int(c["seeds"]), "users": int(c["users_common"]),
-                    "users_all": int(c["users_all"]), "n_train_mean": _nan(c["n_train_mean"]),
-                    metric: c[f"{metric}_{rule}"], f"{metric}_ci95_low": _nan(c[f"{metric}_{rule}_ci95_low"]),
-                    f"{metric}_ci95_high": _nan(c[f"{metric}_{rule}_ci95_high"]), gain: c[gain],
-                    f"{gain}_ci95_low": _nan(c[f"{gain}_ci95_low"]), f"{gain}_ci95_high": _nan(c[f"{gain}_ci95_high"]),
-                    "wilcoxon_p": _nan(c["wilcoxon_p"])}
-        if "new_users_common" in c:
+        row: Row = {"K": k, "strategy": c["strategy"], "seeds": int(c["seeds"]), "status": c.get("status", "unknown"),
+                    "status_seeds": c.get("status_seeds", ""), "status_reason": c.get("status_reason", ""),
+                    "users": int(c["users_common"]), "users_all": int(c["users_all"]),
+                    "users_lost": _count(c.get("users_lost")), "n_train_mean": _nan(c.get("n_train_mean")), metric: _nan(c.get(f"{metric}_{rule}")),
+                    f"{metric}_ci95_low": _nan(c.get(f"{metric}_{rule}_ci95_low")),
+                    f"{metric}_ci95_high": _nan(c.get(f"{metric}_{rule}_ci95_high")), gain: _nan(c.get(gain)),
+                    f"{gain}_ci95_low": _nan(c.get(f"{gain}_ci95_low")), f"{gain}_ci95_high": _nan(c.get(f"{gain}_ci95_high")),
+                    "wilcoxon_p": _nan(c.get("wilcoxon_p"))}
+        if "new_users_common" in c and c["new_users_common"] != "":
             row.update({"new_users": int(c["new_users_common"]), "new_users_all": int(c["new_users_all"]),
-                        "new_n_train_mean": _nan(c["new_n_train_mean"]),
-                        **{f"new_{key}": _nan(c[f"new_{key}"]) for key in
+                        "new_n_train_mean": _nan(c.get("new_n_train_mean")),
+                        **{f"new_{key}": _nan(c.get(f"new_{key}")) for key in
                            (metric, f"{metric}_ci95_low", f"{metric}_ci95_high", gain, f"{gain}_ci95_low",
                             f"{gain}_ci95_high", "wilcoxon_p")}})
         rows.append(row)
@@ -106,6 +114,8 @@ def study_rows(k: int | str, comparison: list[Row], baseline: str, rule: str) ->
 
 
 def _value_cell(row: Row, key: str, sign: str = "") -> str:
+    if row.get("status") == "failed":
+        return f"failed ({row['status_seeds']} seeds)"
     value = row.get(key, math.nan)
     if math.isnan(value):
         return "n/a"
@@ -118,34 +128,60 @@ def _gain_cell(row: Row, prefix: str, baseline: str) -> str:
         return "–"
     key = f"{prefix}gain_vs_{baseline}"
     cell = _value_cell(row, key, "+")
-    if cell != "n/a" and math.isnan(row[f"{key}_ci95_low"]):
+    if row.get("status") != "failed" and cell != "n/a" and math.isnan(row[f"{key}_ci95_low"]) and not math.isnan(row[f"{prefix}wilcoxon_p"]):
         cell += f" (Wilcoxon p={row[f'{prefix}wilcoxon_p']:.2g})"
     return cell
 
 
-def report(rows: list[Row], metric: str, baseline: str, rule: str, seeds: list[int], names: list[str]) -> str:
+def status_cell(row: Row) -> str:
+    """A study row's status: ok, unknown (a run from before statuses), no model (majority),
+    ``failed (k/n seeds)`` or ``degraded (k/n seeds)``."""
+    status = row.get("status", "unknown")
+    if status == "baseline":
+        return "no model"
+    return f"**{status} ({row['status_seeds']} seeds)**" if status in ("failed", "degraded") else status
+
+
+def users_cell(row: Row) -> str:
+    cell = f"{row['users']} of {row['users_all']}"
+    return cell + f" ⚠ lost {row['users_lost']}" if row.get("users_lost") else cell
+
+
+def report(rows: list[Row], metric: str, baseline: str, rule: str, seeds: list[int], names: list[str],
+           runs: list[str] | None = None) -> str:
     has_new = any("new_users" in r for r in rows)
     lines = ["# Where sharing pays", "",
              f"Strategies {', '.join(names)} against {baseline}, seeds {', '.join(map(str, seeds))}; K = training examples "
              "per user (`data.max_train_per_user`, a seeded draw the same for every strategy; all = every example). "
              "Each K's own comparison is in `K<k>/comparison.md`.",
-             f"users: the common trained users (scored in every seed of every strategy), of all the trained users; examples/user: their mean "
-             f"training examples. `{metric}`: the headline under `{rule}` (mean over users, mean over seeds, 95% "
-             f"t-interval over seeds); vs {baseline}: the paired gain (mean over the common users of each user's "
-             "difference averaged over seeds, 95% t-interval of the per-seed gains; one seed: Wilcoxon p across users)."
+             f"users: the common trained users (scored in every seed of every strategy without a failed run), of all "
+             f"the trained users (⚠ lost: users this strategy did not score, out of every strategy's common set); "
+             f"examples/user: their mean training examples. status: the runs' (results.json; a strategy with a failed "
+             f"run has no number). `majority`: each user's own most frequent training label, no model. `{metric}`: the "
+             f"headline under `{rule}` (mean over users, mean over seeds, 95% t-interval over seeds); vs {baseline}: the "
+             "paired gain (mean over the common users of each user's difference averaged over seeds, 95% t-interval "
+             "of the per-seed gains; one seed: Wilcoxon p across users)."
              + (" new: the same for the new users (`data.new_users`), who never trained in rounds." if has_new else ""), ""]
-    cols = ["K", "strategy", "users", "examples/user", metric, f"vs {baseline}"]
+    cols = ["K", "strategy", "status", "users", "examples/user", metric, f"vs {baseline}"]
     if has_new:
         cols += ["new users", "new examples/user", f"new {metric}", f"new vs {baseline}"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [str(r["K"]), r["strategy"], f"{r['users']} of {r['users_all']}", f"{r['n_train_mean']:.1f}",
+        cells = [str(r["K"]), r["strategy"], status_cell(r), users_cell(r), f"{r['n_train_mean']:.1f}",
                  _value_cell(r, metric), _gain_cell(r, "", baseline)]
         if has_new:
             cells += ([f"{r['new_users']} of {r['new_users_all']}", f"{r['new_n_train_mean']:.1f}",
                        _value_cell(r, f"new_{metric}"), _gain_cell(r, "new_", baseline)] if "new_users" in r else ["–"] * 4)
         lines.append("| " + " | ".join(cells) + " |")
+    if runs is not None:
+        lines += ["", *(runs or ["Every run reports status ok (each K's runs.csv)."])]
     return "\n".join(lines) + "\n"
+
+
+def runs_not_ok(folder: Path, label: str) -> list[str]:
+    """One line per run of a comparison folder's runs.csv that is not plainly ok."""
+    return [f"- {label}/{r['folder'] or r['strategy']}: **{r['status']}**" + (f": {r['status_reason']}" if r["status_reason"] else "")
+            for r in read_csv(folder / "runs.csv") if r["status"] != "ok"]
 
 
 def plot_gain_by_k(path: Path, rows: list[Row], ks: list[int | str], baseline: str, metric: str) -> None:
@@ -199,6 +235,7 @@ def study(names: list[str], baseline: str, config: Config, ks: list[int | str], 
     out.mkdir(parents=True, exist_ok=True)
     rule = config.compare.select
     rows: list[Row] = []
+    not_ok: list[str] = []
     for k in ks:
         cfg = copy.deepcopy(config)
         cfg.data.max_train_per_user = 0 if k == "all" else int(k)
@@ -206,10 +243,12 @@ def study(names: list[str], baseline: str, config: Config, ks: list[int | str], 
         print(f"##### K = {k} #####", flush=True)
         folder = compare(names, baseline, cfg, out / f"K{k}", runner=runner)
         rows += study_rows(k, read_csv(folder / "comparison.csv"), baseline, rule)
+        not_ok += runs_not_ok(folder, f"K{k}")
     metric = next(r for r in read_csv(out / f"K{ks[0]}" / "comparison.csv"))["metric"]
     write_csv(out / "where_sharing_pays.csv", rows)
     seeds = list(config.compare.seeds) or [config.seed]
-    (out / "where_sharing_pays.md").write_text(report(rows, metric, baseline, rule, seeds, names))
+    (out / "where_sharing_pays.md").write_text(report(rows, metric, baseline, rule, seeds, names,
+                                                      ["Runs not plainly ok:", *not_ok] if not_ok else []))
     plot_gain_by_k(out / "gain_by_k.png", rows, ks, baseline, metric)
     k_all = "all" if "all" in ks else max(k for k in ks if k != "all")
     activity = read_csv(out / f"K{k_all}" / "by_activity.csv")

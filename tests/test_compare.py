@@ -90,7 +90,7 @@ def test_multi_seed_comparison_writes_intervals_paired_statistics_and_a_scatter(
     out = compare(["local_only", "fedsa"], "local_only", config, tmp_path / "cmp", runner=lambda cfg: run_in_process(cfg)[0])
 
     table = {r["strategy"]: r for r in _rows(out / "comparison.csv")}
-    assert set(table) == {"local_only", "fedsa"}
+    assert set(table) == {"local_only", "fedsa", "majority"}  # each user's majority label: tests/test_compare_honest.py
     for name in ("local_only", "fedsa"):
         finals, best_vals, per_user = [], [], []
         for seed in (0, 1):
@@ -137,11 +137,13 @@ def test_multi_seed_comparison_writes_intervals_paired_statistics_and_a_scatter(
 
 def write_run(run: Path, strategy: str, trained: dict[str, dict[int, tuple[float, float]]], n_train: dict[str, int],
               new: dict[str, tuple[float, float | None]] | None = None, failed: dict[str, str] | None = None,
-              rounds: int = 2, n_test: int = 10, groups: bool = True) -> dict:
+              rounds: int = 2, n_test: int = 10, groups: bool = True, status: str | None = "ok", status_reason: str = "",
+              privacy: dict | None = None) -> dict:
     """A run folder as fedpeft.sim writes it. ``trained[u][r] = (val, test)`` at each round ``u`` was
     evaluated; ``new[u] = (score, as_is or None)``; ``failed[u] = error``: that user has no final score
     (a trained one keeps its earlier rounds). ``groups=False``: per_user.csv without the group and
-    n_train columns (folders of before new users)."""
+    n_train columns (folders of before new users). ``status``: results.json's run status (None: a
+    results.json from before statuses); ``privacy``: its ``privacy``."""
     new, failed = new or {}, failed or {}
     run.mkdir(parents=True, exist_ok=True)
     rows = [{"round": r, "user_id": u, "partition_id": i, "n_val": 4, "n_test": n_test,
@@ -176,10 +178,16 @@ def write_run(run: Path, strategy: str, trained: dict[str, dict[int, tuple[float
     results = {"metrics": ["accuracy"], "headline": "mean over users", "strategy": strategy, "rounds": rounds,
                "num_users": len(table), "run_dir": str(run), "wall_seconds": 1.0,
                "summary": {"n_evaluated": len(ok), "n_failed": len(table) - len(ok),
-                           "accuracy": sum(float(r["accuracy"]) for r in ok) / len(ok)},
+                           "accuracy": sum(float(r["accuracy"]) for r in ok) / len(ok) if ok else None},
                "compute": {"examples_processed_per_user_mean": 8.0, "driver_pretrain_examples": 0},
                "communication": {"bytes_total": 0 if strategy == "local_only" else 1000},
                "parameters": {"trainable_params_per_user": 10, "shared_params": 0 if strategy == "local_only" else 4}}
+    if status is not None:
+        results.update(status=status, status_reason=status_reason,
+                       status_counts={"users": len(table), "failed": len(table) - len(ok), "diverged": 0, "undertrained": 0,
+                                      "affected": len(table) - len(ok), "max_failed_fraction": 0.1})
+    if privacy is not None:
+        results["privacy"] = privacy
     (run / "results.json").write_text(json.dumps(results))
     return results
 
@@ -237,9 +245,9 @@ def test_a_user_who_fails_in_one_seed_is_left_out_of_every_strategy_and_said_so(
         assert (table[name]["users_common"], table[name]["users_all"]) == ("2", "3")
     # beside it, labelled, the old number: each run's own scored users (fedavg seed 1 without u2)
     own = [(.8 + .4 + .7) / 3, (.8 + .9) / 2]
-    assert float(table["fedavg"]["accuracy_best_val_all_scored"]) == pytest.approx(sum(own) / 2)
-    assert table["fedavg"]["users_left_out"] == "1" and table["local_only"]["users_left_out"] == "0"
-    assert table["fedavg"]["left_out_why"] == "1 (u2 failed in seed 1: CUDA out of memory)"
+    assert float(table["fedavg"]["accuracy_best_val_all_users"]) == pytest.approx(sum(own) / 2)
+    assert table["fedavg"]["users_lost"] == "1" and table["local_only"]["users_lost"] == "0"
+    assert table["fedavg"]["lost_why"] == "1 (u2 failed in seed 1: CUDA out of memory)"
 
     # paired, under compare.select=best_val, over u1 and u3 only
     diffs = {u: sum(test_score(("fedavg", s), "best_val", u) - test_score(("local_only", s), "best_val", u)
@@ -258,7 +266,7 @@ def test_a_user_who_fails_in_one_seed_is_left_out_of_every_strategy_and_said_so(
     report = (out / "comparison.md").read_text()
     assert "Trained users: 2 of 3" in report
     assert "u2 (fedavg: failed in seed 1: CUDA out of memory)" in report
-    assert "accuracy best_val, all scored users" in report and "left out" in report
+    assert "accuracy best_val, all users" in report and "lost users" in report
     assert "## New users" not in report  # these runs have none
     per_user = {r["user_id"]: r for r in _rows(out / "per_user.csv")}
     assert set(per_user["u2"]) == {"user_id", "local_only", "fedavg"}
@@ -273,7 +281,7 @@ def test_folders_without_group_and_n_train_are_all_trained_users_and_have_no_act
     runs = {key: {**spec, "groups": False} for key, spec in FAILING.items() if key[1] == 0}
     out = compare(["local_only", "fedavg"], "local_only", hand_config([0]), tmp_path / "cmp", runner=fake_runner(runs))
     table = {r["strategy"]: r for r in _rows(out / "comparison.csv")}
-    assert table["fedavg"]["users_common"] == "3" and table["fedavg"]["left_out_why"] == "0"
+    assert table["fedavg"]["users_common"] == "3" and table["fedavg"]["lost_why"] == "0"
     assert float(table["fedavg"]["accuracy_final"]) == pytest.approx((.8 + .4 + .7) / 3)
     assert not (out / "by_activity.csv").exists() and not (out / "activity.png").exists()
     assert "No activity bins" in (out / "comparison.md").read_text()
@@ -313,8 +321,8 @@ def test_new_users_and_activity_bins_against_a_plain_computation(tmp_path):
         assert (float(row["new_accuracy"]), float(row["new_accuracy_ci95_low"]), float(row["new_accuracy_ci95_high"])) \
             == pytest.approx((sum(per_seed) / 2, sum(per_seed) / 2 - half, sum(per_seed) / 2 + half))
         assert (row["new_users_common"], row["new_users_all"]) == ("2", "3")
-    assert table["local_only"]["new_left_out_why"] == "1 (n3 failed in seed 1: out of memory)"
-    assert table["fedavg"]["new_left_out_why"] == "0"
+    assert table["local_only"]["new_lost_why"] == "1 (n3 failed in seed 1: out of memory)"
+    assert table["fedavg"]["new_lost_why"] == "0"
     # fedavg's new users against local_only's: n1 (.3 + .1) / 2, n2 (0 + .2) / 2
     fed = table["fedavg"]
     assert float(fed["new_gain_vs_local_only"]) == pytest.approx(0.15)
@@ -348,7 +356,7 @@ def test_new_users_and_activity_bins_against_a_plain_computation(tmp_path):
 
     report = (out / "comparison.md").read_text()
     assert "## New users" in report and "New users (data.new_users): 2 of 3" in report
-    assert "| fedavg, as is | 0.550 [0.550, 0.550] | +0.025" in report
+    assert "| fedavg, as is | 0.550 [0.550, 0.550] | – | +0.025" in report
     assert "n3 (local_only: failed in seed 1: out of memory)" in report
     assert "## By activity" in report and "| trained | low | 2 | 2–2 | fedavg |" in report
     new_per_user = {r["user_id"]: r for r in _rows(out / "per_user_new.csv")}

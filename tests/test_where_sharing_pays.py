@@ -84,7 +84,7 @@ def test_the_study_table_against_a_plain_computation(tmp_path):
     assert float(table[("4", "fedavg")]["gain_vs_local_only"]) > 0 > float(table[("all", "fedavg")]["gain_vs_local_only"])
     report = (folder / "where_sharing_pays.md").read_text()
     gain_4 = float(table[("4", "fedavg")]["gain_vs_local_only"])
-    assert "| 4 | fedavg | 3 of 3 | 4.0 |" in report and f"{gain_4:+.3f} [" in report and "new vs local_only" in report
+    assert "| 4 | fedavg | ok | 3 of 3 | 4.0 |" in report and f"{gain_4:+.3f} [" in report and "new vs local_only" in report
     for k in KS:
         assert (folder / f"K{k}" / "comparison.md").is_file()
     for png in ("gain_by_k.png", "gain_by_activity.png"):
