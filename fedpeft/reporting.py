@@ -17,6 +17,7 @@ import fedpeft
 from fedpeft.config import Config
 from fedpeft.files import atomic_write_text, json_text
 from fedpeft.selection import ROUNDS_FILE
+from fedpeft.verdict import FAILED_RUN_EXIT
 
 
 def per_user_columns(metric_names: list[str], selected: bool = False, as_is: bool = False) -> list[str]:
@@ -115,7 +116,10 @@ class RunReporter:
             self.wandb_run.log({"per_user": table})
             for key, value in results["summary"].items():
                 self.wandb_run.summary[key] = value
-            self.wandb_run.finish()
+            for key in ("status", "status_reason", "status_counts"):  # a sweep tells a failed run by them
+                self.wandb_run.summary[key] = results[key]
+            # W&B's run state: failed for a failed verdict (the exit code the process ends with), as a crash is
+            self.wandb_run.finish(exit_code=FAILED_RUN_EXIT if results["status"] == "failed" else 0)
 
 
 def _fmt(value: Any) -> str:
@@ -127,22 +131,25 @@ def _fmt(value: Any) -> str:
 def summary_table(results: dict[str, Any]) -> str:
     """A plain-text table of the summary over users, for the console."""
     summary = results["summary"]
-    rows = [("strategy", results["strategy"]), ("users", results["num_users"]), ("rounds", results["rounds"])]
+    status = results.get("status")  # absent from a results.json written before the run-level verdict
+    tag = " (run FAILED)" if status == "failed" else ""  # a failed run's scores are never shown as a result
+    rows = [("run status", status_line(results))] if status else []
+    rows += [("strategy", results["strategy"]), ("users", results["num_users"]), ("rounds", results["rounds"])]
     selection = results.get("selection", {"rule": "final"})
     rows.append(("round of each user's score", selection.get("description", selection["rule"])))
     for metric in results["metrics"]:
         if results.get("headline") == "corpus":  # LaMP: the benchmark's own score over all questions
-            rows.append((f"{metric} (all questions)", summary[metric]))
+            rows.append((f"{metric} (all questions){tag}", summary[metric]))
         for stat in ("mean", "median", "p10", "min"):
-            rows.append((f"{metric} {stat} over users", summary[f"{metric}_{stat}"]))
+            rows.append((f"{metric} {stat} over users{tag}", summary[f"{metric}_{stat}"]))
     headline = results["metrics"][0]
     if f"selected_val_{headline}" in summary:  # the sweep metric: never a test score
-        rows.append((f"validation {headline} at that round (selected_val_{headline})", summary[f"selected_val_{headline}"]))
+        rows.append((f"validation {headline} at that round (selected_val_{headline}){tag}", summary[f"selected_val_{headline}"]))
     groups = results.get("groups", {})
     for group, label in (("new", "new users, fine-tuned"), ("new_as_is", "new users, as is (before the fine-tune)")):
         if group in groups:
             g = groups[group]
-            rows += [(f"{label}: {m} mean", g[f"{m}_mean"]) for m in results["metrics"]]
+            rows += [(f"{label}: {m} mean{tag}", g[f"{m}_mean"]) for m in results["metrics"]]
             rows.append((f"{label}: scored / failed", f"{g['n_evaluated']} of {g['users']} / {g['n_failed']}"))
     who = "trained users" if "new" in groups else "users"  # new users have their own lines above
     privacy = results.get("privacy") or {}
@@ -151,7 +158,7 @@ def summary_table(results: dict[str, Any]) -> str:
         rows.append(("privacy: epsilon spent (user-level)", f"{'inf' if eps is None else f'{eps:.3f}'} at delta "
                      f"{privacy['delta']:.2g} ({privacy['mechanism']}, noise multiplier {privacy['noise_multiplier']:.3g}, "
                      f"clipping norm {privacy['clipping_norm']:.3g}, {privacy['rounds_composed']} rounds)"))
-    rows += [(f"{who} evaluated", summary["n_evaluated"]), (f"{who} failed", summary["n_failed"]),
+    rows += [(f"{who} evaluated", summary["n_evaluated"]), (f"{who} failed (no final score)", summary["n_failed"]),
              (f"{who} that trained fewer rounds than scheduled", summary.get("n_undertrained", 0)),
              ("users skipped (unusable data)", summary["n_skipped"]),
              ("bytes communicated", results["communication"]["bytes_total"]),
@@ -179,4 +186,16 @@ def summary_table(results: dict[str, Any]) -> str:
                      f"compare rounds_trained with rounds_scheduled in {results['run_dir']}/per_user.csv")
     if summary["n_skipped"]:
         lines.append(f"{summary['n_skipped']} user(s) skipped while loading the benchmark: reasons in results.json (skipped_users)")
+    if status in ("degraded", "failed"):  # the last line: the verdict and what to try
+        lines.append(f"run {status.upper()}: {results['status_reason']}")
     return "\n".join(lines)
+
+
+def status_line(results: dict[str, Any]) -> str:
+    """The summary table's first row: the verdict and its counts (fedpeft.verdict)."""
+    c = results["status_counts"]
+    if results["status"] == "ok":
+        return f"ok (all {c['users']} users trained as scheduled and scored)"
+    return (f"{results['status'].upper()}: {c['affected']} of {c['users']} users affected (failed {c['failed']}, "
+            f"diverged {c['diverged']}, undertrained {c['undertrained']}; federation.max_failed_fraction="
+            f"{c['max_failed_fraction']:g})")

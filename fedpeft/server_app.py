@@ -46,6 +46,7 @@ from fedpeft.store import AdapterStore, timeout_note
 from fedpeft.strategies import make_strategy
 from fedpeft.strategies.base import NEW_USERS, Phase
 from fedpeft.training import divergence_counts
+from fedpeft.verdict import run_verdict
 
 NODE_WAIT_SECONDS = 120
 STOPPING = threading.Event()  # set by the entry point on SIGINT/SIGTERM: no checkpoint is written after it
@@ -267,7 +268,7 @@ class FederatedRun:
             private = {k for k in sent if not self.strategy.is_shared(k, phase.name)}
             if private:  # the privacy invariant: refuse loudly rather than aggregate a private key
                 raise RuntimeError(f"a client sent keys that are private in phase '{phase.name}': {sorted(private)[:3]}")
-        self.shared = self.strategy.aggregate(server_round, self.shared, ok, sampled=len(cohort))
+        self.shared = self.strategy.aggregate(server_round, self.shared, ok, sampled=len(cohort), phase=phase.name)
         if self.accountant is not None and self.strategy.privacy_release is not None:
             self.accountant.compose_release(self.strategy.privacy_release)
         metric = lambda key: [r.content.metric_records["metrics"][key] for r in ok]  # noqa: E731
@@ -282,7 +283,8 @@ class FederatedRun:
 
     def over_budget(self, server_round: int, phase: Phase) -> bool:
         """Whether this round's release would take the spent epsilon past ``privacy.max_epsilon``
-        (a phase that shares nothing releases nothing, and is never stopped)."""
+        (a phase that shares nothing releases nothing, and is never stopped). Exact: a round costs
+        the same whoever fails in it (the mean divides by the users sampled, fedpeft.privacy)."""
         pr = self.config.privacy
         if self.accountant is None or not pr.max_epsilon or not any(self.strategy.is_shared(k, phase.name) for k in self.shared):
             return False
@@ -526,6 +528,8 @@ class FederatedRun:
                                   description=describe(selection, self.total_rounds))
         # trained users whose cohorts gave them rounds they did not train (failed calls): scored, but on less training
         undertrained = int(sum(self.rounds_trained[i] < self.rounds_scheduled[i] for i in self.trained_users))
+        # the run's verdict over every user, trained and new (fedpeft.verdict): a diverged user is scored, not failed
+        verdict = run_verdict(per_user, self.failures, self.config.federation.max_failed_fraction, self.config.train.lr)
         summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed, "n_skipped": len(skipped),
                                    "n_undertrained": undertrained, **chosen}
         # the sweep metric: the validation score the rule chose by (never a test score)
@@ -539,6 +543,7 @@ class FederatedRun:
             summary.update({f"{group}_{key}": value for group in ("new", "new_as_is") for key, value in groups.get(group, {}).items()
                             if key in self.metric_names or key in ("n_evaluated", "n_failed")})
         results = {
+            **verdict,  # status (ok, degraded, failed), status_reason, status_counts
             "metrics": self.metric_names,
             "headline": "corpus" if self.task.corpus_metrics else "mean over users",
             "strategy": self.config.federation.strategy, "benchmark": self.config.data.benchmark,

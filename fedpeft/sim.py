@@ -48,6 +48,7 @@ from fedpeft.reporting import summary_table
 from fedpeft.selection import check_selection
 from fedpeft.store import check_store_is_free, claim_store, store_owner
 from fedpeft.strategies import make_strategy
+from fedpeft.verdict import FAILED_RUN_EXIT, failed_run_line
 from fedpeft.wandb_preflight import check_wandb_online
 
 RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
@@ -228,6 +229,9 @@ def start_ray(config: Config, warm_model: str | None = None) -> None:
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
     env_vars = {"PYTHONPATH": pythonpath, **({WARM_MODEL_ENV: warm_model} if warm_model else {})}
+    # Ray's note on a future default (GPU visibility with num_gpus=0) is not the user's news: stderr
+    # stays for fedpeft's own lines (a failed run's one line)
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     ray.init(runtime_env={"env_vars": env_vars, "worker_process_setup_hook": WORKER_SETUP_HOOK},
              **backend_config(config)["init_args"])
     take_signals()
@@ -417,6 +421,7 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
         return done
     check_ray_address(config.ray.address)
     check_wandb_online(config)
+    check_model(config)  # the backbone and its tokenizer, before Ray starts (claim_run checks it again)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # the data first (read here, the preparation's thread finds it cached): the workers' model needs its labels
     bench = get_benchmark(config)
@@ -491,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     print(summary_table(results))
+    if results.get("status") == "failed":  # everything is written; one line says why and what to try
+        sys.stdout.flush()
+        print(failed_run_line(results), file=sys.stderr)
+        return FAILED_RUN_EXIT
     if results["summary"]["n_evaluated"] == 0:
         print("fedpeft: error: every user failed; the reasons are in failures.json", file=sys.stderr)
         return 1

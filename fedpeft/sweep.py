@@ -7,9 +7,11 @@ Each run is started exactly as ``wandb agent`` starts it (:func:`agent_command`,
 ``WANDB_RUN_ID`` and ``WANDB_SWEEP_PARAM_PATH`` set, and W&B offline (``wandb sync`` later).
 The metric in ``metric.name`` is read back from the run's summary, built as W&B builds the run's
 summary (:func:`logged_metrics`), and given to the engine: an offline sweep and a ``wandb agent``
-see the same number. Tune on ``selected_val_<metric>`` (e.g. ``selected_val_accuracy``), the
-validation score at the rounds ``federation.select`` picks; ``accuracy`` and ``accuracy_mean``
-are test scores.
+see the same number. A run whose process exits non-zero or whose results.json says ``status:
+failed`` (fedpeft.verdict) is given to the engine as failed and without the metric, as W&B marks
+it (``run.finish(exit_code=...)``): its score is never a point of the sweep. Tune on
+``selected_val_<metric>`` (e.g. ``selected_val_accuracy``), the validation score at the rounds
+``federation.select`` picks; ``accuracy`` and ``accuracy_mean`` are test scores.
 
 The engine is the ``sweeps`` package (``next_run``); it pins numpy < 2, so it runs in an
 interpreter of its own: ``--engine-python PATH`` (a venv with ``pip install sweeps``), or this
@@ -97,10 +99,9 @@ def logged_metrics(search_root: Path, run_id: str) -> tuple[dict[str, float], li
     ``RunReporter.log_round`` logs every round), the summary each key's last logged value, then
     overwritten by ``results.json``'s ``summary`` (what ``RunReporter.write_final`` puts into the
     W&B summary; absent when the run did not finish)."""
-    found = sorted(search_root.rglob(f"offline-run-*-{run_id}"))
-    if not found:
+    run_dir = fedpeft_run_dir(search_root, run_id)
+    if run_dir is None:
         return {}, []
-    run_dir = found[0].parent.parent
     history = [_numbers(json_value(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary: dict[str, float] = {}
     for record in history:
@@ -109,6 +110,28 @@ def logged_metrics(search_root: Path, run_id: str) -> tuple[dict[str, float], li
     if results.is_file():
         summary.update(_numbers(json_value(results.read_text())["summary"]))
     return summary, history
+
+
+def fedpeft_run_dir(search_root: Path, run_id: str) -> Path | None:
+    """The run folder holding ``wandb/offline-run-*-<run_id>``, or None."""
+    found = sorted(search_root.rglob(f"offline-run-*-{run_id}"))
+    return found[0].parent.parent if found else None
+
+
+def sweep_state(search_root: Path, run_id: str, code: int) -> str:
+    """The run's state for the engine: ``failed`` when its process did not exit 0 or its
+    results.json says ``status: failed`` (fedpeft.verdict), as W&B records it; else ``finished``."""
+    run_dir = fedpeft_run_dir(search_root, run_id)
+    results = run_dir / "results.json" if run_dir is not None else None
+    status = json_value(results.read_text()).get("status") if results is not None and results.is_file() else None
+    return "failed" if code != 0 or status == "failed" else "finished"
+
+
+def without_metric(metric: str, summary: dict[str, float], history: list[dict[str, float]]
+                   ) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """A failed run's summary and history without the sweep metric: its score ranks nothing (the
+    engine imputes a failed run's value, e.g. bayes the worst of the sweep)."""
+    return {k: v for k, v in summary.items() if k != metric}, [{k: v for k, v in h.items() if k != metric} for h in history]
 
 
 def tuning_on_test_warning(metric: str, summary: dict[str, float]) -> str:
@@ -138,12 +161,15 @@ def run_sweep(sweep: dict[str, Any], count: int, engine_python: str, cwd: Path) 
         print(f"fedpeft.sweep: run {len(runs) + 1}/{count} ({run_id}): {' '.join(command)}", flush=True)
         code = subprocess.run(command, env=env, cwd=cwd).returncode
         summary, history = logged_metrics(cwd, run_id)
-        if metric and metric not in summary and code == 0:
+        state = sweep_state(cwd, run_id, code)
+        if metric and state == "failed":
+            summary, history = without_metric(metric, summary, history)
+        if metric and metric not in summary and state == "finished":
             raise SystemExit(f"fedpeft.sweep: metric.name '{metric}' was not logged by the run; fedpeft logs "
                              f"{', '.join(sorted(summary)) or 'nothing (is --wandb=offline in the command?)'}.")
         if metric and not runs and tuning_on_test_warning(metric, summary):
             print(tuning_on_test_warning(metric, summary), file=sys.stderr, flush=True)
-        runs.append({"name": run_id, "state": "finished" if code == 0 else "failed", "config": args,
+        runs.append({"name": run_id, "state": state, "config": args,
                      "summary": summary, "history": history, "exitcode": code})
     return runs
 

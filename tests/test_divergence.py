@@ -141,6 +141,10 @@ def test_a_diverging_run_fails_its_users_and_says_so(strategy, tiny_bert, tmp_pa
     for f in train_failures:
         assert f["error"].startswith("fedpeft.training.TrainingDiverged: training diverged (non-finite loss at step "), f
     assert results["diverged"] == {"calls": 2 * len(users), "users": len(users)}
+    # a run in which no user ever trained is no result (issue 28): every user diverged and was undertrained
+    assert results["status"] == "failed" and results["summary"]["n_failed"] == 0
+    assert results["status_counts"] == {"users": len(users), "failed": 0, "diverged": len(users),
+                                        "undertrained": len(users), "affected": len(users), "max_failed_fraction": 0.1}
 
     rows = per_user(run)
     for user in users:  # scored on the common init: the adapter no call could train
@@ -171,6 +175,7 @@ def test_a_user_that_diverges_keeps_the_adapter_of_its_last_good_round(tiny_bert
     users = get_benchmark(good).user_ids()
 
     assert results["diverged"] == {"calls": len(users), "users": len(users)}
+    assert results["status"] == "failed" and results["status_counts"]["affected"] == len(users)  # round 2: every user
     assert Checkpoint.load(run).progress["last_round"] == [1] * len(users)
     for user in users:
         kept, expected = final_adapter(run, user), final_adapter(reference, user)

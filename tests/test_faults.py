@@ -73,7 +73,8 @@ def _rows(run: Path) -> dict[str, dict]:
 
 
 def test_a_failing_user_and_a_dying_worker_are_failures_and_the_run_goes_on(faulty, tiny_bert, tmp_path, ray_shutdown):
-    assert main(faulty("dying", ["raise-1", "exit-4"], str(tiny_bert))) == 0
+    # 2 of 6 users fail: the run goes on, and is degraded, not failed, under a limit of 0.5 (issue 28)
+    assert main(faulty("dying", ["raise-1", "exit-4"], str(tiny_bert), "federation.max_failed_fraction=0.5")) == 0
     run = tmp_path / "dying"
     rows = _rows(run)
     assert rows["user0001"]["status"] == "failed" and "injected failure of user 1" in rows["user0001"]["error"]
@@ -93,7 +94,8 @@ def test_a_call_that_hangs_is_bounded_by_the_call_timeout(faulty, tiny_bert, tmp
     worker replaced, and the user's next call (the evaluation) runs as usual."""
     # a worker imports and builds its model as its process starts (fedpeft.client_app.warm_up), not in
     # its first call, so 25 s leaves a loaded machine's ordinary calls (under a second here) far below it
-    args = faulty("hanging", ["hang-2"], str(tiny_bert), "--rounds", "1", "federation.call_timeout=25")
+    args = faulty("hanging", ["hang-2"], str(tiny_bert), "--rounds", "1", "federation.call_timeout=25",
+                  "federation.max_failed_fraction=0.5")  # 1 of 6 undertrained: degraded (issue 28)
     assert main(args) == 0
     run = tmp_path / "hanging"
     history = json.loads((run / "failures.json").read_text())

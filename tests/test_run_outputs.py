@@ -59,6 +59,9 @@ def test_a_user_that_fails_once_and_is_scored_at_the_end_counts_as_scored(tiny_b
     assert all(r["rounds_scheduled"] == "2" for r in rows.values())
     assert results["summary"]["n_undertrained"] == 1
     assert "1 user(s) trained fewer rounds than their cohorts gave them" in summary_table(results)
+    # ... and it is one affected user of 4, more than federation.max_failed_fraction=0.1: the run failed (issue 28)
+    assert results["status"] == "failed" and results["status_counts"]["affected"] == 1
+    assert "1 of 4 users (25%)" in results["status_reason"] and "injected failure of user 2" in results["status_reason"]
     assert results["failed_users"] == {} and results["failed_calls"] == 1
     history = json.loads((run / "failures.json").read_text())
     assert [(f["round"], f["call"], f["user_id"]) for f in history] == [(1, "train", "user0002")]
