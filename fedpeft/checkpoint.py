@@ -29,27 +29,39 @@ from safetensors.torch import save_file
 
 from fedpeft.config import Config, ConfigError, load_yaml, merge_into, set_key, validate
 from fedpeft.files import atomic_write, atomic_write_text
+from fedpeft.run_folder import DEFAULT_STORE, RUN_FILE, bind_store, run_id_of, saved_store_dir
 
-RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CLAIM_FILE = ".fedpeft-claim.json"  # the run that uses the folder now (see claim_run_dir)
 # keys that never change a run's results: a resumed run may set them differently
 RESUME_MAY_CHANGE = ("wandb.mode", "output.progress", "ray.address", "ray.num_cpus", "ray.client_cpus",
                      "ray.client_gpus", "federation.call_timeout")
-_RESUME_SETS = ("output.dir", "output.name")  # the run folder itself
+# the run folder itself; and where its store is now (a store that moved: its owner file and every
+# adapter file must still name the run, fedpeft.run_folder.bind_store)
+_RESUME_SETS = ("output.dir", "output.name", "output.store_dir")
 
 
 @dataclass
 class RunIdentity:
+    """``run_id`` signs every adapter file and the store's owner file; ``copied_from``: the run
+    folder this one is a copy of (it then has a W&B run of its own)."""
+
     run_id: str
     wandb_id: str
+    copied_from: str = ""
 
     @classmethod
     def new(cls) -> RunIdentity:
         return cls(run_id=uuid.uuid4().hex[:12], wandb_id=uuid.uuid4().hex[:8])
 
+    def copy_of(self, original: Path) -> RunIdentity:
+        """The identity of a copy of the run folder ``original``: the same run id (its adapter
+        files carry it), a W&B run of its own."""
+        return RunIdentity(self.run_id, uuid.uuid4().hex[:8], str(original))
+
     def write(self, run_dir: Path) -> None:
-        atomic_write_text(run_dir / RUN_FILE, json.dumps({"run_id": self.run_id, "wandb_id": self.wandb_id}))
+        data = {"run_id": self.run_id, "wandb_id": self.wandb_id, **({"copied_from": self.copied_from} if self.copied_from else {})}
+        atomic_write_text(run_dir / RUN_FILE, json.dumps(data))
 
     @classmethod
     def read(cls, run_dir: Path) -> RunIdentity:
@@ -57,8 +69,14 @@ class RunIdentity:
         if not path.is_file():
             raise ConfigError(f"'{run_dir}' cannot be resumed: it has no {RUN_FILE} (not a fedpeft run folder, "
                               "or one written before runs could be resumed).")
-        data = json.loads(path.read_text())
-        return cls(run_id=data["run_id"], wandb_id=data["wandb_id"])
+        try:
+            data = json.loads(path.read_text())
+            return cls(run_id=str(data["run_id"]), wandb_id=str(data["wandb_id"]), copied_from=str(data.get("copied_from", "")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            why = f"no '{err.args[0]}' in it" if isinstance(err, KeyError) else f"not the JSON fedpeft writes ({err})"
+            raise ConfigError(f"{path} is damaged: {why}. It names the run (its id signs every adapter file), so the run "
+                              f"cannot continue without it: restore {RUN_FILE} from a backup (or from the folder this one "
+                              "was copied from), or start a new run without --resume.") from None
 
 
 @dataclass
@@ -75,6 +93,22 @@ class Checkpoint:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"round": str(self.round), "progress": json.dumps(self.progress)}
         atomic_write(run_dir / CHECKPOINT_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @staticmethod
+    def check_present(run_dir: Path) -> None:
+        """Refuse to resume a run folder whose checkpoint is missing although it recorded rounds
+        (metrics.jsonl, results.json): it would start again from round 1 over them. Round 1
+        alone is no proof (a run killed between its metrics line and its first checkpoint):
+        starting round 1 again costs one round and gives the same results."""
+        path = run_dir / CHECKPOINT_FILE
+        done = recorded_rounds(run_dir)
+        if path.exists() or not (done > 1 or (run_dir / "results.json").is_file()):
+            return
+        what = f"{done} round(s) in metrics.jsonl" if done else "a results.json"
+        raise ConfigError(f"Cannot resume {run_dir}: its checkpoint {path} is missing, but the run recorded {what}; "
+                          f"resuming would start again from round 1 over them. Restore {CHECKPOINT_FILE} (from a backup, "
+                          "or from the folder this one was copied from) and resume again, or start a new run without "
+                          "--resume (another --name).")
 
     @staticmethod
     def saved_round(run_dir: Path) -> int:
@@ -103,6 +137,21 @@ class Checkpoint:
                               "backup and resume again.") from err
         part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         return cls(round=round_, shared=part("shared/"), server=part("server/"), progress=progress)
+
+
+def recorded_rounds(run_dir: Path) -> int:
+    """The last round ``metrics.jsonl`` records (0: none), whatever the checkpoint holds."""
+    last = 0
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except (OSError, ValueError):
+        return 0
+    for line in lines:
+        try:
+            last = max(last, int(json.loads(line)["round"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return last
 
 
 def claim_run_dir(run_dir: Path, exist_ok: bool) -> bool:
@@ -167,15 +216,17 @@ def _pid_alive(pid: int) -> bool:
 
 def _take_claim(path: Path) -> None:
     host = socket.gethostname()
-    mine = {"pid": os.getpid(), "host": host, "started": datetime.now().astimezone().isoformat(timespec="seconds")}
+    mine = {"pid": os.getpid(), "host": host, "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "run_dir": str(path.parent)}
     for _ in range(2):  # a second try after taking over a claim its run left behind
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = _read_claim(path)
             ours = holder is not None and holder.get("host") == host and isinstance(holder.get("pid"), int)
-            if ours and (holder["pid"] == os.getpid() or not _pid_alive(holder["pid"])):
-                path.unlink(missing_ok=True)  # this process's own, or a run on this host that is gone
+            copied = holder is not None and holder.get("run_dir", str(path.parent)) != str(path.parent)
+            if copied or (ours and (holder["pid"] == os.getpid() or not _pid_alive(holder["pid"]))):
+                path.unlink(missing_ok=True)  # copied with its folder, this process's own, or a run on this host that is gone
                 continue
             raise ConfigError(_in_use(path, holder)) from None
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -193,17 +244,27 @@ def _in_use(path: Path, holder: dict[str, Any] | None) -> str:
 
 
 def load_run_config(run_dir: str | Path) -> Config:
-    """The resolved config a run folder's ``config.yaml`` holds."""
+    """The resolved config a run folder's ``config.yaml`` holds, with ``output.store_dir`` the
+    absolute path of the folder's store (:func:`fedpeft.run_folder.saved_store_dir`)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' is not a fedpeft run folder: it has no config.yaml.")
-    data = yaml.safe_load(path.read_text())
-    data.pop("fedpeft_version", None)
-    data.pop("git_commit", None)
-    saved_data = data.get("data") or {}
-    if str(saved_data.get("benchmark", "")).startswith("peft-u") and "split" not in saved_data:
-        saved_data["split"] = "leaked"  # written before data.split existed: PEFT-U's file splits were the only ones
-    return Config.from_dict(data)
+    try:
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a {type(data).__name__}, not the mapping of config keys fedpeft writes")
+        data.pop("fedpeft_version", None)
+        data.pop("git_commit", None)
+        saved_data = data.get("data") or {}
+        if str(saved_data.get("benchmark", "")).startswith("peft-u") and "split" not in saved_data:
+            saved_data["split"] = "leaked"  # written before data.split existed: PEFT-U's file splits were the only ones
+        config = Config.from_dict(data)
+    except (OSError, ValueError, yaml.YAMLError, ConfigError, AttributeError, TypeError) as err:
+        why = " ".join(str(err).split())  # a YAML error's own lines and caret, on one line
+        raise ConfigError(f"{path} is damaged: {why}. Restore config.yaml from a backup (or from the folder this one was "
+                          "copied from); without it the run cannot be resumed or exported.") from None
+    config.output.store_dir = str(saved_store_dir(Path(run_dir).resolve(), config.output.store_dir, run_id_of(Path(run_dir))))
+    return config
 
 
 def resume_config(run_dir: str | Path, config_files: list[str], overrides: list[tuple[str, Any]]) -> Config:
@@ -211,6 +272,7 @@ def resume_config(run_dir: str | Path, config_files: list[str], overrides: list[
     overrides on top, refused if they change a key that changes results."""
     folder = Path(run_dir).resolve()
     saved = load_run_config(folder)
+    identity = check_resume_folder(folder)
     wanted = copy.deepcopy(saved)
     for file in config_files:
         merge_into(wanted, load_yaml(file), where=f"in {file}")
@@ -218,8 +280,18 @@ def resume_config(run_dir: str | Path, config_files: list[str], overrides: list[
         set_key(wanted, key, value)
     validate(wanted)
     check_resumable(saved, wanted)
+    wanted.output.store_dir = str(Path(wanted.output.store_dir or folder / DEFAULT_STORE).resolve())  # '': <run>/adapters
+    bind_store(folder, Path(wanted.output.store_dir), identity.run_id)  # another folder's store: refused now
     wanted.output.dir, wanted.output.name = str(folder.parent), folder.name
     return wanted
+
+
+def check_resume_folder(run_dir: Path) -> RunIdentity:
+    """What ``--resume`` needs of a run folder beyond its config, checked before anything starts:
+    a readable run.json and, where rounds were recorded, the checkpoint. Returns the identity."""
+    identity = RunIdentity.read(run_dir)
+    Checkpoint.check_present(run_dir)
+    return identity
 
 
 def final_adapter(run_dir: str | Path, user_id: str) -> dict[str, torch.Tensor] | None:
@@ -259,4 +331,4 @@ def check_resumable(saved: Config, wanted: Config) -> None:
         shown = ", ".join(f"{k} ({before[k]!r} -> {after[k]!r})" for k in differ)
         raise ConfigError(f"A resumed run must keep its config, but these keys differ from the run folder's config.yaml: "
                           f"{shown}. Drop those overrides, or start a new run. Keys that may change on resume: "
-                          f"{', '.join(RESUME_MAY_CHANGE)}.")
+                          f"{', '.join(RESUME_MAY_CHANGE)}, and output.store_dir (where the run's own store is now).")

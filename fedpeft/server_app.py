@@ -331,6 +331,7 @@ class FederatedRun:
         try:
             return self.run_rounds()
         except Exception as err:
+            self.reporter.keep_rounds(Checkpoint.saved_round(self.run_dir))  # the files hold only checkpointed rounds
             found = (err.code, str(err)) if isinstance(err, StorageFailure) else storage_failure(err, self.run_dir)
             if not found:
                 raise

@@ -16,10 +16,12 @@ A user keeps at most two files at a time: the one it started the round from and 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -120,8 +122,12 @@ def glob_escape(text: str) -> str:
 
 
 def store_owner(root: str | Path) -> dict[str, str] | None:
-    owner = Path(root) / OWNER_FILE
-    return json.loads(owner.read_text()) if owner.is_file() else None
+    """The store's owner file (run id, run folder, driver files); None when there is no readable one."""
+    try:
+        data = json.loads((Path(root) / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def check_store_is_free(root: str | Path) -> None:
@@ -136,6 +142,26 @@ def check_store_is_free(root: str | Path) -> None:
         raise ConfigError(f"The adapter store {root} holds the adapters of another run ({other}); a new run would "
                           "start from them. Give a new folder (output.store_dir, or a new --name; left empty, each "
                           f"run gets <run folder>/adapters), or continue that run with `python -m fedpeft.sim --resume {other}`.")
+
+
+def check_store_writable(root: str | Path) -> None:
+    """Refuse, before anything is written, an adapter store this process cannot write to (a
+    read-only folder or file system, a file in its place): every user's call would fail. Probes
+    the store, or the nearest folder above it that exists, with a temporary file."""
+    from fedpeft.config import ConfigError
+
+    probe_at = Path(root)
+    while not probe_at.exists() and probe_at != probe_at.parent:
+        probe_at = probe_at.parent
+    try:
+        if not probe_at.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(probe_at))
+        with tempfile.TemporaryFile(dir=probe_at):
+            pass
+    except OSError as err:
+        where = "" if probe_at == Path(root) else f" ({probe_at} cannot be written)"
+        raise ConfigError(f"Cannot write the adapter store {root}: {(err.strerror or str(err)).lower()}{where}. Give "
+                          "output.store_dir a folder this user can write to, or leave it empty for <run folder>/adapters.") from None
 
 
 def timeout_note(root: str | Path, run_id: str, user_index: int, kind: str, server_round: int) -> Path:

@@ -92,7 +92,7 @@ def load_export_as_the_readme_says(folder: Path):
 
     task = json.loads((folder / "fedpeft_task.json").read_text())
     base = AutoModelForSequenceClassification.from_pretrained(  # the head's weights come from the adapter
-        task["base_model"], num_labels=len(task["labels"]), ignore_mismatched_sizes=True)
+        task["base_model_path"], num_labels=len(task["labels"]), ignore_mismatched_sizes=True)
     model = PeftModel.from_pretrained(base, folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, task

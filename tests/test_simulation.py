@@ -113,7 +113,7 @@ def test_exported_adapter_loads_with_peft_and_predicts_the_same(runs, tmp_path):
     assert export_main(["--run", str(run), "--user", "user0002", "--out", str(out)]) == 0
     task = json.loads((out / "fedpeft_task.json").read_text())
     base = AutoModelForSequenceClassification.from_pretrained(
-        task["base_model"], num_labels=len(task["labels"]), ignore_mismatched_sizes=True  # the head comes from the adapter
+        task["base_model_path"], num_labels=len(task["labels"]), ignore_mismatched_sizes=True  # the head comes from the adapter
     )
     model = PeftModel.from_pretrained(base, out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)

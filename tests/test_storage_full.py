@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -91,6 +92,9 @@ def check_stopped_then_resumed(cfg: Config, run: Path, err: StorageFailure, fold
     assert f"--resume {run}" in message, message
     assert Checkpoint.load(run).round == 1  # round 2 was never checkpointed
     assert not (run / "results.json").exists()  # nothing that looks like a finished run
+    # the per-round files hold what the checkpoint holds (issue 29; before, metrics.jsonl kept round 2)
+    for name in ("metrics.jsonl", "rounds_per_user.jsonl"):
+        assert {json.loads(line)["round"] for line in (run / name).read_text().splitlines()} == {1}, name
     monkeypatch.undo()
     for filler in fillers:
         filler.unlink()
