@@ -33,7 +33,6 @@ def test_the_wheel_holds_fedpeft_strategies_and_no_top_level_strategies(tmp_path
 
 def test_the_citation_file_names_the_version_and_the_license_of_the_package():
     import tomllib
-
     import yaml
 
     citation = yaml.safe_load((REPO / "CITATION.cff").read_text())
