@@ -1,6 +1,11 @@
 """Run several strategies on the same users, once per model seed; compare them side by side.
 
     python sims/compare.py --strategies local_only,fedavg,fedsa [--seeds 0,1,2] [--config FILE] [KEY=VALUE ...]
+    python sims/compare.py --resume STUDY_DIR        (or --report-only STUDY_DIR)
+
+Every run is checked before the first starts, and the study's arguments are recorded in
+``study.json``: ``--resume`` keeps finished runs, continues interrupted ones and runs missing
+ones; ``--report-only`` rebuilds the tables and plots from what is there (fedpeft.study_resume).
 
 Each strategy runs once per seed of ``compare.seeds`` (the model seed ``seed``; ``data.seed`` stays
 fixed, so the users are the same). Every number is computed over ONE common set of users, those
@@ -37,7 +42,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,9 +51,12 @@ from fedpeft.cli import config_from_args
 from fedpeft.compare_runs import NEW, TRAINED, SeedRun, UserSet, metric_of, reference_run, user_set
 from fedpeft.compare_stats import mean_interval, paired_differences, paired_stats
 from fedpeft.compare_status import privacy_columns, run_one, run_rows, status_columns
-from fedpeft.config import Config, ConfigError
+from fedpeft.config import Config
 from fedpeft.metrics import gain
 from fedpeft.strategies import STRATEGIES, get_strategy_class
+
+if TYPE_CHECKING:
+    from fedpeft.study_resume import StudySpec
 
 HEADLINE_RULES = ("best_val", "final")  # the table gives the headline under both
 Runner = Callable[[Config], dict[str, Any]]
@@ -61,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser,
     parser.add_argument("--baseline", help="strategy the gains are measured against [compare.baseline] (default: local_only)")
     parser.add_argument("--compare-out", help=out_help)
     parser.add_argument("--seeds", help="model seeds, comma list [compare.seeds] (default: the run's seed)")
+    parser.add_argument("--resume", metavar="STUDY_DIR",
+                        help="continue the study in STUDY_DIR with its own arguments (its study.json): finished runs "
+                             "are kept, interrupted ones resumed, missing ones run, and the report is rebuilt")
+    parser.add_argument("--report-only", metavar="STUDY_DIR",
+                        help="rebuild the tables and plots of STUDY_DIR from the runs it holds; runs missing or "
+                             "unfinished are listed as such; nothing runs")
 
 
 def from_arguments(args: argparse.Namespace, rest: list[str]) -> tuple[list[str], str, Path | None, Config]:
@@ -125,12 +139,14 @@ def _interval(key: str, values: list[float]) -> dict[str, float]:
 
 
 def spent_epsilon(results: dict[str, Any]) -> float:
-    """The user-level epsilon a run spent on its shared part (results.json ``privacy``; None:
+    """The user-level epsilon a run spent on its shared part (results.json ``privacy``; None, or
+    null read back from results.json (fedpeft.files.json_value: NaN), which is how it stores ∞:
     unbounded, a run that shared without DP or without noise); NaN for a run from before privacy."""
     privacy = results.get("privacy")
-    if privacy is None:
+    if not isinstance(privacy, dict):
         return math.nan
-    return math.inf if privacy["epsilon"] is None else float(privacy["epsilon"])
+    epsilon = privacy.get("epsilon")
+    return float(epsilon) if epsilon is not None and math.isfinite(epsilon) else math.inf
 
 
 def comparison_rows(runs: dict[str, list[SeedRun]], baseline: str, rule: str, trained: UserSet) -> list[dict[str, Any]]:
@@ -257,12 +273,11 @@ def activity_rows(runs: dict[str, list[SeedRun]], baseline: str, rule: str, user
              f"gain_vs_{baseline}": rows[i]["gain"]} for i in range(len(bins)) for name, rows in per_strategy.items()]
 
 
-def run_all(names: list[str], config: Config, out: Path, runner: Runner) -> dict[str, list[SeedRun]]:
-    """Each strategy once per seed of ``compare.seeds`` (default: the config's seed), into ``out``;
-    a run that fails is recorded as failed and the others go on (fedpeft.compare_status)."""
+def run_configs(names: list[str], config: Config, out: Path) -> list[Config]:
+    """Every run of the comparison, in the order they run: each strategy once per seed of
+    ``compare.seeds`` (default: the config's seed), each into its folder of ``out``."""
     seeds = list(config.compare.seeds) or [config.seed]
-    rules = tuple(dict.fromkeys((*HEADLINE_RULES, config.compare.select)))
-    runs: dict[str, list[SeedRun]] = {name: [] for name in names}
+    configs = []
     for seed in seeds:
         for name in names:
             cfg = copy.deepcopy(config)
@@ -270,8 +285,19 @@ def run_all(names: list[str], config: Config, out: Path, runner: Runner) -> dict
             folder = name if len(seeds) == 1 else f"{name}-seed{seed}"
             cfg.output.dir, cfg.output.name, cfg.output.store_dir = str(out), folder, ""
             cfg.wandb.group = cfg.wandb.group or out.name
-            print(f"=== {name}, seed {seed} ===", flush=True)
-            runs[name].append(run_one(runner, cfg, out / folder, seed, rules))
+            configs.append(cfg)
+    return configs
+
+
+def run_all(names: list[str], config: Config, out: Path, runner: Runner) -> dict[str, list[SeedRun]]:
+    """Each run of :func:`run_configs`; a run that fails is recorded as failed and the others go
+    on (fedpeft.compare_status)."""
+    rules = tuple(dict.fromkeys((*HEADLINE_RULES, config.compare.select)))
+    runs: dict[str, list[SeedRun]] = {name: [] for name in names}
+    for cfg in run_configs(names, config, out):
+        name, seed = cfg.federation.strategy, cfg.seed
+        print(f"=== {name}, seed {seed} ===", flush=True)
+        runs[name].append(run_one(runner, cfg, out / cfg.output.name, seed, rules))
     return runs
 
 
@@ -337,25 +363,22 @@ def warn_failed(out: Path, runs: dict[str, list[SeedRun]]) -> None:
               f"in the comparison; why is in {out / 'runs.csv'}", file=sys.stderr)
 
 
-def study_main(work: Callable[[], Path], table: str, what: str) -> int:
-    """A study script's main: ``work()`` runs it and returns its folder; prints ``table`` from it,
-    or the one-line error of bad arguments (exit 2)."""
-    try:
-        folder = work()
-    except ConfigError as err:
-        print(f"fedpeft: error: {err}", file=sys.stderr)
-        return 2
-    print((folder / table).read_text())
-    print(f"{what} written to {folder}")
-    return 0
+def study_spec() -> StudySpec:
+    """The study of ``sims/compare.py`` (fedpeft.study_resume): its main, and ``fedpeft.compare``."""
+    from fedpeft.study_resume import StudyPlan, StudySpec
+
+    def plan(args: list[str]) -> StudyPlan:
+        names, baseline, out, config = parse_args(args)
+        return StudyPlan(config, out, {}, run=lambda folder, runner: compare(names, baseline, config, folder, runner),
+                         runs=lambda folder: run_configs(names, config, folder))
+
+    return StudySpec("sims/compare.py", "comparison.md", "comparison", "compare", plan)
 
 
 def main(argv: list[str] | None = None) -> int:
-    def work() -> Path:
-        names, baseline, out, config = parse_args(sys.argv[1:] if argv is None else argv)
-        return compare(names, baseline, config, out)
+    from fedpeft.study_resume import study_main
 
-    return study_main(work, "comparison.md", "comparison")
+    return study_main(study_spec(), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

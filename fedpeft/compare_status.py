@@ -38,6 +38,11 @@ def run_status(results: dict[str, Any]) -> tuple[str, str]:
     return UNKNOWN, "results.json has no status (a run from before run statuses): read as ok"
 
 
+class RunNotFinished(Exception):
+    """A run a report reads that is missing or unfinished (``--report-only``): the message says
+    which; it is shown as a failed run with that reason, and nothing is run."""
+
+
 def run_one(runner: Callable[[Config], dict[str, Any]], cfg: Config, run_dir: Path, seed: int,
             rules: tuple[str, ...]) -> SeedRun:
     """``runner(cfg)`` read back as one seed's run. A run that raises (a config error aside, which
@@ -47,11 +52,26 @@ def run_one(runner: Callable[[Config], dict[str, Any]], cfg: Config, run_dir: Pa
         results = runner(cfg)
     except ConfigError:
         raise
+    except RunNotFinished as err:
+        print(f"fedpeft: run {run_dir.name} is {err}; the report shows it as not run", flush=True)
+        return failed_run(seed, run_dir, rules, f"not run ({err})", task_metrics(cfg))
     except Exception as err:  # noqa: BLE001 - one run's failure, recorded; the comparison goes on
         why = _one_line(f"{type(err).__name__}: {err}", 300)
         print(f"fedpeft: run {run_dir.name} failed ({why}); the comparison goes on without it", flush=True)
         return failed_run(seed, run_dir, rules, why, task_metrics(cfg))
-    return SeedRun.read(seed, run_dir, results, rules)
+    return SeedRun.read(seed, run_dir, as_written(run_dir, results), rules)
+
+
+def as_written(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """The run's results.json as read back (what a resumed study reads for a run it keeps, so that
+    a comparison's numbers do not depend on whether its runs ran just now); ``results`` when the
+    folder has none."""
+    from fedpeft.files import json_value
+
+    try:
+        return json_value((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return results
 
 
 def task_metrics(cfg: Config) -> list[str]:

@@ -2,6 +2,7 @@
 
     python sims/privacy.py --strategies fedavg,fedsa,ffa,fedper,fedrep --epsilons inf,8,2,1 --seeds 0,1,2 \\
         [--mechanism central] [--compare-out DIR] [sim options, e.g. --benchmark peft-u/... --select best_val]
+    python sims/privacy.py --resume STUDY_DIR        (or --report-only STUDY_DIR: see fedpeft/study_resume.py)
 
 For each ε of ``--epsilons`` it runs the comparison of fedpeft/compare.py (every strategy once per
 seed, on the same users) into ``<out>/eps<ε>``: ``inf`` without differential privacy
@@ -32,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpeft.compare import add_arguments, compare, from_arguments, study_main
+from fedpeft.compare import add_arguments, compare, from_arguments, run_configs
 from fedpeft.compare_plots import interval_errors, pyplot, save_with_legend
 from fedpeft.compare_report import read_csv, write_csv
 from fedpeft.config import CHOICES, FLAG_ALIASES, Config, ConfigError
@@ -94,7 +95,9 @@ def parse_args(argv: list[str]) -> tuple[list[str], Path | None, Config, list[fl
 
 
 def private_config(config: Config, epsilon: float, mechanism: str) -> Config:
+    """The config of one budget's comparison."""
     cfg = copy.deepcopy(config)
+    cfg.compare.out = ""
     if math.isinf(epsilon):
         cfg.privacy.mechanism, cfg.privacy.target_epsilon = "none", 0.0
     else:
@@ -102,9 +105,16 @@ def private_config(config: Config, epsilon: float, mechanism: str) -> Config:
     return cfg
 
 
+def without_privacy(cfg: Config) -> Config:
+    """The baseline's run: local_only shares nothing, so it runs without DP."""
+    cfg.privacy.mechanism, cfg.privacy.target_epsilon, cfg.privacy.max_epsilon = "none", 0.0, 0.0
+    return cfg
+
+
 def baseline_once(runner: Callable[[Config], dict[str, Any]]) -> Callable[[Config], dict[str, Any]]:
     """A runner that runs local_only without DP, once per seed: a later budget's comparison gets
-    a link to that run's folder (local_only releases nothing, so every budget's is the same)."""
+    a link to that run's folder (local_only releases nothing, so every budget's is the same; a
+    resumed study finds its link there already)."""
     done: dict[int, tuple[Path, dict[str, Any]]] = {}
 
     def run(cfg: Config) -> dict[str, Any]:
@@ -114,10 +124,10 @@ def baseline_once(runner: Callable[[Config], dict[str, Any]]) -> Callable[[Confi
         if cfg.seed in done:
             first, results = done[cfg.seed]
             folder.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(os.path.relpath(first, folder.parent), folder)
+            if not os.path.lexists(folder):
+                os.symlink(os.path.relpath(first, folder.parent), folder)
             return results
-        cfg.privacy.mechanism, cfg.privacy.target_epsilon, cfg.privacy.max_epsilon = "none", 0.0, 0.0
-        results = runner(cfg)
+        results = runner(without_privacy(cfg))
         done[cfg.seed] = (folder, results)
         return results
 
@@ -261,6 +271,15 @@ def plot(path: Path, rows: list[Row], budgets: list[str], metric: str, rule: str
     save_with_legend(fig, ax, path, metadata={"Description": title})
 
 
+def study_runs(names: list[str], config: Config, epsilons: list[float], mechanism: str, out: Path) -> list[Config]:
+    """Every run of the study as it runs it (local_only without DP; later budgets link to the first's)."""
+    runs = []
+    for epsilon in sorted(epsilons, reverse=True):
+        for cfg in run_configs(names, private_config(config, epsilon, mechanism), out / f"eps{label(epsilon)}"):
+            runs.append(without_privacy(cfg) if cfg.federation.strategy == BASELINE else cfg)
+    return runs
+
+
 def study(names: list[str], config: Config, epsilons: list[float], mechanism: str = "central", out: Path | None = None,
           runner: Callable[[Config], dict[str, Any]] | None = None) -> Path:
     """One comparison per budget into ``<out>/eps<ε>``, then the study's table and plot into ``out``."""
@@ -274,10 +293,9 @@ def study(names: list[str], config: Config, epsilons: list[float], mechanism: st
     rows: list[Row] = []
     not_ok: list[str] = []
     for epsilon in ordered:
-        cfg = private_config(config, epsilon, mechanism)
-        cfg.compare.out = ""
         print(f"##### privacy budget {label(epsilon)} #####", flush=True)
-        folder = compare(names, BASELINE, cfg, out / f"eps{label(epsilon)}", runner=run_once)
+        folder = compare(names, BASELINE, private_config(config, epsilon, mechanism), out / f"eps{label(epsilon)}",
+                         runner=run_once)
         rows += study_rows(epsilon, read_csv(folder / "comparison.csv"), rule)
         not_ok += [f"- eps{label(epsilon)}/{r['folder'] or r['strategy']}: **{r['status']}**"
                    + (f": {r['status_reason']}" if r["status_reason"] else "")
@@ -291,11 +309,17 @@ def study(names: list[str], config: Config, epsilons: list[float], mechanism: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    def work() -> Path:
-        names, out, config, epsilons, mechanism = parse_args(sys.argv[1:] if argv is None else argv)
-        return study(names, config, epsilons, mechanism, out)
+    from fedpeft.study_resume import StudyPlan, StudySpec, study_main
 
-    return study_main(work, "privacy.md", "study")
+    def plan(args: list[str]) -> StudyPlan:
+        names, out, config, epsilons, mechanism = parse_args(args)
+        arguments = {"--epsilons": ",".join(map(str, epsilons)), "--mechanism": mechanism}
+        return StudyPlan(config, out, arguments,
+                         run=lambda folder, runner: study(names, config, epsilons, mechanism, folder, runner),
+                         runs=lambda folder: study_runs(names, config, epsilons, mechanism, folder))
+
+    spec = StudySpec("sims/privacy.py", "privacy.md", "study", "privacy", plan)
+    return study_main(spec, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python sims/where_sharing_pays.py --strategies local_only,fedavg,fedsa --ks 4,8,16,all --seeds 0,1,2 \\
         [--compare-out DIR] [sim options, e.g. data.new_users=0.2 --benchmark peft-u/...]
+    python sims/where_sharing_pays.py --resume STUDY_DIR        (or --report-only STUDY_DIR: see fedpeft/study_resume.py)
 
 For each K of ``--ks`` it runs the comparison of fedpeft/compare.py (every strategy once per seed, on
 the same users) with ``data.max_train_per_user=K`` (``all``: 0, every example) into ``<out>/K<k>``,
@@ -31,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpeft.compare import add_arguments, compare, from_arguments, study_main
+from fedpeft.compare import add_arguments, compare, from_arguments, run_configs
 from fedpeft.compare_plots import interval_errors, pyplot, save_with_legend
 from fedpeft.compare_report import read_csv, write_csv
 from fedpeft.config import FLAG_ALIASES, Config, ConfigError
@@ -228,6 +229,19 @@ def plot_gain_by_activity(path: Path, activity: list[Row], k: int | str, baselin
     save_with_legend(fig, ax, path)
 
 
+def k_config(config: Config, k: int | str) -> Config:
+    """The config of K's comparison: ``data.max_train_per_user=K`` (all: 0)."""
+    cfg = copy.deepcopy(config)
+    cfg.data.max_train_per_user = 0 if k == "all" else int(k)
+    cfg.compare.out = ""
+    return cfg
+
+
+def study_runs(names: list[str], config: Config, ks: list[int | str], out: Path) -> list[Config]:
+    """Every run of the study, in the order it runs them."""
+    return [cfg for k in ks for cfg in run_configs(names, k_config(config, k), out / f"K{k}")]
+
+
 def study(names: list[str], baseline: str, config: Config, ks: list[int | str], out: Path | None = None,
           runner: Callable[[Config], dict[str, Any]] | None = None) -> Path:
     """One comparison per K into ``<out>/K<k>``, then the study's table and plots into ``out``."""
@@ -237,11 +251,8 @@ def study(names: list[str], baseline: str, config: Config, ks: list[int | str], 
     rows: list[Row] = []
     not_ok: list[str] = []
     for k in ks:
-        cfg = copy.deepcopy(config)
-        cfg.data.max_train_per_user = 0 if k == "all" else int(k)
-        cfg.compare.out = ""
         print(f"##### K = {k} #####", flush=True)
-        folder = compare(names, baseline, cfg, out / f"K{k}", runner=runner)
+        folder = compare(names, baseline, k_config(config, k), out / f"K{k}", runner=runner)
         rows += study_rows(k, read_csv(folder / "comparison.csv"), baseline, rule)
         not_ok += runs_not_ok(folder, f"K{k}")
     metric = next(r for r in read_csv(out / f"K{ks[0]}" / "comparison.csv"))["metric"]
@@ -258,11 +269,15 @@ def study(names: list[str], baseline: str, config: Config, ks: list[int | str], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    def work() -> Path:
-        names, baseline, out, config, ks = parse_args(sys.argv[1:] if argv is None else argv)
-        return study(names, baseline, config, ks, out)
+    from fedpeft.study_resume import StudyPlan, StudySpec, study_main
 
-    return study_main(work, "where_sharing_pays.md", "study")
+    def plan(args: list[str]) -> StudyPlan:
+        names, baseline, out, config, ks = parse_args(args)
+        return StudyPlan(config, out, {}, run=lambda folder, runner: study(names, baseline, config, ks, folder, runner),
+                         runs=lambda folder: study_runs(names, config, ks, folder))
+
+    spec = StudySpec("sims/where_sharing_pays.py", "where_sharing_pays.md", "study", "where-sharing-pays", plan)
+    return study_main(spec, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
