@@ -46,7 +46,7 @@ class DataConfig:
     noise: float = field(default=0.1, metadata={"help": "synthetic: chance that a user departs from its persona on a (topic, tone) cell"})
     num_labels: int = field(default=3, metadata={"help": "synthetic: number of labels"})
     pool_size: int = field(default=400, metadata={"help": "synthetic: size of the shared pool of texts users label"})
-    new_users: float = field(default=0.0, metadata={"help": "users held out of every training cohort (drawn with data.seed, the same for every strategy): a fraction in [0, 1) or a count >= 1. At the end each one takes the final shared part, trains its private part on its own training split (federation.new_user_epochs) and is scored as its own group"})
+    new_users: str = field(default="0", metadata={"help": "users held out of every training cohort (drawn with data.seed, the same for every strategy): 0 (none), a fraction in (0, 1) of the users (0.2: a fifth, rounded, at least 1), or a count written count:N (count:4; a whole number >= 2 is a count too; 1 is refused: write count:1 or a fraction). At the end each one takes the final shared part, trains its private part on its own training split (federation.new_user_epochs) and is scored as its own group"})
     max_train_per_user: int = field(default=0, metadata={"help": "cap each user's training split at this many examples (a seeded draw, the same for every strategy; a smaller cap keeps a subset of a larger one); validation and test unchanged; 0 = all"})
     max_length: int = field(default=0, metadata={"help": "tokens per model input; retrieved history is cut first, the question last (in its middle); 0 = the benchmark's default (synthetic 32, peft-u 128, lamp 512)"})
     split: str = field(default="by_text", metadata={"help": "peft-u: how each user's examples are split into train/val/test. by_text: each text goes to one split for all users (PEFT-U's no-leak variant: texts shuffled with data.seed, 80/10/10 with at least 2 held out, no per-label minimum; data.seed=42 gives PEFT-U's own no-leak file where sample ids name texts), so no user's val or test text is in anyone's training split; a user left without training or test examples is skipped. leaked: the prepared file's own per-user splits (PEFT-U's default, used in its paper), where one user's test text is in other users' training splits. A run folder written before this key existed resumes with leaked"})
@@ -249,7 +249,7 @@ RANGES: dict[str, str] = {
     "data.retrieval_k": _NONNEG, "data.num_users": _COUNT, "data.train_per_user": _COUNT,
     "data.train_per_user_min": _NONNEG, "data.val_per_user": _COUNT, "data.test_per_user": _COUNT,
     "data.personas": _COUNT, "data.persona_divergence": _FRACTION, "data.noise": _FRACTION,
-    "data.num_labels": "[2, inf)", "data.pool_size": _COUNT, "data.new_users": _NONNEG,
+    "data.num_labels": "[2, inf)", "data.pool_size": _COUNT,
     "data.max_train_per_user": _NONNEG, "data.max_length": "0 or [8, inf)",
     "model.max_new_tokens": _COUNT,
     "peft.r": _COUNT, "peft.alpha": _COUNT, "peft.dropout": "[0, 1)", "peft.num_virtual_tokens": _COUNT,
@@ -482,8 +482,7 @@ def validate(config: Config) -> None:
     tr = config.train
     _check(tr.epochs >= 1 or tr.steps >= 1, "train.epochs", tr.epochs, "an integer >= 1 (or set train.steps)")
     da = config.data
-    _check(da.new_users < 1 or float(da.new_users).is_integer(), "data.new_users", da.new_users,
-           "0 (none), a fraction in (0, 1) of the users, or a whole count >= 1")
+    new_users_spec(da.new_users)
     _check(da.train_per_user_min <= da.train_per_user, "data.train_per_user_min", da.train_per_user_min,
            f"0 (every user has data.train_per_user) or a count in 1..{da.train_per_user} (data.train_per_user)")
     st = config.strategy
@@ -493,6 +492,35 @@ def validate(config: Config) -> None:
         except re.error as err:
             raise ConfigError(f"Config key 'strategy.fedper_pattern' got {st.fedper_pattern!r}, not a valid regex: {err}") from None
     _validate_privacy(config.privacy)
+
+
+NEW_USERS_FORMS = ("0 (none), a fraction in (0, 1) of the users such as 0.2, or a count written count:N such as "
+                   "count:4 (a whole number >= 2 is read as a count too)")
+
+
+def new_users_spec(value: str | float) -> tuple[str, float]:
+    """``data.new_users`` read unambiguously: ("none", 0), ("fraction", f) with f in (0, 1), or
+    ("count", n) with n >= 1 (``count:N``, or a whole number >= 2). Exactly 1 is refused: one
+    user or all of them?"""
+    text = str(value).strip()
+    is_count = text.lower().startswith("count:")
+    try:
+        number = float(text[6:] if is_count else text)
+    except ValueError:
+        number = math.nan
+    if is_count:
+        if number >= 1 and number.is_integer():
+            return "count", int(number)
+    elif number == 0:
+        return "none", 0
+    elif 0 < number < 1:
+        return "fraction", number
+    elif number == 1:
+        raise ConfigError(f"Config key 'data.new_users' got {text!r}, which could mean one user or all of them. "
+                          "Write count:1 for one user, or a fraction in (0, 1) such as 0.2 for a share of the users.")
+    elif number > 1 and number.is_integer():
+        return "count", int(number)
+    raise ConfigError(f"Config key 'data.new_users' got {text!r}; allowed: {NEW_USERS_FORMS}.")
 
 
 def _check_range(key: str, value: Any, spec: str, integer: bool) -> None:

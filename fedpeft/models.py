@@ -89,6 +89,7 @@ def check_model(config: Config) -> str:
             f"Face cache ({type(err).__name__}). Download it first (`hf download {config.model.name}`) on a "
             "machine with network, set HF_HOME to that cache, or use --model minilm."
         ) from None
+    check_weights(path)
     check_tokenizer(config.model.name, path, model_config)
     return model_config.model_type
 
@@ -103,6 +104,37 @@ def _model_folder(path: str) -> Path | None:
         return Path(snapshot_download(path, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached as a whole: transformers says what is missing when it loads
         return None
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # each also sharded: <name>.index.json and its shards
+OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack")  # read by transformers only when asked (from_tf / from_flax)
+
+
+def check_weights(path: str) -> None:
+    """Refuse a model folder without PyTorch weights (a config.json alone: transformers would fail
+    after Ray started), or whose sharded weights lack a shard its index names."""
+    folder = _model_folder(path)
+    if folder is None:
+        return
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise ConfigError(f"Model folder '{folder}': {index.name} is not a shard index (JSON with a weight_map). "
+                                  "Save the model again with model.save_pretrained(FOLDER).") from None
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise ConfigError(f"Model folder '{folder}': {len(missing)} of the {len(shards)} weight shards {index.name} "
+                                  f"names are missing (e.g. {missing[0]}). Copy or download the whole folder again.")
+            return
+    others = [n for n in OTHER_WEIGHTS if (folder / n).is_file()]
+    raise ConfigError(f"Model folder '{folder}' has no PyTorch weights (none of {', '.join(WEIGHT_FILES)}, or their sharded "
+                      f".index.json){'; its ' + others[0] + ' is not read: convert it to PyTorch' if others else ''}. Save the "
+                      "model into it (model.save_pretrained(FOLDER)) or download it whole (`hf download NAME --local-dir FOLDER`).")
 
 
 def check_tokenizer(name: str, path: str, model_config: Any) -> None:

@@ -661,6 +661,9 @@ def partition_id(reply: Message) -> int:
 def run_prepared(config: Config, prepared: Any, grid: Grid) -> dict[str, Any]:
     """Run one :class:`FederatedRun` on ``grid`` from what :func:`fedpeft.sim.prepare_run` made;
     the one code path of both entry points (``python -m fedpeft.sim`` and ``flwr run .``)."""
+    from fedpeft.flower_logs import quiet_lost_workers
+
+    quiet_lost_workers()  # a worker lost mid-call is that user's failure, reported by fedpeft: not Flower's tracebacks
     return FederatedRun(config, prepared.run_dir, grid, prepared.initial_shared, prepared.accounting,
                         prepared.identity, prepared.resume).run()
 

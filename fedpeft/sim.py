@@ -27,11 +27,17 @@ from typing import Any
 
 import torch
 
-from fedpeft.checkpoint import RUN_FILE, Checkpoint, RunIdentity, claim_run_dir, release_run_dir
+from fedpeft.checkpoint import (
+    RUN_FILE,
+    Checkpoint,
+    RunIdentity,
+    check_resume_folder,
+    claim_run_dir,
+    release_run_dir,
+)
 from fedpeft.cli import DEBUG_FLAG, sim_args
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark
-from fedpeft.data.user_groups import new_user_indices
 from fedpeft.files import json_value
 from fedpeft.models import (
     WARM_MODEL_ENV,
@@ -41,12 +47,12 @@ from fedpeft.models import (
     fit_size_knob,
     warm_model_spec,
 )
-from fedpeft.packing import check_packing
-from fedpeft.peft_methods import NO_TRAINING
-from fedpeft.privacy import prepare_privacy
+from fedpeft.preflight import check_cohort, check_connected_ray, check_local_ray
 from fedpeft.reporting import summary_table
+from fedpeft.run_checks import check_fits
+from fedpeft.run_folder import own_store
 from fedpeft.selection import check_selection
-from fedpeft.store import check_store_is_free, claim_store, store_owner
+from fedpeft.store import check_store_is_free, check_store_writable, claim_store
 from fedpeft.strategies import make_strategy
 from fedpeft.verdict import FAILED_RUN_EXIT, failed_run_line
 from fedpeft.wandb_preflight import check_wandb_online
@@ -106,16 +112,8 @@ def prepare_adapter(config: Config) -> tuple[dict[str, torch.Tensor], dict[str, 
         knob, value, count = fit_size_knob(config, num_labels)
         print(f"peft.target_params={config.peft.target_params}: peft.{knob}={value} gives {count:,} trainable parameters")
     loaded = build_model(config, num_labels, strategy.extra_adapters)
-    if loaded.kind == "encoder" and (config.peft.method in NO_TRAINING or bench.task().kind == "generation"):
-        why = f"peft.method={config.peft.method}" if config.peft.method in NO_TRAINING else f"'{config.data.benchmark}' is a generation task"
-        raise ConfigError(f"{why} needs a generative backbone (seq2seq such as google/flan-t5-base, or causal), "
-                          f"but '{config.model.name}' is an encoder with a classification head. Pick one with --model.")
-    keys = loaded.adapter_keys
-    strategy.check_compatible(keys)
-    check_packing(config, strategy.name, strategy.extra_adapters, loaded)  # train.pack_users > 1: what packs
-    held_out = set(new_user_indices(config, len(bench.user_ids())))  # new users never train before the end
-    # DP: refuse what cannot be private, fix delta, calibrate the noise to privacy.target_epsilon (before config.yaml)
-    prepare_privacy(config, strategy, keys, len(bench.user_ids()) - len(held_out))
+    # strategy x method x backbone x packing x privacy (also what a study checks for all its runs first)
+    keys, held_out = check_fits(config, strategy, bench, loaded)
     stats = strategy.pretrain(loaded, lambda: [bench.load_user(i) for i in range(len(bench.user_ids())) if i not in held_out],
                               bench.task())
     if stats is not None:
@@ -267,7 +265,8 @@ class RayStart:
     def _start(self, config: Config, warm_model: str | None) -> None:
         ray_log = logging.getLogger("ray._private.worker")
         # fedpeft's own handlers are put back by wait(); and a run refused while Ray starts was never started
-        quiet = _Without(("SIGTERM handler is not set", "Started a local Ray instance"))
+        quiet = _Without(("SIGTERM handler is not set", "Started a local Ray instance", "Connecting to existing Ray cluster",
+                           "Connected to Ray cluster"))
         ray_log.addFilter(quiet)
         try:
             start_ray(config, warm_model)  # take_signals() does nothing outside the main thread: wait() does it
@@ -328,21 +327,19 @@ def claim_run(config: Config, resume: bool = False) -> ClaimedRun:
     the adapter store, which a fresh run must find free and a resumed run must own."""
     check_model(config)
     check_selection(config)
+    check_cohort(config)
     run_dir = run_dir_path(config)
     created = claim_run_dir(run_dir, exist_ok=bool(config.output.name) or resume)
     try:
         store_dir = Path(config.output.store_dir or run_dir / "adapters").resolve()
         if resume:
-            identity = RunIdentity.read(run_dir)
-            owner = store_owner(store_dir) or {}
-            if owner.get("run_id") != identity.run_id:
-                raise ConfigError(f"Cannot resume {run_dir}: its adapter store {store_dir} "
-                                  f"{'belongs to run ' + owner['run_id'] if owner else 'is missing'}, not to this run "
-                                  f"({identity.run_id}). Point output.store_dir at this run's store.")
+            identity = check_resume_folder(run_dir)
+            identity = own_store(run_dir, store_dir, identity)
             checkpoint = Checkpoint.load(run_dir)
         else:
             check_store_is_free(store_dir)
             identity, checkpoint = RunIdentity.new(), None
+        check_store_writable(store_dir)
     except BaseException:
         release_run_dir(run_dir, remove_folder=created)
         raise
@@ -356,7 +353,7 @@ def finish_preparation(config: Config, claimed: ClaimedRun) -> PreparedRun:
     try:
         initial_shared, accounting = prepare_adapter(config)
         config.output.store_dir = str(claimed.store_dir)
-        if claimed.resume is None:
+        if claimed.resume is None or claimed.identity.copied_from:
             claimed.identity.write(claimed.run_dir)
         claim_store(claimed.store_dir, claimed.run_dir, claimed.identity.run_id, get_benchmark(config).driver_files())
     except BaseException:
@@ -416,7 +413,7 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     import ray
 
     if resume and (done := finished_results(config)) is not None:
-        print(f"fedpeft: {done['run_dir']} is complete (all {done['rounds']} rounds, and its results.json); "
+        print(f"fedpeft: {run_dir_path(config)} is complete (all {done['rounds']} rounds, and its results.json); "
               "nothing was run or changed. Its summary:")
         return done
     check_ray_address(config.ray.address)
@@ -426,10 +423,17 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     # the data first (read here, the preparation's thread finds it cached): the workers' model needs its labels
     bench = get_benchmark(config)
     num_users = len(bench.user_ids())
+    check_cohort(config)  # before Ray starts (claim_run checks it again)
     started_ray = not ray.is_initialized()
+    if started_ray and not config.ray.address:  # one client must fit the local Ray about to start
+        check_local_ray(config)
     warm_model = warm_model_spec(config, len(bench.task().labels), make_strategy(config).extra_adapters)
     ray_start = RayStart(config, warm_model) if started_ray else None  # overlaps the preparation
     try:
+        if ray_start is None or config.ray.address:  # a Ray that exists: one client must fit a node, before the run folder
+            if ray_start is not None:
+                ray_start.wait()
+            check_connected_ray(config)
         claimed = claim_run(config, resume)
     except BaseException:  # refused (or interrupted) before the simulation: Ray goes again, nothing is left
         if ray_start is not None:
@@ -446,6 +450,7 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     try:
         if ray_start is not None:
             ray_start.wait()
+            check_connected_ray(config)  # the local Ray as it started (checked before it started)
         if preparing.failed():  # refused while Ray started: no simulation
             preparing.result()
         with warnings.catch_warnings():

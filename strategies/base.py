@@ -159,7 +159,15 @@ class Strategy:
 
     # ---- the server ----------------------------------------------------------------------
     def cohort_size(self, num_users: int) -> int:
+        """Users sampled per round out of the ``num_users`` who train. A ``federation.cohort_size``
+        above them is refused, before the run starts (:func:`fedpeft.sim.check_cohort`): clamped,
+        the run would be another experiment than the one asked for (a privacy accounting at
+        another sampling rate, a comparison whose cohorts differ from what its config says)."""
         fed = self.config.federation
+        if fed.cohort_size > num_users:
+            raise ConfigError(f"federation.cohort_size={fed.cohort_size} is more than the {num_users} users who train in this "
+                              f"run (the benchmark's users less data.new_users). Give a size of at most {num_users}, or "
+                              "federation.cohort_size=0 and federation.cohort_fraction=1.0 for every user each round.")
         size = fed.cohort_size if fed.cohort_size > 0 else round(fed.cohort_fraction * num_users)
         return max(1, min(num_users, size))
 

@@ -109,12 +109,16 @@ def cohort(cfg: Config, users: list[int], server_round: int) -> list[int]:
 
 
 def new_users(cfg: Config, n: int) -> list[int]:
-    """data.new_users as its documentation states it: a fraction (rounded, at least 1) or a count,
+    """data.new_users as its documentation states it: a fraction (rounded, at least 1) or a count (count:N or N >= 2),
     drawn with data.seed alone."""
-    share = cfg.data.new_users
-    if share <= 0:
-        return []
-    count = max(1, round(share * n)) if share < 1 else int(share)
+    text = str(cfg.data.new_users)
+    if text.startswith("count:"):  # count:N
+        count = int(text[len("count:"):])
+    else:
+        share = float(text)
+        if share <= 0:
+            return []
+        count = max(1, round(share * n)) if share < 1 else int(share)
     return sorted(int(i) for i in np.random.default_rng([cfg.data.seed, 60]).choice(n, size=count, replace=False))
 
 

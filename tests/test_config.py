@@ -215,3 +215,45 @@ def test_each_range_refuses_just_outside_its_bounds_and_takes_its_bounds():
         except ConfigError:
             ok = False
         assert ok == accepted, value
+
+
+# ----------------------------------------------------------------------------- data.new_users (issue 29, item 7)
+
+@pytest.mark.parametrize("value, users, expected", [
+    ("0", 10, 0), ("0.0", 10, 0), ("0.2", 10, 2), ("0.04", 10, 1),  # a fraction: rounded, at least 1
+    ("count:1", 10, 1), ("count:4", 10, 4), ("4", 10, 4), ("4.0", 10, 4),  # a count; a whole number >= 2 too
+])
+def test_new_users_is_a_fraction_below_one_or_a_count(value, users, expected):
+    from fedpeft.data.user_groups import new_user_indices
+
+    config = config_from_args([f"data.new_users={value}"])
+    held_out = new_user_indices(config, users)
+    assert len(held_out) == expected and len(set(held_out)) == expected and all(0 <= i < users for i in held_out)
+
+
+@pytest.mark.parametrize("value", ["1", "1.0", "1e0"])
+def test_new_users_of_exactly_one_is_refused_saying_how_to_write_each(value, tiny_bert, tmp_path, capsys, monkeypatch):
+    """Before: 1.0 meant one user (a count), though read as a fraction it is every user."""
+    from tests.conftest import tiny_args
+    from tests.test_data_checks import refuse_ray
+
+    refuse_ray(monkeypatch)
+    assert main(tiny_args(tiny_bert, tmp_path, "one", f"data.new_users={value}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert f"'data.new_users' got '{value}', which could mean one user or all of them" in err
+    assert "count:1 for one user" in err and "a fraction in (0, 1) such as 0.2" in err
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.2", "count:0", "count:2.5", "count:", "two", "nan", "inf"])
+def test_other_new_users_values_are_refused_naming_the_forms(value):
+    with pytest.raises(ConfigError) as err:
+        config_from_args([f"data.new_users={value}"])
+    assert f"got '{value}'" in str(err.value) and "count:N such as count:4" in str(err.value)
+    assert "a fraction in (0, 1)" in str(err.value)
+
+
+def test_help_says_how_to_write_new_users():
+    helps = {action.dest: action.help for action in build_parser()._actions}
+    assert "count:N" in helps["data.new_users"] and "fraction in (0, 1)" in helps["data.new_users"]
+    assert "1 is refused" in helps["data.new_users"]

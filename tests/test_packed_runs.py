@@ -35,7 +35,7 @@ def _config(model: Path, tmp_path: Path, strategy: str, pack: int, **extra: obje
     cfg.federation.strategy, cfg.federation.rounds, cfg.federation.cohort_size = strategy, 2, 5
     cfg.strategy.fedper_layers, cfg.strategy.finetune_epochs = 1, 1
     cfg.data.num_users, cfg.data.train_per_user, cfg.data.train_per_user_min = 7, 10, 3
-    cfg.data.val_per_user, cfg.data.test_per_user, cfg.data.new_users = 3, 5, 1
+    cfg.data.val_per_user, cfg.data.test_per_user, cfg.data.new_users = 3, 5, "count:1"
     cfg.train.epochs, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.pack_users = 1, 4, 4, pack
     cfg.output.dir, cfg.output.name, cfg.output.progress = str(tmp_path), f"{strategy}-pack{pack}", False
     for key, value in extra.items():

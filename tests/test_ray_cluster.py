@@ -116,3 +116,18 @@ def test_a_node_that_does_not_see_the_store_stops_the_run_before_training(tiny_b
     assert "failed their first call, before any training" in err and "does not see this run's adapter store" in err
     assert "on a file system every Ray node mounts" in err
     assert not list((out / "blind" / "adapters").glob("*.safetensors"))  # nobody trained
+
+
+def test_a_client_larger_than_every_node_is_refused_before_the_simulation(tiny_bert, tmp_path):
+    """Issue 29: before, Flower logged "ActorPool is empty" tracebacks and the run waited forever
+    (hence a subprocess with a timeout). Each node has 1 CPU and no GPU."""
+    with cluster() as address:
+        for name, setting, fix in (("cpus", "ray.client_cpus=2", "ray.client_cpus=1 or less"),
+                                   ("gpus", "ray.client_gpus=1", "ray.client_gpus=0 (clients on the CPU)")):
+            args = tiny_args(tiny_bert, tmp_path, name, f"ray.address={address}", "ray.num_cpus=0", setting)
+            done = subprocess.run([sys.executable, "-m", "fedpeft.sim", *args], cwd=Path(__file__).resolve().parents[1],
+                                  capture_output=True, text=True, timeout=240)
+            err = done.stderr.strip()
+            assert done.returncode == 2 and err.count("\n") == 0 and "Traceback" not in err, err
+            assert f"the Ray cluster at ray.address={address} has no such node (1 CPU, 0 GPUs; 1 CPU, 0 GPUs)" in err, err
+            assert fix in err and not (tmp_path / name).exists(), err

@@ -131,7 +131,7 @@ def test_a_new_user_whose_fine_tune_fails_counts(tiny_bert, tmp_path, monkeypatc
     """A new user (data.new_users) whose final fine-tune diverges has no score: one failed user
     of all the run's users (trained and new). 1 of 10 is within 0.1; with 0.05 the run fails."""
     cfg = tiny_config(tiny_bert, tmp_path, "new-user", users=10)
-    cfg.data.new_users = 1
+    cfg.data.new_users = "count:1"
     new = new_user_indices(cfg, 10)
     assert len(new) == 1
     diverge_for(monkeypatch, cfg, set(new))
@@ -143,7 +143,7 @@ def test_a_new_user_whose_fine_tune_fails_counts(tiny_bert, tmp_path, monkeypatc
     assert results["groups"]["new"]["n_failed"] == 1 and results["summary"]["n_failed"] == 0
 
     strict = tiny_config(tiny_bert, tmp_path, "new-user-strict", users=10)
-    strict.data.new_users, strict.federation.max_failed_fraction = 1, 0.05
+    strict.data.new_users, strict.federation.max_failed_fraction = "count:1", 0.05
     results, run = run_in_process(strict)
     assert {k: results[k] for k in ("status", "status_counts")} == recount(run, 0.05)
     assert results["status"] == "failed"

@@ -56,7 +56,7 @@ def test_the_study_table_against_a_plain_computation(tmp_path):
     names, baseline, out, config, ks = study.parse_args(
         ["--strategies", "fedavg", "--seeds", "0,1", "--ks", "4,16,all", "--compare-out", str(tmp_path / "study"),
          "data.new_users=2"])
-    assert (names, baseline, ks, config.data.new_users) == (["local_only", "fedavg"], "local_only", list(KS), 2)
+    assert (names, baseline, ks, config.data.new_users) == (["local_only", "fedavg"], "local_only", list(KS), "2")
     folder = study.study(names, baseline, config, ks, out, runner=k_runner())
     with (folder / "where_sharing_pays.csv").open() as f:
         table = {(r["K"], r["strategy"]): r for r in csv.DictReader(f)}

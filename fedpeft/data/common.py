@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import hashlib
 import json
 import re
@@ -138,6 +139,61 @@ def natural_key(text: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in _CHUNKS.split(text) if part)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _item_name(index: int, item: Any) -> str:
+    """A list item in a path: its id where it has one (a record's "id", a row's first field)."""
+    if isinstance(item, dict) and isinstance(item.get("id"), (str, int)):
+        return repr(item["id"])
+    if isinstance(item, (list, tuple)) and item and isinstance(item[0], str) and not _LONE_SURROGATE.search(item[0]):
+        return repr(item[0])
+    return f"item {index}"
+
+
+def find_lone_surrogate(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], str] | None:
+    """(where, the text) of the first string in ``value`` (keys included) holding a lone surrogate:
+    half of a UTF-16 pair, which JSON's ``\\ud800`` escapes can give but UTF-8 cannot encode."""
+    if isinstance(value, str):
+        return (path, value) if _LONE_SURROGATE.search(value) else None
+    pairs: Iterable[tuple[str, Any]] = ()
+    if isinstance(value, dict):
+        for key in value:
+            if isinstance(key, str) and _LONE_SURROGATE.search(key):
+                return path + ("<key>",), key
+        pairs = ((str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        pairs = ((_item_name(i, v), v) for i, v in enumerate(value))
+    for name, child in pairs:
+        found = find_lone_surrogate(child, path + (name,))
+        if found:
+            return found
+    return None
+
+
+def lone_surrogate_error(sources: str, obj: Any) -> DataFormatError | None:
+    """The one-line error for the first lone surrogate in ``obj`` (a record about to be cached),
+    naming the source files, where in the record it is, and the text around it; None if it has none."""
+    found = find_lone_surrogate(obj)
+    if found is None:
+        return None
+    path, text = found
+    at = _LONE_SURROGATE.search(text).start()
+    escape = f"\\u{ord(text[at]):04x}"
+    snippet = text[max(0, at - 30): at + 30].encode("utf-8", "backslashreplace").decode("utf-8")  # the surrogate as \\ud800
+    user = f"user {obj['user_id']!r}, " if isinstance(obj, dict) and "user_id" in obj else ""
+    return DataFormatError(f"{sources}: {user}{' / '.join(path)}: the text '{snippet}' holds a lone surrogate {escape} "
+                           f"at character {at} (half of a UTF-16 pair, not a character: it cannot be written as UTF-8 "
+                           f"nor tokenized). Replace the {escape} escape in the source file with the character it was "
+                           "meant to be (or delete it), then run again.")
+
+
+def cannot_write(err: OSError, root: Path) -> bool:
+    """Whether ``err`` says a path under ``root`` refuses writes (permissions, a read-only file system)."""
+    refused = isinstance(err, PermissionError) or err.errno == errno.EROFS
+    return refused and bool(err.filename) and Path(err.filename).resolve().is_relative_to(root.resolve())
+
+
 def cache_root(config: Config) -> Path:
     """``data.cache_dir``, or ~/.cache/fedpeft when it is empty."""
     return Path(config.data.cache_dir).expanduser() if config.data.cache_dir else Path.home() / ".cache" / "fedpeft"
@@ -179,7 +235,8 @@ class UserCache:
     def __init__(self, root: Path, family: str, task: str, key_material: dict[str, Any]) -> None:
         digest = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:20]
         safe_task = re.sub(r"[^A-Za-z0-9_.-]", "_", task) or "default"
-        self.dir = Path(root) / family / f"{safe_task}-{digest}"
+        self.root = Path(root)
+        self.dir = self.root / family / f"{safe_task}-{digest}"
         self.key_material = key_material
 
     @property
@@ -190,7 +247,12 @@ class UserCache:
         return self.dir / "users" / f"{index // 1000:04d}" / f"{index:07d}{suffix}.json"
 
     def write_user(self, index: int, obj: Any, suffix: str = "") -> None:
-        atomic_write_json(self.user_path(index, suffix), obj)
+        try:
+            atomic_write_json(self.user_path(index, suffix), obj)
+        except UnicodeEncodeError:
+            sources = ", ".join(str(src[0]) for src in self.key_material.get("sources", [])) or str(self.dir)
+            raise lone_surrogate_error(sources, obj) or DataFormatError(
+                f"{sources}: a record could not be written as UTF-8 to the cache folder {self.dir}") from None
 
     def read_user(self, index: int, suffix: str = "") -> Any:
         path = self.user_path(index, suffix)
@@ -221,14 +283,21 @@ class UserCache:
         index = self.load_index()
         if index is not None:
             return index
-        with _exclusive_lock(self.dir.parent / f".{self.dir.name}.lock"):
-            index = self.load_index()  # another process may have built it while we waited
-            if index is not None:
+        try:
+            with _exclusive_lock(self.dir.parent / f".{self.dir.name}.lock"):
+                index = self.load_index()  # another process may have built it while we waited
+                if index is not None:
+                    return index
+                index = build(self)
+                index["cache_key"] = self.key_material
+                atomic_write_json(self.index_path, index)
                 return index
-            index = build(self)
-            index["cache_key"] = self.key_material
-            atomic_write_json(self.index_path, index)
-            return index
+        except OSError as err:
+            if not cannot_write(err, self.root):
+                raise
+            raise ConfigError(f"The processed-data cache folder {self.root} (data.cache_dir, where the benchmark's files are "
+                              f"converted once) cannot be written: {err.filename}: {err.strerror}. Set data.cache_dir to a "
+                              "folder you can write, e.g. data.cache_dir=/tmp/fedpeft-cache, or make that folder writable.") from None
 
 
 class CachedBenchmark(Benchmark):

@@ -70,6 +70,7 @@ from fedpeft.data.common import (
     DataFormatError,
     UserCache,
     cache_root,
+    cannot_write,
     format_error,
     label_error,
     read_json,
@@ -518,7 +519,11 @@ class LampBenchmark(CachedBenchmark):
             rec = self.cache.read_user(index, suffix)
         else:
             rec = build_user_examples(self.spec, self.cache.read_user(index), k, seed)
-            self.cache.write_user(index, rec, suffix)
+            try:
+                self.cache.write_user(index, rec, suffix)
+            except OSError as err:  # a read-only cache, built elsewhere: the examples are built again each time
+                if not cannot_write(err, self.cache.root):
+                    raise
         return user_examples(rec)
 
 

@@ -22,21 +22,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedpeft.config import Config, ConfigError
+from fedpeft.config import Config, ConfigError, new_users_spec
 
 if TYPE_CHECKING:
     from fedpeft.data import UserData
 
 
-def new_user_count(new_users: float, num_users: int) -> int:
-    """``data.new_users`` as a count: a fraction in (0, 1) of the users (rounded, at least 1), or a
-    whole count. At least one user must be left to train."""
-    if new_users <= 0:
+def new_user_count(new_users: str | float, num_users: int) -> int:
+    """``data.new_users`` as a count (:func:`fedpeft.config.new_users_spec`): a fraction in (0, 1)
+    of the users (rounded, at least 1), or a count (``count:N``). At least one user must be left
+    to train."""
+    kind, value = new_users_spec(new_users)
+    if kind == "none":
         return 0
-    count = max(1, round(new_users * num_users)) if new_users < 1 else int(new_users)
+    count = max(1, round(value * num_users)) if kind == "fraction" else int(value)
     if count >= num_users:
-        raise ConfigError(f"data.new_users={new_users:g} holds out {count} of the benchmark's {num_users} users, leaving "
-                          "none to train. Give a fraction in (0, 1) or a count below the number of users.")
+        raise ConfigError(f"data.new_users={new_users} holds out {count} of the benchmark's {num_users} users, leaving "
+                          "none to train. Give a fraction in (0, 1) or a count below the number of users (count:N).")
     return count
 
 
