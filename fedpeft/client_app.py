@@ -174,11 +174,11 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
     user = bench.load_user(user_index)
     processed = 0.0
 
-    def train(trainable=lambda key: True, epochs=None):
-        nonlocal processed
+    def train(trainable=lambda key: True, epochs=None, anchor=plan.anchor, mu=plan.mu):
+        nonlocal processed  # anchor, mu: a strategy's own proximal term for this pass (ditto's personal update)
         result = train_user(loaded, user.train, bench.task(), config,
                             call_seed(config, user_index, request.server_round), trainable=trainable, epochs=epochs,
-                            lr=plan.lr, anchor=plan.anchor, mu=plan.mu)
+                            lr=plan.lr, anchor=anchor, mu=mu)
         processed += result["examples"]
         return result
 

@@ -100,12 +100,17 @@ class FederationConfig:
     eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds (the last round is always evaluated)"})
     eval_fraction: float = field(default=1.0, metadata={"help": "fraction of users scored at intermediate evaluations; the final one scores all"})
     eval_max_users: int = field(default=200, metadata={"help": "at most this many users (a seeded sample) scored at an intermediate evaluation, 0: no cap. With the defaults a run of up to 200 users scores everyone every round, and one of 15,000 scores 200 per round and everyone at the end"})
-    server_optimizer: str = field(default="fedavg", metadata={"help": "aggregation of shared keys: fedavg, fedprox, fedadam, fedyogi (Flower's)"})
-    server_lr: float = field(default=0.01, metadata={"help": "fedadam/fedyogi: server learning rate (eta)"})
-    server_beta1: float = field(default=0.9, metadata={"help": "fedadam/fedyogi: first-moment decay"})
+    server_optimizer: str = field(default="fedavg", metadata={"help": "server step on the aggregate of the shared keys, Flower's: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad (other than fedavg: federation.aggregator=mean only)"})
+    server_lr: float = field(default=0.01, metadata={"help": "fedadam/fedyogi/fedadagrad: server learning rate (eta); fedavgm: its server learning rate (1.0 is the plain mean plus momentum)"})
+    server_beta1: float = field(default=0.9, metadata={"help": "fedadam/fedyogi: first-moment decay; fedavgm: server momentum"})
     server_beta2: float = field(default=0.99, metadata={"help": "fedadam/fedyogi: second-moment decay"})
-    server_tau: float = field(default=1e-3, metadata={"help": "fedadam/fedyogi: adaptivity (epsilon)"})
+    server_tau: float = field(default=1e-3, metadata={"help": "fedadam/fedyogi/fedadagrad: adaptivity (epsilon)"})
     proximal_mu: float = field(default=0.01, metadata={"help": "fedprox: weight of the proximal term on shared keys"})
+    aggregator: str = field(default="mean", metadata={"help": "how the shared updates are combined, Flower's strategies: mean (example-weighted, FedAvg), median (FedMedian, coordinate-wise), trimmed_mean (FedTrimmedAvg, federation.trim_beta), krum / multikrum (federation.byzantine_users, federation.multikrum_keep), qfedavg (q-FFL, federation.qffl_q). Other than mean: no privacy and server_optimizer=fedavg"})
+    trim_beta: float = field(default=0.2, metadata={"help": "trimmed_mean: fraction of the updates cut at each end, per coordinate, in [0, 0.5)"})
+    byzantine_users: int = field(default=0, metadata={"help": "krum/multikrum: Byzantine users assumed per round, f; needs users per round >= 2f + 3"})
+    multikrum_keep: int = field(default=0, metadata={"help": "multikrum: updates kept (lowest Krum scores) and averaged; 0 = the replies less federation.byzantine_users"})
+    qffl_q: float = field(default=0.1, metadata={"help": "qfedavg: q of q-FFL (0: no reweighting by loss; larger: more weight to users with a high train_loss)"})
     call_timeout: float = field(default=1800.0, metadata={"help": "seconds one client call may run per user it carries (train.pack_users); a longer call is its users' failure for the round and its worker process is replaced"})
     select: str = field(default="final", metadata={"help": "which round's test score each user reports, chosen on validation, never on test: final (the last round: today's numbers), best_val (the round with the best mean validation score), best_val_per_user (each user's own best validation round). predictions.jsonl and exports are the final model either way"})
     new_user_epochs: int = field(default=0, metadata={"help": "epochs a new user (data.new_users) trains its private part on top of the final shared part before it is scored; 0 = the run's local budget of one round (train.steps or train.epochs)"})
@@ -122,6 +127,8 @@ class StrategyConfig:
     finetune_epochs: int = field(default=2, metadata={"help": "fedavg_ft: local fine-tune epochs (always epochs) after the federated rounds"})
     feddpa_mix: float = field(default=0.5, metadata={"help": "feddpa: weight of the local adapter against the global one, in [0, 1] (per_input: the largest weight, scaled by each input's similarity)"})
     feddpa_mode: str = field(default="fixed", metadata={"help": "feddpa: mixing weight 'fixed' or 'per_input' (similarity to the user's data)"})
+    ditto_lambda: float = field(default=0.1, metadata={"help": "ditto: lambda of the proximal term lambda/2 ||v - w||^2 that pulls each user's personal adapter v towards the global adapter w received this round (0: plain local training)"})
+    ditto_personal_epochs: int = field(default=0, metadata={"help": "ditto: local epochs (always epochs) of the personal adapter's update each round; 0 = the same budget as the global adapter's update (train.steps / train.epochs)"})
     oppu_task_rounds: int = field(default=3, metadata={"help": "oppu: federated rounds (each train.epochs / train.steps), or with oppu_task_mode=pooled epochs over all users' data, training the task adapter before personal adapters"})
     oppu_task_mode: str = field(default="federated", metadata={"help": "oppu: task adapter trained 'federated' or 'pooled' on all users' data as in the paper"})
 
@@ -230,7 +237,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "peft.adapter_type": ("pfeiffer", "houlsby"),
     "model.kind": ("auto", "encoder", "seq2seq", "causal"),
     "train.lr_schedule": ("constant", "linear", "cosine"),
-    "federation.server_optimizer": ("fedavg", "fedprox", "fedadam", "fedyogi"),
+    "federation.server_optimizer": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+    "federation.aggregator": ("mean", "median", "trimmed_mean", "krum", "multikrum", "qfedavg"),
     "federation.select": ("final", "best_val", "best_val_per_user"),
     "compare.select": ("final", "best_val", "best_val_per_user"),
     "strategy.feddpa_mode": ("fixed", "per_input"),
@@ -261,11 +269,14 @@ RANGES: dict[str, str] = {
     "federation.rounds": _COUNT, "federation.cohort_fraction": "(0, 1]", "federation.cohort_size": _NONNEG,
     "federation.eval_every": _COUNT, "federation.eval_fraction": "(0, 1]", "federation.eval_max_users": _NONNEG,
     "federation.server_lr": _POSITIVE, "federation.server_beta1": "[0, 1)", "federation.server_beta2": "[0, 1)",
-    "federation.server_tau": _POSITIVE, "federation.proximal_mu": _NONNEG, "federation.call_timeout": _POSITIVE,
+    "federation.server_tau": _POSITIVE, "federation.proximal_mu": _NONNEG, "federation.trim_beta": "[0, 0.5)",
+    "federation.byzantine_users": _NONNEG, "federation.multikrum_keep": _NONNEG, "federation.qffl_q": _NONNEG,
+    "federation.call_timeout": _POSITIVE,
     "federation.new_user_epochs": _NONNEG, "federation.message_window": _NONNEG,
     "federation.max_failed_fraction": _FRACTION, "federation.num_nodes": _NONNEG,
     "strategy.fedper_layers": _NONNEG, "strategy.fedrep_head_epochs": _COUNT, "strategy.finetune_epochs": _COUNT,
     "strategy.feddpa_mix": _FRACTION, "strategy.oppu_task_rounds": _COUNT,
+    "strategy.ditto_lambda": _NONNEG, "strategy.ditto_personal_epochs": _NONNEG,
     "privacy.noise_multiplier": _NONNEG, "privacy.clipping_norm": _POSITIVE, "privacy.delta": "[0, 1)",
     "privacy.target_epsilon": _NONNEG, "privacy.max_epsilon": _NONNEG, "privacy.target_clipped_quantile": _FRACTION,
     "privacy.clip_norm_lr": _POSITIVE, "privacy.clipped_count_stddev": _NONNEG,

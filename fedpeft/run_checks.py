@@ -2,7 +2,8 @@
 
 :func:`check_fits` is what ``python -m fedpeft.sim`` refuses in its driver before the simulation
 starts, once the backbone with its adapter is built: the PEFT method and the task against the
-backbone's kind, the strategy against the adapter's keys, packing (``train.pack_users``) and
+backbone's kind, the strategy against the adapter's keys, packing (``train.pack_users``), the
+aggregator (``federation.aggregator`` with the server optimizer, privacy and users per round) and
 privacy (which also resolves δ and calibrates the noise into ``config.privacy``).
 :func:`check_study_runs` checks every run of a study (sims/compare.py, where_sharing_pays.py,
 privacy.py) the way fedpeft.sim checks one before Ray starts (the cluster address and what a
@@ -29,6 +30,7 @@ def check_fits(config: Config, strategy: Any, bench: Any, loaded: Any) -> tuple[
     fit together; returns the adapter's keys and the indices of the held-out new users (who never
     train before the end). Sets ``config.privacy``'s δ and calibrated noise
     (:func:`fedpeft.privacy.prepare_privacy`)."""
+    from fedpeft.aggregation import check_aggregator
     from fedpeft.data.user_groups import new_user_indices
     from fedpeft.packing import check_packing
     from fedpeft.peft_methods import NO_TRAINING
@@ -42,6 +44,7 @@ def check_fits(config: Config, strategy: Any, bench: Any, loaded: Any) -> tuple[
     strategy.check_compatible(keys)
     check_packing(config, strategy.name, strategy.extra_adapters, loaded)  # train.pack_users > 1: what packs
     held_out = set(new_user_indices(config, len(bench.user_ids())))
+    check_aggregator(config, strategy.cohort_size(len(bench.user_ids()) - len(held_out)))  # federation.aggregator
     # DP: refuse what cannot be private, fix delta, calibrate the noise to privacy.target_epsilon (before config.yaml)
     prepare_privacy(config, strategy, keys, len(bench.user_ids()) - len(held_out))
     return keys, held_out

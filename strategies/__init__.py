@@ -70,6 +70,7 @@ def make_strategy(config: Config) -> Strategy:
 
 
 from fedpeft.strategies import (  # noqa: E402,F401  (each module registers itself)
+    ditto,
     fedavg,
     fedavg_ft,
     feddpa,

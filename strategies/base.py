@@ -19,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import strategy as flwr_strategy
 
+from fedpeft.aggregation import copy_reply, kept_momentum, prepare_round
 from fedpeft.config import Config, ConfigError
 from fedpeft.messages import transport_state
 from fedpeft.privacy import PrivateAggregator, Release, mean_reply
@@ -57,11 +58,28 @@ class Phase:
 
 
 def flower_aggregator(config: Config) -> flwr_strategy.FedAvg:
-    """Flower's strategy object whose ``aggregate_train`` aggregates the shared keys."""
+    """Flower's strategy object whose ``aggregate_train`` aggregates the shared keys:
+    ``federation.aggregator`` (how updates combine) or, with the mean, ``federation.server_optimizer``
+    (the server's step on it); :func:`fedpeft.aggregation.check_aggregator` refuses other pairs."""
     fed = config.federation
     common: dict[str, Any] = {"arrayrecord_key": "shared", "weighted_by_key": "num-examples"}
+    robust: dict[str, Callable[[], flwr_strategy.FedAvg]] = {
+        "median": lambda: flwr_strategy.FedMedian(**common),
+        "trimmed_mean": lambda: flwr_strategy.FedTrimmedAvg(beta=fed.trim_beta, **common),
+        "krum": lambda: flwr_strategy.Krum(num_malicious_nodes=fed.byzantine_users, **common),
+        "multikrum": lambda: flwr_strategy.MultiKrum(num_malicious_nodes=fed.byzantine_users,
+                                                     num_nodes_to_select=max(1, fed.multikrum_keep), **common),
+        "qfedavg": lambda: flwr_strategy.QFedAvg(client_learning_rate=config.train.lr, q=fed.qffl_q,
+                                                 train_loss_key="train_loss", **common),
+    }
+    if fed.aggregator in robust:
+        return robust[fed.aggregator]()
     if fed.server_optimizer == "fedprox":
         return flwr_strategy.FedProx(proximal_mu=fed.proximal_mu, **common)
+    if fed.server_optimizer == "fedavgm":
+        return flwr_strategy.FedAvgM(server_learning_rate=fed.server_lr, server_momentum=fed.server_beta1, **common)
+    if fed.server_optimizer == "fedadagrad":
+        return flwr_strategy.FedAdagrad(eta=fed.server_lr, eta_l=config.train.lr, tau=fed.server_tau, **common)
     if fed.server_optimizer in ("fedadam", "fedyogi"):
         cls = flwr_strategy.FedAdam if fed.server_optimizer == "fedadam" else flwr_strategy.FedYogi
         return cls(eta=fed.server_lr, eta_l=config.train.lr, beta_1=fed.server_beta1, beta_2=fed.server_beta2,
@@ -80,6 +98,7 @@ class Strategy:
         self.config = config
         self._aggregator: flwr_strategy.FedAvg | None = None
         self._private: PrivateAggregator | None = None  # privacy.mechanism != none: Flower's DP wrapper
+        self._momentum: dict[str, np.ndarray] = {}  # FedAvgM's momentum, by key
         self.privacy_release: Release | None = None  # the last aggregate's release, for the accountant
 
     # ---- the split (client and server) -------------------------------------------------
@@ -180,12 +199,14 @@ class Strategy:
         return sorted(int(u) for u in rng.choice(sorted(users), size=size, replace=False))
 
     SERVER_STATE = ("m_t", "v_t")  # the FedOpt family's moments; FedAvg and FedProx keep none
+    MOMENTUM = "momentum"  # FedAvgM's momentum (kept by key in :attr:`_momentum`)
     CLIPPING_NORM = "privacy/clipping_norm"  # central_adaptive: the clipping norm it has adapted to
 
     def server_state(self) -> State:
         """The server optimiser's state between rounds (for checkpoints), as named tensors."""
         state = {f"{name}/{key}": torch.from_numpy(np.array(value)) for name in self.SERVER_STATE
                  for key, value in (getattr(self._aggregator, name, None) or {}).items()}
+        state.update({f"{self.MOMENTUM}/{key}": torch.from_numpy(np.array(value)) for key, value in self._momentum.items()})
         if self._private is not None and self.config.privacy.mechanism == "central_adaptive":
             state[self.CLIPPING_NORM] = torch.tensor([self._private.clipping_norm], dtype=torch.float64)
         return state
@@ -198,6 +219,7 @@ class Strategy:
             part = {k.split("/", 1)[1]: v.numpy() for k, v in state.items() if k.startswith(f"{name}/")}
             if part:
                 setattr(self._aggregator, name, part)
+        self._momentum = {k.split("/", 1)[1]: v.numpy() for k, v in state.items() if k.startswith(f"{self.MOMENTUM}/")}
         if self.CLIPPING_NORM in state:
             self._private = self._private or PrivateAggregator(self.config)
             self._private.clipping_norm = float(state[self.CLIPPING_NORM].item())
@@ -224,11 +246,13 @@ class Strategy:
         if self._aggregator is None:
             self._aggregator = flower_aggregator(self.config)
         aggregator = self._aggregator
-        if hasattr(aggregator, "current_arrays"):  # FedOpt family: the server's current model
-            aggregator.current_arrays = {k: v.detach().cpu().numpy() for k, v in transport_state(shared).items()}
         if private:
             replies = [self._private_mean(server_round, shared, replies, sampled, keys)]
+        else:  # some of Flower's strategies consume the arrays they read; the server still counts them
+            replies = [copy_reply(r) for r in replies]
+        order = prepare_round(aggregator, transport_state(shared), replies, self.config, self._momentum)
         arrays, _ = aggregator.aggregate_train(server_round, replies)
+        self._momentum = kept_momentum(aggregator, order, self._momentum)
         if arrays is None:
             raise RuntimeError("Flower's aggregation returned nothing; the replies were inconsistent")
         new = ArrayRecord.to_torch_state_dict(arrays)

@@ -94,6 +94,8 @@ def phases(cfg: Config) -> tuple[list[Phase], tuple[str, ...]]:
         return [Phase("task", s.oppu_task_rounds, shared=lambda k: ".default." in k, frozen=personal,
                       work=[(lambda k: not personal(k), None)]),
                 Phase("personal", rounds, frozen=task_body, work=[(lambda k: not task_body(k), None)])], ("personal",)
+    if name == "ditto":  # the work is written out in ditto_train below: two passes, one adapter active in each
+        return [Phase("federated", rounds, shared=lambda k: ".global." in k, work=[])], ("global",)
     raise ValueError(f"the reference does not know strategy {name!r}")
 
 
@@ -133,6 +135,30 @@ def set_feddpa_mix(model: torch.nn.Module, alpha: float, r: int, mix: float) -> 
         if isinstance(scaling, dict) and "local" in scaling:
             scaling["default"] = alpha / r * 2 * (1 - mix)
             scaling["local"] = alpha / r * 2 * mix
+
+
+def only_adapter(model: torch.nn.Module, name: str) -> None:
+    """Make ``name`` the only active adapter of every LoRA layer (peft's own set_adapter)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_adapter([name])
+
+
+def ditto_train(cfg: Config, loaded, examples, task, seed: int, server: State, anchor: State | None) -> None:
+    """Ditto's round on one user, as Algorithm 1 of Li et al. (2021) states it: local steps on the
+    global adapter w from the w^t received (personal adapter off), then the personal adapter v and
+    the head (global adapter off) on loss + lambda/2 ||v - w^t||^2, w^t the one RECEIVED."""
+    received = {k.replace(".global.", ".default."): v.clone() for k, v in server.items()}
+    mu = cfg.federation.proximal_mu if anchor else 0.0
+    only_adapter(loaded.model, "global")
+    train_user(loaded, examples, task, cfg, seed, trainable=lambda k: ".global." in k, lr=cfg.train.lr,
+               anchor=anchor or None, mu=mu)
+    only_adapter(loaded.model, "default")
+    lam = cfg.strategy.ditto_lambda
+    train_user(loaded, examples, task, cfg, seed, trainable=lambda k: ".global." not in k, lr=cfg.train.lr,
+               epochs=cfg.strategy.ditto_personal_epochs or None, anchor=received if lam > 0 else None, mu=lam)
 
 
 class ServerUpdate:
@@ -184,6 +210,9 @@ def run_reference(cfg: Config) -> Outcome:
     keys = list(loaded.init_state)
     shared_any = [k for k in keys if any(p.shared(k) for p in plan)]
     server: State = {k: loaded.init_state[k].clone() for k in shared_any}
+    ditto = "global" in extra
+    if ditto:  # w^0 = v^0: the global adapter starts as the personal adapter's initialisation
+        server = {k: loaded.init_state[k.replace(".global.", ".default.")].clone() for k in shared_any}
     private: dict[int, State] = {u: {} for u in range(len(users))}
     update = ServerUpdate(cfg)
     fedprox = cfg.federation.server_optimizer == "fedprox"
@@ -192,6 +221,8 @@ def run_reference(cfg: Config) -> Outcome:
         compose_user_model(loaded, server, private[u])
         if "local" in extra:
             set_feddpa_mix(loaded.model, cfg.peft.alpha, cfg.peft.r, cfg.strategy.feddpa_mix)
+        if ditto:  # the personal model: scored, and what a new user fine-tunes
+            only_adapter(loaded.model, "default")
 
     held_out = new_users(cfg, len(users))
     trained = [u for u in range(len(users)) if u not in held_out]
@@ -204,6 +235,8 @@ def run_reference(cfg: Config) -> Outcome:
                 compose(u)
                 anchor = {k: v for k, v in server.items() if phase.shared(k)} if fedprox else None
                 examples = bench.load_user(u).train
+                if ditto:
+                    ditto_train(cfg, loaded, examples, task, call_seed(cfg, u, server_round), server, anchor)
                 for trainable, epochs in phase.work:
                     train_user(loaded, examples, task, cfg, call_seed(cfg, u, server_round), trainable=trainable,
                                epochs=epochs, lr=cfg.train.lr, anchor=anchor or None,

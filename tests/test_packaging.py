@@ -47,4 +47,4 @@ def test_outside_the_repo_strategies_is_not_importable_and_fedpeft_strategies_is
             "print(importlib.util.find_spec('strategies') is None, sorted(s.STRATEGIES)[:2])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}).stdout
-    assert out.strip() == "True ['fedavg', 'fedavg_ft']"
+    assert out.strip() == "True ['ditto', 'fedavg']"
