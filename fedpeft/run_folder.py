@@ -15,25 +15,65 @@ folder (``output.store_dir``) is kept as an absolute path; its owner file
 
 Run folders written before paths were relative hold the store as an absolute path:
 :func:`saved_store_dir` still finds a moved or copied folder's own store there.
+
+:class:`RunIdentity` (``run.json``, the run's id) lives here, under :mod:`fedpeft.checkpoint`,
+which re-exports it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
 from fedpeft.config import ConfigError
+from fedpeft.files import atomic_write_text
 from fedpeft.store import OWNER_FILE, store_owner
-
-if TYPE_CHECKING:
-    from fedpeft.checkpoint import RunIdentity
 
 RUN_FILE = "run.json"
 DEFAULT_STORE = "adapters"  # <run folder>/adapters when output.store_dir is left empty
+
+
+@dataclass
+class RunIdentity:
+    """``run_id`` signs every adapter file and the store's owner file; ``copied_from``: the run
+    folder this one is a copy of (it then has a W&B run of its own)."""
+
+    run_id: str
+    wandb_id: str
+    copied_from: str = ""
+
+    @classmethod
+    def new(cls) -> RunIdentity:
+        return cls(run_id=uuid.uuid4().hex[:12], wandb_id=uuid.uuid4().hex[:8])
+
+    def copy_of(self, original: Path) -> RunIdentity:
+        """The identity of a copy of the run folder ``original``: the same run id (its adapter
+        files carry it), a W&B run of its own."""
+        return RunIdentity(self.run_id, uuid.uuid4().hex[:8], str(original))
+
+    def write(self, run_dir: Path) -> None:
+        data = {"run_id": self.run_id, "wandb_id": self.wandb_id, **({"copied_from": self.copied_from} if self.copied_from else {})}
+        atomic_write_text(run_dir / RUN_FILE, json.dumps(data))
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunIdentity:
+        path = run_dir / RUN_FILE
+        if not path.is_file():
+            raise ConfigError(f"'{run_dir}' cannot be resumed: it has no {RUN_FILE} (not a fedpeft run folder, "
+                              "or one written before runs could be resumed).")
+        try:
+            data = json.loads(path.read_text())
+            return cls(run_id=str(data["run_id"]), wandb_id=str(data["wandb_id"]), copied_from=str(data.get("copied_from", "")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            why = f"no '{err.args[0]}' in it" if isinstance(err, KeyError) else f"not the JSON fedpeft writes ({err})"
+            raise ConfigError(f"{path} is damaged: {why}. It names the run (its id signs every adapter file), so the run "
+                              f"cannot continue without it: restore {RUN_FILE} from a backup (or from the folder this one "
+                              "was copied from), or start a new run without --resume.") from None
 
 
 def store_setting(run_dir: Path, store_dir: str | Path) -> str:

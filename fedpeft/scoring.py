@@ -49,20 +49,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from fedpeft import metrics as M
-
-if TYPE_CHECKING:
-    from fedpeft.data import TaskSpec
-
-# Each kind's metrics, in the order a task lists them; the first is the headline.
-KIND_METRICS = {
-    "classification": ("accuracy", "macro_f1"),
-    "multilabel": ("accuracy", "macro_f1", "example_f1", "jaccard", "accuracy_any"),
-    "rating": ("mae", "rmse"),
-    "generation": ("rouge1", "rougeL"),
-}
+from fedpeft.tasks import KIND_METRICS, TaskSpec
 
 Prediction = str | Sequence[str]
 

@@ -139,3 +139,30 @@ def test_ditto_refuses_packing_and_adapters_without_lora_and_takes_privacy(tiny_
     assert privacy_refusal(make_strategy(cfg), keys) is None
     local = config(tiny_bert, tmp_path, "refuse", strategy="local_only")
     assert privacy_refusal(make_strategy(local), keys) is not None
+
+
+def test_export_names_and_holds_the_personal_adapter_only(tiny_bert, tmp_path):
+    """Before: fedpeft_task.json listed merged_adapters ["default", "global"] though only the
+    personal adapter is active as the user is scored, and so only it is in the export."""
+    import json
+
+    from fedpeft.export import export_user
+
+    cfg = config(tiny_bert, tmp_path, "sim")
+    cfg.federation.rounds = 1
+    _, run = run_in_process(cfg)
+    out = export_user(run, "user0001", tmp_path / "export")
+    assert json.loads((out / "fedpeft_task.json").read_text())["merged_adapters"] == ["default"]
+    exported = load_file(out / "adapter_model.safetensors")
+    private = final_adapter(run, "user0001")
+    shared = load_file(run / "shared_final.safetensors")
+    scaling = cfg.peft.alpha / cfg.peft.r
+    a_keys = [k for k in private if ".lora_A.default." in k]
+    assert a_keys
+    for a_key in a_keys:
+        b_key = a_key.replace(".lora_A.", ".lora_B.")
+        personal = scaling * private[b_key].float() @ private[a_key].float()
+        got = exported[b_key.replace(".default", "")].float() @ exported[a_key.replace(".default", "")].float()
+        torch.testing.assert_close(got, personal, **TIGHT)
+        glob = scaling * shared[b_key.replace(".default.", ".global.")].float() @ shared[a_key.replace(".default.", ".global.")].float()
+        assert not torch.allclose(got, personal + glob, **TIGHT), "the global adapter must not be in the export"

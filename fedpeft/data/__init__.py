@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.config import Config, ConfigError
+from fedpeft.tasks import TASK_KINDS, TaskSpec  # noqa: F401  (re-exported: users import them from here)
 
 
 @dataclass(frozen=True)
@@ -37,26 +38,6 @@ class UserData:
     train: list[Example]
     val: list[Example]
     test: list[Example]
-
-
-TASK_KINDS = ("classification", "multilabel", "rating", "generation")
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What a user's examples ask for and how predictions are scored.
-
-    kind: "classification" (one label), "multilabel" (a set of labels), "rating" (ordinal labels
-    that parse as numbers, scored by MAE/RMSE), "generation" (free text, scored by ROUGE).
-    corpus_metrics: whether the benchmark's headline scores are corpus-level, computed over all
-    questions pooled (LaMP: :func:`fedpeft.scoring.corpus_scores`), rather than the unweighted
-    mean over users of per-user scores (PEFT-U, synthetic).
-    """
-
-    kind: str
-    labels: tuple[str, ...]
-    metrics: tuple[str, ...] = field(default=("accuracy", "macro_f1"))
-    corpus_metrics: bool = False
 
 
 class Benchmark:

@@ -90,7 +90,7 @@ from fedpeft.data.peft_u_tasks import (  # noqa: F401
     describe_tasks,
     read_raw,
 )
-from fedpeft.scoring import KIND_METRICS
+from fedpeft.tasks import KIND_METRICS
 
 log = logging.getLogger(__name__)
 
