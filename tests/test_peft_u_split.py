@@ -19,6 +19,7 @@ from fedpeft.config import Config, ConfigError
 from fedpeft.data import UserData, peft_u
 from fedpeft.data.peft_u import PeftUBenchmark
 from fedpeft.run_folder import RunIdentity
+from fedpeft.store import claim_store
 from tests.test_peft_u import tweeteval_raw
 
 SHARED_PEFT_U = Path(__file__).resolve().parents[2] / "shared" / "data" / "peft-u"
@@ -151,7 +152,9 @@ def _old_run_folder(tmp_path: Path, benchmark: str, path: str = "") -> Path:
     run = tmp_path / "runs" / "old"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"fedpeft_version": "0", **saved}, sort_keys=False))
-    RunIdentity.new().write(run)  # a run that started (run.json), killed before its first round
+    identity = RunIdentity.new()  # a run that started (run.json, its store), killed before its first round
+    identity.write(run)
+    claim_store(run / "adapters", run, identity.run_id, [])
     return run
 
 
