@@ -216,15 +216,20 @@ def test_subjectivediscourse_errors(tmp_path):
 # ----------------------------------------------------------------------------- split protocol
 
 
+def peft_u_split2(samples_: list, seed: int = 42, ratio: float = 0.8) -> tuple[list, list, list]:
+    """A literal port of PEFT-U's _split2train_val_test (module random, as its set_seed)."""
+    random.seed(seed)
+    random.shuffle(samples_)
+    non_tr = max(2, round((1 - ratio) * len(samples_)))
+    tr, rest = samples_[:-non_tr], samples_[-non_tr:]
+    vl_sz = round(0.5 * non_tr)
+    return tr, rest[:vl_sz], rest[vl_sz:]
+
+
 def peft_u_reference_split(samples: dict, seed: int = 42, ratio: float = 0.8) -> dict:
     """A literal port of PEFT-U's data2dataset_splits(leakage=True) for one user (module random)."""
     def split2(samples_):
-        random.seed(seed)
-        random.shuffle(samples_)
-        non_tr = max(2, round((1 - ratio) * len(samples_)))
-        tr, rest = samples_[:-non_tr], samples_[-non_tr:]
-        vl_sz = round(0.5 * non_tr)
-        return tr, rest[:vl_sz], rest[vl_sz:]
+        return peft_u_split2(samples_, seed, ratio)
 
     u = defaultdict(dict)
     for label in sorted(set().union(*[v["label"] for v in samples.values()])):

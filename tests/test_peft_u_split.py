@@ -20,7 +20,7 @@ from fedpeft.data import UserData, peft_u
 from fedpeft.data.peft_u import PeftUBenchmark
 from fedpeft.run_folder import RunIdentity
 from fedpeft.store import claim_store
-from tests.test_peft_u import tweeteval_raw
+from tests.test_peft_u import peft_u_split2, tweeteval_raw
 
 SHARED_PEFT_U = Path(__file__).resolve().parents[2] / "shared" / "data" / "peft-u"
 
@@ -53,12 +53,7 @@ def peft_u_no_leak(data: dict, seed: int = 42, ratio: float = 0.8, drop_threshol
     """A literal port of PEFT-U's latest data2dataset_splits(leakage=False) (module random, as its
     set_seed): sample ids sorted, shuffled, then split by _split2train_val_test (which shuffles again)."""
     def split2(samples):
-        random.seed(seed)
-        random.shuffle(samples)
-        non_tr = max(2, round((1 - ratio) * len(samples)))
-        tr, rest = samples[:-non_tr], samples[-non_tr:]
-        vl = round(0.5 * non_tr)
-        return tr, rest[:vl], rest[vl:]
+        return peft_u_split2(samples, seed, ratio)
 
     ids = sorted({sid for samples in data.values() for sid in samples})
     random.seed(seed)
