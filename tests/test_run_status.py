@@ -152,15 +152,14 @@ def test_a_new_user_whose_fine_tune_fails_counts(tiny_bert, tmp_path, monkeypatc
 def test_a_failed_run_is_failed_in_wandb_and_never_ranks_in_a_sweep(tiny_bert, tmp_path, monkeypatch):
     """Before: W&B's run ended with exit code 0 and no status in its summary; the offline sweep
     gave a failed run's score to the engine as a finished run's."""
-    from tests.test_sweep_metric import wandb_records, wandb_summary
+    from tests.test_sweep_metric import finished_records, wandb_summary
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     for name, lr in (("failed", 1e30), ("ok", 0.05)):
         cfg = tiny_config(tiny_bert, tmp_path, name)
         cfg.train.lr, cfg.wandb.mode = lr, "offline"
         results, run = run_in_process(cfg)
-        (log,) = run.glob("wandb/offline-run-*/run-*.wandb")
-        exits = [r.exit.exit_code for r in wandb_records(log) if r.WhichOneof("record_type") == "exit"]
+        exits = [r.exit.exit_code for r in finished_records(run) if r.WhichOneof("record_type") == "exit"]
         summary = wandb_summary(run)
         wandb_id = RunIdentity.read(run).wandb_id
         if name == "failed":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,22 @@ def wandb_records(path: Path) -> list[Any]:
     return out
 
 
+def finished_records(run_dir: Path, wait: float = 120.0) -> list[Any]:
+    """The offline run's records once its ``exit`` record is on disk: ``run.finish()`` returns
+    before W&B's service has flushed its writer, which on a loaded machine can take seconds."""
+    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + wait
+    while True:
+        records = wandb_records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def wandb_summary(run_dir: Path) -> dict[str, Any]:
     """The offline W&B run's summary: its summary records' top-level updates, applied in order."""
-    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     summary: dict[str, Any] = {}
-    for record in wandb_records(log):
+    for record in finished_records(run_dir):
         if record.WhichOneof("record_type") != "summary":
             continue
         for item in record.summary.update:
