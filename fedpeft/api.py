@@ -1,4 +1,4 @@
-"""The Python API, for notebooks: ``fedpeft.run``, ``fedpeft.load_run`` and ``fedpeft.compare``.
+"""The Python API, for notebooks: ``fedpeft.run``, ``fedpeft.load_run`` and ``fedpeft.study.compare``.
 
     import fedpeft
     local = fedpeft.run(strategy="local_only", overrides={"train.lr": 1e-3})
@@ -8,7 +8,7 @@
 
 A run goes through what ``python -m fedpeft.sim`` runs (:func:`fedpeft.sim.run`) after the same
 checks (a bad key or value raises the same :class:`fedpeft.config.ConfigError`); a comparison
-through what ``python sims/compare.py`` runs (:func:`fedpeft.study_resume.run_study`). Every
+through what ``python sims/compare.py`` runs (:func:`fedpeft.study.resume.run_study`). Every
 table is read from the run folder, so a finished folder loads back as the same :class:`Run`.
 """
 
@@ -55,7 +55,7 @@ class Run:
 
     @property
     def status(self) -> str:
-        """``ok``, ``degraded`` or ``failed`` (fedpeft.verdict); why in :attr:`status_reason`."""
+        """``ok``, ``degraded`` or ``failed`` (fedpeft.federation.verdict); why in :attr:`status_reason`."""
         return self.results["status"]
 
     @property
@@ -85,7 +85,7 @@ class Run:
         return f"Run({self.strategy}, {self.status}, {self.metric} {self.summary.get(f'{self.metric}_mean')}, {self.run_dir})"
 
     def __str__(self) -> str:
-        from fedpeft.reporting import summary_table
+        from fedpeft.federation.reporting import summary_table
 
         return summary_table(self.results)
 
@@ -102,7 +102,7 @@ class Run:
         and, where the run scored it, the validation one; beside them the training loss."""
         from matplotlib.ticker import MaxNLocator
 
-        from fedpeft.compare_plots import mean_rounds
+        from fedpeft.study.plots import mean_rounds
 
         metric = metric or self.metric
         records = self.rounds.to_dict("records")
@@ -129,7 +129,7 @@ class Run:
     def plot_users(self, other: Run, metric: str | None = None) -> Figure:
         """Each user both runs scored: this run's test ``metric`` against ``other``'s, with the
         diagonal; the title counts the users this run does better, worse and the same for."""
-        from fedpeft.metrics import LOWER_IS_BETTER, gain
+        from fedpeft.learning.metrics import LOWER_IS_BETTER, gain
 
         metric = metric or self.metric
         mine, theirs = self.scores(metric), other.scores(metric)
@@ -180,8 +180,8 @@ def build(config: ConfigSource = None, pairs: Sequence[tuple[str, Any]] = ()) ->
     """The checked config of ``python -m fedpeft.sim --config FILE ... KEY=VALUE ...`` (``config``:
     YAML file(s) layered on configs/default.yaml as ``--config`` does, or a Config to start from
     instead), with the same checks and errors."""
-    from fedpeft.assemble import apply_sweep_parameters, check_names
     from fedpeft.config import build_config, set_key, validate
+    from fedpeft.launch.assemble import apply_sweep_parameters, check_names
 
     if isinstance(config, Config):
         built = copy.deepcopy(config)
@@ -204,7 +204,7 @@ def run(strategy: str | None = None, benchmark: str | None = None, model: str | 
     import sys
 
     from fedpeft import sim
-    from fedpeft.verdict import failed_run_line
+    from fedpeft.federation.verdict import failed_run_line
 
     cfg = build(config, settings(strategy, benchmark, model, rounds, overrides))
     results = _interruptible(lambda: sim.run(cfg))
@@ -214,14 +214,14 @@ def run(strategy: str | None = None, benchmark: str | None = None, model: str | 
 
 
 def _interruptible(work: Any) -> Any:
-    """``work()`` with fedpeft's handling of Ctrl-C (fedpeft.sim.stop_on_signals: the run stops
+    """``work()`` with fedpeft's handling of Ctrl-C (fedpeft.launch.signals.stop_on_signals: the run stops
     after its last checkpoint), raised here as a KeyboardInterrupt that says how to continue."""
-    from fedpeft import sim
+    from fedpeft.launch.signals import Interrupted, stop_on_signals
 
     try:
-        with sim.stop_on_signals():
+        with stop_on_signals():
             return work()
-    except sim.Interrupted as stop:
+    except Interrupted as stop:
         raise KeyboardInterrupt(stop.message()) from None
 
 
@@ -229,7 +229,7 @@ def load_run(path: str | Path) -> Run:
     """The :class:`Run` of a finished run folder (one with results.json), as :func:`run` returned it."""
     import pandas as pd
 
-    from fedpeft.checkpoint import Checkpoint, load_run_config
+    from fedpeft.federation.checkpoint import Checkpoint, load_run_config
     from fedpeft.files import json_value
 
     run_dir = Path(path).expanduser().resolve()
@@ -270,8 +270,8 @@ def compare(strategies: Sequence[str] | None = None, seeds: Sequence[int] | None
     import pandas as pd
 
     from fedpeft import sim
-    from fedpeft.compare import study_spec
-    from fedpeft.study_resume import STUDY_FILE, run_study
+    from fedpeft.study.compare import study_spec
+    from fedpeft.study.resume import STUDY_FILE, run_study
 
     with tempfile.TemporaryDirectory(prefix="fedpeft-compare-") as tmp:
         argv = _study_arguments(strategies, seeds, baseline, overrides, config, Path(tmp))

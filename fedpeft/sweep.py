@@ -8,7 +8,7 @@ Each run is started exactly as ``wandb agent`` starts it (:func:`agent_command`,
 The metric in ``metric.name`` is read back from the run's summary, built as W&B builds the run's
 summary (:func:`logged_metrics`), and given to the engine: an offline sweep and a ``wandb agent``
 see the same number. A run whose process exits non-zero or whose results.json says ``status:
-failed`` (fedpeft.verdict) is given to the engine as failed and without the metric, as W&B marks
+failed`` (fedpeft.federation.verdict) is given to the engine as failed and without the metric, as W&B marks
 it (``run.finish(exit_code=...)``): its score is never a point of the sweep. Tune on
 ``selected_val_<metric>`` (e.g. ``selected_val_accuracy``), the validation score at the rounds
 ``federation.select`` picks; ``accuracy`` and ``accuracy_mean`` are test scores.
@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
+from fedpeft.federation.selection import SELECTED_VAL
 from fedpeft.files import json_value
-from fedpeft.selection import SELECTED_VAL
 
 ENGINE = """
 import json, sys
@@ -120,7 +120,7 @@ def fedpeft_run_dir(search_root: Path, run_id: str) -> Path | None:
 
 def sweep_state(search_root: Path, run_id: str, code: int) -> str:
     """The run's state for the engine: ``failed`` when its process did not exit 0 or its
-    results.json says ``status: failed`` (fedpeft.verdict), as W&B records it; else ``finished``."""
+    results.json says ``status: failed`` (fedpeft.federation.verdict), as W&B records it; else ``finished``."""
     run_dir = fedpeft_run_dir(search_root, run_id)
     results = run_dir / "results.json" if run_dir is not None else None
     status = json_value(results.read_text()).get("status") if results is not None and results.is_file() else None

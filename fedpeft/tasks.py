@@ -1,7 +1,7 @@
 """What a benchmark's examples ask for and how they are scored: the task kinds, :class:`TaskSpec`
 and each kind's metrics.
 
-The bottom layer of the data side: it imports nothing of fedpeft, so :mod:`fedpeft.scoring`
+The bottom layer of the data side: it imports nothing of fedpeft, so :mod:`fedpeft.learning.scoring`
 and the benchmarks in :mod:`fedpeft.data` (which re-exports ``TaskSpec`` and ``TASK_KINDS``) both
 build on it without importing each other.
 """
@@ -28,7 +28,7 @@ class TaskSpec:
     kind: "classification" (one label), "multilabel" (a set of labels), "rating" (ordinal labels
     that parse as numbers, scored by MAE/RMSE), "generation" (free text, scored by ROUGE).
     corpus_metrics: whether the benchmark's headline scores are corpus-level, computed over all
-    questions pooled (LaMP: :func:`fedpeft.scoring.corpus_scores`), rather than the unweighted
+    questions pooled (LaMP: :func:`fedpeft.learning.scoring.corpus_scores`), rather than the unweighted
     mean over users of per-user scores (PEFT-U, synthetic).
     """
 

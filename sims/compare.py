@@ -1,8 +1,8 @@
-"""Compare strategies side by side on the same users and seeds: see fedpeft/compare.py."""
+"""Compare strategies side by side on the same users and seeds: see fedpeft/study/compare.py."""
 
 import sys
 
-from fedpeft.compare import main
+from fedpeft.study.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,8 +3,8 @@
     python sims/majority_baseline.py --benchmark peft-u/tweeteval data.path=DIR [--top-k K] [KEY=VALUE ...]
 
 Prints mean / median / 10th-percentile per-user scores of every metric of the task (the same
-scoring as a simulation, :func:`fedpeft.scoring.score`) and writes them to --json-out. No model,
-no training: what personalization must beat. The computation is :mod:`fedpeft.majority`, the one
+scoring as a simulation, :func:`fedpeft.learning.scoring.score`) and writes them to --json-out. No model,
+no training: what personalization must beat. The computation is :mod:`fedpeft.study.majority`, the one
 every comparison (sims/compare.py) uses for its own ``majority`` row over its own common users:
 quote that row beside a comparison, not this script's numbers. Here the users are every user of
 the data config (``data.max_train_per_user`` caps their training splits as in a run), by group:
@@ -32,8 +32,8 @@ from typing import Any
 
 from fedpeft.cli import config_from_args
 from fedpeft.config import Config
-from fedpeft.majority import majority, user_groups
-from fedpeft.metrics import summarize
+from fedpeft.learning.metrics import summarize
+from fedpeft.study.majority import majority, user_groups
 
 
 def parse_top_k(value: str) -> int | None:
@@ -52,7 +52,7 @@ def parse_top_k(value: str) -> int | None:
 
 def majority_scores(config: Config, top_k: int | None = 1) -> dict[str, Any]:
     """Every user's scores when it predicts its ``top_k`` most frequent training labels
-    (:func:`fedpeft.majority.majority`), summarised over all users and per group."""
+    (:func:`fedpeft.study.majority.majority`), summarised over all users and per group."""
     found = majority(config, top_k=top_k)
     per_user = found.per_user
     metrics = list(found.task.metrics)

@@ -5,8 +5,8 @@
         --ks 1 2 4 8 16 32 --json pack_bench.json                                  # a ~0.5B causal LM, GPU
 
 For each k, the same work two ways: k users trained one after another, as a worker trains them
-today (``load_adapter_state`` of the user's composed state, ``fedpeft.training.train_user``,
-``adapter_state``), and the same k users in one ``fedpeft.packing.train_packed`` call. Each user
+today (``load_adapter_state`` of the user's composed state, ``fedpeft.learning.training.train_user``,
+``adapter_state``), and the same k users in one ``fedpeft.learning.packing.train_packed`` call. Each user
 has ``--steps`` x ``--batch-size`` examples of about ``--tokens`` tokens and trains one epoch of
 ``--steps`` steps (LoRA r=8 on the backbone's default targets, plus the head for an encoder).
 Reported: training examples/s and tokens/s (real tokens, no padding) of both, their ratio, the
@@ -54,11 +54,11 @@ except ImportError:
     _stub.BM25Okapi = BM25Okapi
     sys.modules["rank_bm25"] = _stub
 
-from fedpeft import models  # noqa: E402
 from fedpeft.config import Config  # noqa: E402
 from fedpeft.data import Example, TaskSpec  # noqa: E402
-from fedpeft.packing import train_packed  # noqa: E402
-from fedpeft.training import CallTokens, train_user  # noqa: E402
+from fedpeft.learning import models  # noqa: E402
+from fedpeft.learning.packing import train_packed  # noqa: E402
+from fedpeft.learning.training import CallTokens, train_user  # noqa: E402
 
 LABELS = ("yes", "no", "maybe")
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

@@ -2,9 +2,9 @@
 
     python sims/privacy.py --strategies fedavg,fedsa,ffa,fedper,fedrep --epsilons inf,8,2,1 --seeds 0,1,2 \\
         [--mechanism central] [--compare-out DIR] [sim options, e.g. --benchmark peft-u/... --select best_val]
-    python sims/privacy.py --resume STUDY_DIR        (or --report-only STUDY_DIR: see fedpeft/study_resume.py)
+    python sims/privacy.py --resume STUDY_DIR        (or --report-only STUDY_DIR: see fedpeft/study/resume.py)
 
-For each ε of ``--epsilons`` it runs the comparison of fedpeft/compare.py (every strategy once per
+For each ε of ``--epsilons`` it runs the comparison of fedpeft/study/compare.py (every strategy once per
 seed, on the same users) into ``<out>/eps<ε>``: ``inf`` without differential privacy
 (``privacy.mechanism=none``), a number with user-level DP on the shared part
 (``privacy.mechanism``, default central; ``privacy.target_epsilon=ε``: the noise multiplier is
@@ -33,10 +33,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpeft.compare import add_arguments, compare, from_arguments, run_configs
-from fedpeft.compare_plots import interval_errors, pyplot, save_with_legend
-from fedpeft.compare_report import read_csv, write_csv
 from fedpeft.config import CHOICES, FLAG_ALIASES, Config, ConfigError
+from fedpeft.study.compare import add_arguments, compare, from_arguments, run_configs
+from fedpeft.study.plots import interval_errors, pyplot, save_with_legend
+from fedpeft.study.report import read_csv, write_csv
 
 BASELINE = "local_only"
 MAJORITY = "majority"
@@ -309,7 +309,7 @@ def study(names: list[str], config: Config, epsilons: list[float], mechanism: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedpeft.study_resume import StudyPlan, StudySpec, study_main
+    from fedpeft.study.resume import StudyPlan, StudySpec, study_main
 
     def plan(args: list[str]) -> StudyPlan:
         names, out, config, epsilons, mechanism = parse_args(args)

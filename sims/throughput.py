@@ -11,7 +11,7 @@ fedpeft): ``pip install -e '.[bench]'``. Without it that variant is skipped, wit
 One workload, kept identical across variants: the same users and examples (read through
 ``fedpeft.data.get_benchmark(config).load_user(i)``), the same tokenised inputs (``input_length``
 tokens, padded per batch to its longest row), the same backbone and adapter (LoRA with
-``peft.*`` of the config, head trained, seeded as ``fedpeft.models.build_model`` seeds it), R
+``peft.*`` of the config, head trained, seeded as ``fedpeft.learning.models.build_model`` seeds it), R
 rounds of S optimizer steps of B examples per user, the same batches in the same order (each
 call's shuffle drawn from the seed of (seed, user, round), as fedpeft's clients draw it), a fresh
 AdamW per call, and at the end every user's test and validation splits predicted once (fedpeft

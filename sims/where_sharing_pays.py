@@ -2,9 +2,9 @@
 
     python sims/where_sharing_pays.py --strategies local_only,fedavg,fedsa --ks 4,8,16,all --seeds 0,1,2 \\
         [--compare-out DIR] [sim options, e.g. data.new_users=0.2 --benchmark peft-u/...]
-    python sims/where_sharing_pays.py --resume STUDY_DIR        (or --report-only STUDY_DIR: see fedpeft/study_resume.py)
+    python sims/where_sharing_pays.py --resume STUDY_DIR        (or --report-only STUDY_DIR: see fedpeft/study/resume.py)
 
-For each K of ``--ks`` it runs the comparison of fedpeft/compare.py (every strategy once per seed, on
+For each K of ``--ks`` it runs the comparison of fedpeft/study/compare.py (every strategy once per seed, on
 the same users) with ``data.max_train_per_user=K`` (``all``: 0, every example) into ``<out>/K<k>``,
 then writes into ``<out>``:
 
@@ -16,7 +16,7 @@ then writes into ``<out>``:
 - ``gain_by_k.png``: the gain over the baseline against K, one line per strategy, trained users
   solid, new users dashed, with the zero line;
 - ``gain_by_activity.png``: the gain by activity bin (users binned by training examples,
-  fedpeft.activity), at K = all (or the largest K when ``all`` is not among ``--ks``).
+  fedpeft.data.activity), at K = all (or the largest K when ``all`` is not among ``--ks``).
 
 Every number is read back from the K folders' ``comparison.csv`` and ``by_activity.csv``.
 """
@@ -32,10 +32,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpeft.compare import add_arguments, compare, from_arguments, run_configs
-from fedpeft.compare_plots import interval_errors, pyplot, save_with_legend
-from fedpeft.compare_report import read_csv, write_csv
 from fedpeft.config import FLAG_ALIASES, Config, ConfigError
+from fedpeft.study.compare import add_arguments, compare, from_arguments, run_configs
+from fedpeft.study.plots import interval_errors, pyplot, save_with_legend
+from fedpeft.study.report import read_csv, write_csv
 
 DEFAULT_KS = ",".join(Config().compare.train_caps)  # the schema's default
 Row = dict[str, Any]
@@ -269,7 +269,7 @@ def study(names: list[str], baseline: str, config: Config, ks: list[int | str], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedpeft.study_resume import StudyPlan, StudySpec, study_main
+    from fedpeft.study.resume import StudyPlan, StudySpec, study_main
 
     def plan(args: list[str]) -> StudyPlan:
         names, baseline, out, config, ks = parse_args(args)

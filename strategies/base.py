@@ -19,10 +19,10 @@ import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import strategy as flwr_strategy
 
-from fedpeft.aggregation import copy_reply, kept_momentum, prepare_round
 from fedpeft.config import Config, ConfigError
-from fedpeft.messages import transport_state
-from fedpeft.privacy import PrivateAggregator, Release, mean_reply
+from fedpeft.federation.aggregation import copy_reply, kept_momentum, prepare_round
+from fedpeft.federation.messages import transport_state
+from fedpeft.federation.privacy import PrivateAggregator, Release, mean_reply
 
 State = dict[str, torch.Tensor]
 HEAD_PATTERN = re.compile(r"(^|\.)(classifier|score)\.")
@@ -60,7 +60,7 @@ class Phase:
 def flower_aggregator(config: Config) -> flwr_strategy.FedAvg:
     """Flower's strategy object whose ``aggregate_train`` aggregates the shared keys:
     ``federation.aggregator`` (how updates combine) or, with the mean, ``federation.server_optimizer``
-    (the server's step on it); :func:`fedpeft.aggregation.check_aggregator` refuses other pairs."""
+    (the server's step on it); :func:`fedpeft.federation.aggregation.check_aggregator` refuses other pairs."""
     fed = config.federation
     common: dict[str, Any] = {"arrayrecord_key": "shared", "weighted_by_key": "num-examples"}
     robust: dict[str, Callable[[], flwr_strategy.FedAvg]] = {
@@ -167,7 +167,7 @@ class Strategy:
         """The user's predictions on its test split (strategies may score differently).
 
         With ``peft.method=few_shot`` the prompt starts with k of the user's own training examples."""
-        from fedpeft.training import predict
+        from fedpeft.learning.training import predict
 
         shots = user.train[: self.config.peft.few_shot_k] if self.config.peft.method == "few_shot" else None
         return predict(loaded, user.test, task, self.config, shots=shots)
@@ -230,7 +230,7 @@ class Strategy:
 
         With ``privacy.mechanism`` set, Flower's DP wrapper first makes the noisy sum of the clipped
         updates divided by ``sampled``, the users sampled this round, which the caller must give
-        (:class:`fedpeft.privacy.PrivateAggregator`: a sampled user that did not reply counts as a
+        (:class:`fedpeft.federation.privacy.PrivateAggregator`: a sampled user that did not reply counts as a
         zero update), and the Flower strategy steps on that one mean (post-processing: FedAvg/FedProx
         return it, FedAdam/FedYogi move towards it). A round in ``phase`` that shares keys releases
         even when no user replied (noise around the current shared part); without ``phase`` the

@@ -197,7 +197,7 @@ class FedDPA(Strategy):
     def local_train(self, train: Callable[..., dict[str, float]], phase: Phase) -> dict[str, float]:
         if not self.per_input:
             return self._train_both(train, phase)
-        from fedpeft.training import batch_listener
+        from fedpeft.learning.training import batch_listener
 
         if self._loaded is None:
             raise RuntimeError("feddpa per_input: configure_model(loaded, phase) must run before local_train")
@@ -219,7 +219,7 @@ class FedDPA(Strategy):
     def predict(self, loaded: Any, user: Any, task: Any) -> list[str]:
         if not self.per_input:
             return super().predict(loaded, user, task)
-        from fedpeft.training import batch_listener, predict
+        from fedpeft.learning.training import batch_listener, predict
 
         weights = input_weights(loaded, self.config, user.test, user.train)
         with PerInputMix(loaded) as mixer, batch_listener(lambda examples, rows: mixer.use(weights[rows])):

@@ -49,7 +49,7 @@ class OPPU(Strategy):
 
     def pretrain(self, loaded: Any, load_users: Callable[[], list[Any]], task: Any) -> dict[str, float] | None:
         """Pooled mode: train the task adapter and head on all users' training data at once."""
-        from fedpeft.training import train_user
+        from fedpeft.learning.training import train_user
 
         if self.config.strategy.oppu_task_mode != "pooled":
             return None

@@ -1,7 +1,7 @@
 """An in-process Flower grid: FederatedRun drives fedpeft's real ClientApp in this process.
 
 For tests of round logic without Ray: every pushed message is handled at once by
-``fedpeft.client_app.app`` with a Context that names the node's partition id, and its reply waits
+``fedpeft.federation.client_app.app`` with a Context that names the node's partition id, and its reply waits
 to be pulled. ``reply_order_seed`` hands replies back in a scrambled order, as Ray may deliver
 them, so that tests can show results never depend on arrival order.
 """
@@ -22,7 +22,7 @@ NODE_ID_BASE = 1000  # node ids are arbitrary in Flower; distinct from partition
 
 class InProcessGrid(Grid):
     def __init__(self, num_nodes: int, reply_order_seed: int | None = None) -> None:
-        from fedpeft.client_app import app
+        from fedpeft.federation.client_app import app
 
         self.client_app = app
         self.partition = {NODE_ID_BASE + 7 * i: i for i in range(num_nodes)}
@@ -73,8 +73,8 @@ def run_in_process(config: Any, reply_order_seed: int | None = None, resume: boo
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedpeft.data import get_benchmark
-    from fedpeft.server_app import run_prepared, simulated_nodes
-    from fedpeft.sim import prepare_run
+    from fedpeft.federation.server_app import run_prepared, simulated_nodes
+    from fedpeft.launch.prepare import prepare_run
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # the ServerApp's identity
     p = prepare_run(config, resume)

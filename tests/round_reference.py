@@ -18,8 +18,8 @@ import torch
 
 from fedpeft.config import Config
 from fedpeft.data import get_benchmark
-from fedpeft.models import adapter_state, build_model, compose_user_model
-from fedpeft.training import predict, train_user
+from fedpeft.learning.models import adapter_state, build_model, compose_user_model
+from fedpeft.learning.training import predict, train_user
 
 Key = Callable[[str], bool]
 State = dict[str, torch.Tensor]

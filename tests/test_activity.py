@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fedpeft.activity import ActivityBin, activity_bins, by_activity
+from fedpeft.data.activity import ActivityBin, activity_bins, by_activity
 
 
 def ranges(bins: list[ActivityBin]) -> list[tuple[str, int, int, list[str]]]:

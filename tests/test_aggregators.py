@@ -16,8 +16,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
-from fedpeft.aggregation import check_aggregator
 from fedpeft.config import Config, ConfigError, build_config
+from fedpeft.federation.aggregation import check_aggregator
 from fedpeft.strategies.base import Strategy
 from tests.inprocess_grid import InProcessGrid, run_in_process
 
@@ -40,7 +40,7 @@ def updates(seed: int, n: int = len(COUNTS)) -> list[dict[str, np.ndarray]]:
 
 
 def fedpeft_reply(state: dict[str, np.ndarray], n: int, loss: float) -> Message:
-    """A reply as fedpeft's client sends it (fedpeft.messages.make_reply)."""
+    """A reply as fedpeft's client sends it (fedpeft.federation.messages.make_reply)."""
     content = RecordDict({"metrics": MetricRecord({"num-examples": float(n), "train_loss": loss, "steps": 2.0}),
                           "info": ConfigRecord({"user_id": "u"}),
                           "shared": ArrayRecord(torch_state_dict={k: torch.from_numpy(v.copy()) for k, v in state.items()})})

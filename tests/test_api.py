@@ -195,11 +195,13 @@ def test_importing_fedpeft_stays_cheap():
     assert out.stdout.strip() == "[]"
 
 
-def test_fedpeft_compare_is_the_api_and_still_the_module():
-    from fedpeft.compare import write_comparison
+def test_the_package_names_the_api():
+    """fedpeft.compare is the API's function (the comparison module lives in fedpeft.study)."""
+    import fedpeft.api
+    import fedpeft.study.compare
 
-    assert callable(fedpeft.compare) and fedpeft.compare.write_comparison is write_comparison
-    assert fedpeft.run is fedpeft.api.run and fedpeft.load_run is fedpeft.api.load_run
+    assert fedpeft.compare is fedpeft.api.compare and fedpeft.run is fedpeft.api.run
+    assert fedpeft.load_run is fedpeft.api.load_run and callable(fedpeft.study.compare.compare)
 
 
 def test_the_example_notebook_runs(tmp_path, monkeypatch):

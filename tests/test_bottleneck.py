@@ -31,7 +31,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from fedpeft.adapters.bottleneck import BottleneckConfig, BottleneckLayer
+from fedpeft.learning.adapters.bottleneck import BottleneckConfig, BottleneckLayer
 
 TYPES = ("houlsby", "pfeiffer")
 IDS = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -283,10 +283,10 @@ LOAD_IN_FRESH_PROCESS = textwrap.dedent("""
     root = sys.argv[1]
     try:  # documented requirement: peft cannot resolve the method before our module is imported
         PeftConfig.from_pretrained(root + "/bert/adapter")
-        raise SystemExit("loading worked without importing fedpeft.adapters.bottleneck")
+        raise SystemExit("loading worked without importing fedpeft.learning.adapters.bottleneck")
     except KeyError:
         pass
-    import fedpeft.adapters.bottleneck  # noqa: F401
+    import fedpeft.learning.adapters.bottleneck  # noqa: F401
     autos = {"bert": AutoModelForSequenceClassification, "t5": AutoModelForSeq2SeqLM, "gpt2": AutoModelForCausalLM}
     saved = torch.load(root + "/expected.pt")
     out = {}

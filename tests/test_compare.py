@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.compare_stats import mean_interval, paired_differences, paired_stats
+from fedpeft.study.stats import mean_interval, paired_differences, paired_stats
 from tests.inprocess_grid import run_in_process
 from tests.test_run_outputs import tiny_config
 
@@ -82,7 +82,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_multi_seed_comparison_writes_intervals_paired_statistics_and_a_scatter(tiny_bert, tmp_path):
     """Before: one seed, final-round scores only, no interval, no paired test, no scatter."""
-    from fedpeft.compare import compare
+    from fedpeft.study.compare import compare
 
     config = tiny_config(tiny_bert, tmp_path, "unused", "local_only")
     config.train.lr, config.data.val_per_user = 0.3, 6
@@ -227,7 +227,7 @@ BEST = {("local_only", 0): 2, ("local_only", 1): 1, ("fedavg", 0): 2, ("fedavg",
 def test_a_user_who_fails_in_one_seed_is_left_out_of_every_strategy_and_said_so(tmp_path):
     """Before: each headline was over its own run's scored users (fedavg's seed 1 without u2, on
     which fedavg is worse), and nothing said that u2 was missing."""
-    from fedpeft.compare import compare
+    from fedpeft.study.compare import compare
 
     out = compare(["local_only", "fedavg"], "local_only", hand_config([0, 1]), tmp_path / "cmp", runner=fake_runner(FAILING))
     table = {r["strategy"]: r for r in _rows(out / "comparison.csv")}
@@ -276,7 +276,7 @@ def test_a_user_who_fails_in_one_seed_is_left_out_of_every_strategy_and_said_so(
 
 
 def test_folders_without_group_and_n_train_are_all_trained_users_and_have_no_activity_bins(tmp_path):
-    from fedpeft.compare import compare
+    from fedpeft.study.compare import compare
 
     runs = {key: {**spec, "groups": False} for key, spec in FAILING.items() if key[1] == 0}
     out = compare(["local_only", "fedavg"], "local_only", hand_config([0]), tmp_path / "cmp", runner=fake_runner(runs))
@@ -308,7 +308,7 @@ WITH_NEW = {key: {"trained": {u: {1: (.5, s), 2: (.5, s + .1)} for u, s in ROUND
 
 def test_new_users_and_activity_bins_against_a_plain_computation(tmp_path):
     """Before: new users and activity levels were not in the comparison at all."""
-    from fedpeft.compare import compare
+    from fedpeft.study.compare import compare
 
     out = compare(["local_only", "fedavg"], "local_only", hand_config([0, 1]), tmp_path / "cmp", runner=fake_runner(WITH_NEW))
     table = {r["strategy"]: r for r in _rows(out / "comparison.csv")}

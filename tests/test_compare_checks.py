@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def script_main(name: str):
-    """The main of sims/<name>.py (compare's is fedpeft.compare's)."""
+    """The main of sims/<name>.py (compare's is fedpeft.study.compare's)."""
     if name == "compare":
-        from fedpeft.compare import main
+        from fedpeft.study.compare import main
 
         return main
     spec = importlib.util.spec_from_file_location(f"sims_{name}_checks", ROOT / "sims" / f"{name}.py")

@@ -57,7 +57,7 @@ def synthetic_users(config: Config) -> tuple[dict[str, dict], set[str]]:
 def test_majority_row_is_over_the_common_users_of_each_group_from_the_capped_training_splits(tmp_path):
     """Before: no majority row at all; sims/majority_baseline.py scored every user, new ones among
     them, outside the comparison."""
-    from fedpeft.compare import compare
+    from fedpeft.study.compare import compare
 
     config = synthetic_config()
     users, new_ids = synthetic_users(config)
@@ -107,7 +107,7 @@ def test_majority_row_is_over_the_common_users_of_each_group_from_the_capped_tra
 def test_no_majority_row_when_the_runs_trained_on_other_data(tmp_path):
     """The majority is only shown for the data the runs saw: runs that report another n_train
     (another data config) get no row, and the report says why."""
-    from fedpeft.compare import compare
+    from fedpeft.study.compare import compare
 
     config = synthetic_config()
     users, new_ids = synthetic_users(config)
@@ -133,8 +133,8 @@ def scored(seed: int, lift: float = 0.0) -> dict:
 def test_a_strategy_with_a_failed_run_shows_failed_and_no_number_and_the_comparison_goes_on(tmp_path):
     """Before: a run that raised ended the whole comparison, and a run that did not train (status
     failed in its results.json) was an ordinary row with a headline."""
-    from fedpeft.compare import compare
     from fedpeft.sim import RunFailed
+    from fedpeft.study.compare import compare
 
     runs = {("local_only", s): scored(s) for s in SEEDS}
     runs[("local_only", 0)].update(status="degraded", status_reason="1 of 3 users diverged")
@@ -177,7 +177,7 @@ def test_a_strategy_with_a_failed_run_shows_failed_and_no_number_and_the_compari
 
 
 def test_a_run_from_before_statuses_reads_as_unknown_and_one_that_scored_nobody_as_failed(tmp_path):
-    from fedpeft.compare import compare
+    from fedpeft.study.compare import compare
 
     runs = {("local_only", 0): {**scored(0), "status": None},
             ("fedavg", 0): {**scored(0), "status": None, "failed": {u: "boom" for u in N3}}}
@@ -192,7 +192,7 @@ def test_a_run_from_before_statuses_reads_as_unknown_and_one_that_scored_nobody_
 def test_a_strategy_that_lost_users_is_flagged_with_an_all_users_headline_beside(tmp_path):
     """Before: a user that one strategy failed on was silently dropped from every strategy's
     headline; the table said 'left out', nothing flagged the strategy that lost it."""
-    from fedpeft.compare import compare
+    from fedpeft.study.compare import compare
 
     out = compare(["local_only", "fedavg"], "local_only", hand_config(list(SEEDS)), tmp_path / "cmp",
                   runner=fake_runner(FAILING))
@@ -239,7 +239,7 @@ def test_the_study_tables_show_failed_runs_and_go_on(tmp_path):
 def test_real_runs_where_one_strategy_diverges_give_a_failed_row_and_a_majority_row(tiny_bert, tmp_path):
     """In-process runs of the tiny model: fedavg with train.lr=1e30 (every call diverges) is
     ``failed`` with no number; local_only keeps its row; the majority row is the plain count."""
-    from fedpeft.compare import compare
+    from fedpeft.study.compare import compare
     from tests.inprocess_grid import run_in_process
     from tests.test_run_outputs import tiny_config
 

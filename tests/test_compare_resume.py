@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import fedpeft.sim
-from fedpeft.checkpoint import Checkpoint
+from fedpeft.federation.checkpoint import Checkpoint
 from tests.study_in_process import run as run_in_process_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def without_wall_time(path: Path) -> str:
 def test_a_comparison_interrupted_in_its_third_run_resumes_to_the_uninterrupted_comparison(tiny_bert, tmp_path, monkeypatch):
     """Before: Ctrl-C gave a KeyboardInterrupt traceback (on Ray, then a wait of minutes), and the
     comparison could not be continued or re-reported (--resume was refused)."""
-    from fedpeft.compare import main
+    from fedpeft.study.compare import main
 
     calls = in_process(monkeypatch)
     assert main(study_args(tiny_bert, tmp_path / "whole")) == 0
@@ -111,7 +111,7 @@ def test_a_comparison_interrupted_in_its_third_run_resumes_to_the_uninterrupted_
 
 def test_resume_refuses_other_arguments_naming_them_and_report_only_runs_nothing(tiny_bert, tmp_path, monkeypatch, capsys):
     """Before: --resume and --report-only were refused as options of python -m fedpeft.sim."""
-    from fedpeft.compare import main
+    from fedpeft.study.compare import main
 
     calls = in_process(monkeypatch)
     study = tmp_path / "study"

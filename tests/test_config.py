@@ -12,7 +12,8 @@ from fedpeft.config import (
     build_config,
     iter_fields,
 )
-from fedpeft.sim import check_ray_address, main
+from fedpeft.launch.ray_start import check_ray_address
+from fedpeft.sim import main
 
 
 def test_default_yaml_matches_schema():
@@ -124,7 +125,7 @@ def test_resume_is_refused_outside_the_entry_point():
 
 def test_config_is_a_leaf_of_fedpeft():
     """config.py imports nothing of fedpeft, not even inside a function: the name checks live
-    where a run's config is assembled (fedpeft.assemble)."""
+    where a run's config is assembled (fedpeft.launch.assemble)."""
     import ast
     import subprocess
     import sys

@@ -73,16 +73,16 @@ def test_prepared_label_outside_the_task_is_refused_naming_user_sample_label_and
 
 
 class RayStarted(AssertionError):
-    """Raised by a stand-in for fedpeft.sim.start_ray: the run got past its checks."""
+    """Raised by a stand-in for fedpeft.launch.ray_start.start_ray: the run got past its checks."""
 
 
 def refuse_ray(monkeypatch) -> None:
-    from fedpeft import sim
+    from fedpeft.launch import ray_start
 
     def started(*_args, **_kwargs):
         raise RayStarted("Ray was started: the refusal came too late (or never)")
 
-    monkeypatch.setattr(sim, "start_ray", started)
+    monkeypatch.setattr(ray_start, "start_ray", started)
 
 
 def test_tweeteval_data_with_one_label_is_refused_before_start(tiny_bert, tmp_path, capsys, monkeypatch):
@@ -208,7 +208,7 @@ def test_synthetic_only_key_for_peft_u_is_refused_before_anything_starts(tmp_pat
 
 def test_keys_at_their_defaults_and_keys_of_the_benchmark_itself_are_accepted(tmp_path):
     # configs/default.yaml (read by build_config) has every synthetic key at its default
-    from fedpeft.assemble import check_names
+    from fedpeft.launch.assemble import check_names
 
     check_names(build_config([], [("data.benchmark", "peft-u/tweeteval")]))
     check_names(build_config([], [("data.benchmark", "lamp/LaMP-2"), ("data.retrieval_k", "1")]))

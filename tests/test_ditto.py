@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.checkpoint import final_adapter
 from fedpeft.config import Config, ConfigError
+from fedpeft.federation.checkpoint import final_adapter
 from tests.inprocess_grid import InProcessGrid, run_in_process
 from tests.round_reference import run_reference
 
@@ -93,7 +93,7 @@ class RecordingGrid(InProcessGrid):
 
 
 def test_a_personal_key_is_never_sent(tiny_bert, tmp_path):
-    from fedpeft.models import build_model
+    from fedpeft.learning.models import build_model
 
     RecordingGrid.sent_down, RecordingGrid.sent_up = set(), set()
     cfg = config(tiny_bert, tmp_path, "sent")
@@ -125,9 +125,9 @@ def test_lambda_zero_is_local_only_training_from_the_same_init(tiny_bert, tmp_pa
 def test_ditto_refuses_packing_and_adapters_without_lora_and_takes_privacy(tiny_bert, tmp_path):
     """Packing holds one adapter per user (refused); privacy covers what ditto shares, the global
     adapter's update (allowed); the local_only refusal shows privacy_refusal can say no."""
-    from fedpeft.models import build_model
-    from fedpeft.packing import packing_incompatibility
-    from fedpeft.privacy import privacy_refusal
+    from fedpeft.federation.privacy import privacy_refusal
+    from fedpeft.learning.models import build_model
+    from fedpeft.learning.packing import packing_incompatibility
     from fedpeft.strategies import make_strategy
 
     cfg = config(tiny_bert, tmp_path, "refuse")

@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpeft import client_app
-from fedpeft.checkpoint import Checkpoint, final_adapter
 from fedpeft.cli import config_from_args
 from fedpeft.config import Config, ConfigError, build_config, iter_fields
 from fedpeft.data import get_benchmark
+from fedpeft.federation import client_app
+from fedpeft.federation.checkpoint import Checkpoint, final_adapter
+from fedpeft.federation.reporting import summary_table
+from fedpeft.federation.selection import read_rounds
 from fedpeft.files import json_text, json_value
-from fedpeft.models import compose_user_model, get_model
-from fedpeft.reporting import summary_table
-from fedpeft.selection import read_rounds
-from fedpeft.training import TrainingDiverged, train_user
+from fedpeft.learning.models import compose_user_model, get_model
+from fedpeft.learning.training import TrainingDiverged, train_user
 from tests.inprocess_grid import run_in_process
 
 FLOAT_KEYS = [key for key, kind, *_ in iter_fields() if kind is float]
@@ -139,7 +139,7 @@ def test_a_diverging_run_fails_its_users_and_says_so(strategy, tiny_bert, tmp_pa
     train_failures = [f for f in failures if f["call"] == "train"]
     assert len(train_failures) == 2 * len(users)  # every user, every round
     for f in train_failures:
-        assert f["error"].startswith("fedpeft.training.TrainingDiverged: training diverged (non-finite loss at step "), f
+        assert f["error"].startswith("fedpeft.learning.training.TrainingDiverged: training diverged (non-finite loss at step "), f
     assert results["diverged"] == {"calls": 2 * len(users), "users": len(users)}
     # a run in which no user ever trained is no result (issue 28): every user diverged and was undertrained
     assert results["status"] == "failed" and results["summary"]["n_failed"] == 0

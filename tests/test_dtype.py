@@ -13,10 +13,10 @@ import torch
 from flwr.app import Message
 from safetensors.torch import load_file
 
-from fedpeft.checkpoint import final_adapter, load_run_config
 from fedpeft.config import Config, ConfigError
-from fedpeft.messages import TRAIN, make_content, make_reply, read_request
-from fedpeft.models import _dtype, get_model, load_adapter_state
+from fedpeft.federation.checkpoint import final_adapter, load_run_config
+from fedpeft.federation.messages import TRAIN, make_content, make_reply, read_request
+from fedpeft.learning.models import _dtype, get_model, load_adapter_state
 from fedpeft.sim import main
 from fedpeft.strategies import make_strategy
 from fedpeft.strategies.base import Strategy, is_head
@@ -115,7 +115,7 @@ def test_float16_on_cpu_clients_is_refused_naming_the_allowed_dtypes(tiny_bert):
 
 def test_float16_encoder_is_refused_on_gpu_clients_too(tiny_bert):
     """An encoder's float16 head turns NaN at the first AdamW step (seen on an H100 as on the CPU)."""
-    from fedpeft.models import build_model
+    from fedpeft.learning.models import build_model
 
     cfg = bf16_config(tiny_bert)
     cfg.model.dtype, cfg.ray.client_gpus = "float16", 1.0

@@ -92,7 +92,7 @@ def test_a_failing_user_and_a_dying_worker_are_failures_and_the_run_goes_on(faul
 def test_a_call_that_hangs_is_bounded_by_the_call_timeout(faulty, tiny_bert, tmp_path, ray_shutdown):
     """User 2's first call never answers; the call is ended after federation.call_timeout, its
     worker replaced, and the user's next call (the evaluation) runs as usual."""
-    # a worker imports and builds its model as its process starts (fedpeft.client_app.warm_up), not in
+    # a worker imports and builds its model as its process starts (fedpeft.federation.client_app.warm_up), not in
     # its first call, so 25 s leaves a loaded machine's ordinary calls (under a second here) far below it
     args = faulty("hanging", ["hang-2"], str(tiny_bert), "--rounds", "1", "federation.call_timeout=25",
                   "federation.max_failed_fraction=0.5")  # 1 of 6 undertrained: degraded (issue 28)

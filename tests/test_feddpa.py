@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpeft.client_app import run_evaluate, run_train
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import TaskSpec, UserData, get_benchmark
-from fedpeft.messages import Request
-from fedpeft.models import LoadedModel, adapter_state, compose_user_model, get_model
-from fedpeft.store import AdapterStore
+from fedpeft.federation.client_app import run_evaluate, run_train
+from fedpeft.federation.messages import Request
+from fedpeft.federation.store import AdapterStore
+from fedpeft.learning.models import LoadedModel, adapter_state, compose_user_model, get_model
+from fedpeft.learning.training import predict, train_user
 from fedpeft.strategies import make_strategy
-from fedpeft.training import predict, train_user
 
 MARKERS = ("alpha bravo charlie delta echo golf india juliet lima mike november oscar papa romeo sierra "
            "tango uniform victor yankee zebra").split()  # one token each in the MiniLM vocabulary

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import tomli
 
-from fedpeft.assemble import config_from_run_config
 from fedpeft.config import ConfigError, build_config
 from fedpeft.flower_app import run_config_defaults
+from fedpeft.launch.assemble import config_from_run_config
 from fedpeft.sim import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import hashlib
 
 import pytest
 
-from fedpeft.peft_methods import METHODS, NO_TRAINING
+from fedpeft.learning.peft_methods import METHODS, NO_TRAINING
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def init_hashes(model_path: str, seed: int) -> tuple[int, dict[str, dict[str, st
     import os
 
     from fedpeft.config import Config
-    from fedpeft.models import build_model
+    from fedpeft.learning.models import build_model
 
     out = {}
     for method in TRAINED:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.checkpoint import Checkpoint
+from fedpeft.federation.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.slow
 MARK = "FEDPEFT_INTERRUPT_TEST"

@@ -312,8 +312,8 @@ def _contains(ids: list[int], part: list[int]) -> bool:
 
 @pytest.mark.parametrize("backbone", ["tiny_bert", "tiny_t5", "tiny_gpt2"])
 def test_long_history_never_pushes_the_question_out_and_training_reads_what_prediction_reads(backbone, request, tmp_path):
-    from fedpeft.models import build_model
-    from fedpeft.training import encoder_loss, predict, text_to_text_loss
+    from fedpeft.learning.models import build_model
+    from fedpeft.learning.training import encoder_loss, predict, text_to_text_loss
 
     cfg, user = _long_history_user(tmp_path, request.getfixturevalue(backbone))
     task = LampBenchmark(cfg).task()

@@ -8,7 +8,7 @@ import pytest
 from flwr.app import ArrayRecord
 
 from fedpeft.config import Config
-from fedpeft.messages import array_bytes, make_content, record_bytes, shared_record
+from fedpeft.federation.messages import array_bytes, make_content, record_bytes, shared_record
 from tests.inprocess_grid import run_in_process
 
 
@@ -60,7 +60,7 @@ def test_a_ray_run_with_a_small_window_equals_the_in_process_run(tiny_bert, tmp_
 
 
 def test_nodes_are_one_per_user_up_to_twice_the_window():
-    from fedpeft.server_app import simulated_nodes
+    from fedpeft.federation.server_app import simulated_nodes
 
     cfg = Config()
     assert cfg.federation.message_window == 64 and cfg.federation.num_nodes == 0

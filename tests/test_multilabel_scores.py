@@ -13,7 +13,7 @@ import torch
 
 from fedpeft.config import Config
 from fedpeft.data import Example, TaskSpec
-from fedpeft.scoring import KIND_METRICS
+from fedpeft.learning.scoring import KIND_METRICS
 from tests.test_peft_u import config, prepared, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def _head_bias_key(loaded) -> str:
 
 @pytest.fixture(scope="module")
 def encoder(tiny_bert):
-    from fedpeft.models import build_model
+    from fedpeft.learning.models import build_model
 
     cfg = Config()
     cfg.model.name = str(tiny_bert)
@@ -34,8 +34,8 @@ def encoder(tiny_bert):
 
 
 def test_encoder_multilabel_prediction_is_ordered_by_decreasing_logit(encoder):
-    from fedpeft.models import load_adapter_state
-    from fedpeft.training import predict
+    from fedpeft.learning.models import load_adapter_state
+    from fedpeft.learning.training import predict
 
     cfg, loaded = encoder
     task = TaskSpec("multilabel", LABELS, KIND_METRICS["multilabel"])

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.checkpoint import final_adapter
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark
+from fedpeft.federation.checkpoint import final_adapter
 from fedpeft.strategies import STRATEGIES
 from tests.inprocess_grid import run_in_process
 from tests.round_reference import run_reference

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedpeft.config import Config, ConfigError
-from fedpeft.store import AdapterStore
+from fedpeft.federation.store import AdapterStore
 from tests.inprocess_grid import run_in_process
 
 ATOL, RTOL = 2e-5, 1e-4
@@ -90,7 +90,7 @@ def _assert_same_run(per_user: Path, packed: Path) -> None:
 @pytest.fixture
 def packed_calls(monkeypatch) -> dict[str, list[int]]:
     """The number of users of each packed call the ClientApp ran (a spy on the real functions)."""
-    from fedpeft import client_app
+    from fedpeft.federation import client_app
 
     calls: dict[str, list[int]] = {"train": [], "evaluate": []}
     for kind, name in (("train", "run_train_packed"), ("evaluate", "run_evaluate_packed")):
@@ -168,7 +168,7 @@ def test_what_cannot_pack_is_refused_before_the_run(no_dropout_models, tmp_path,
 
 
 def test_bundles_are_consecutive_balanced_and_keep_every_worker_busy():
-    from fedpeft.server_app import bundle_users
+    from fedpeft.federation.server_app import bundle_users
 
     users = list(range(20))
     cases = {(8, 2): [5, 5, 5, 5], (16, 2): [10, 10], (4, 2): [4, 4, 3, 3, 3, 3], (3, 1): [3, 3, 3, 3, 3, 3, 2],
@@ -185,7 +185,7 @@ def test_bundles_are_consecutive_balanced_and_keep_every_worker_busy():
 def _dropout_config(tiny_bert: Path, tmp_path: Path, name: str) -> Config:
     """A packed fedavg run that keeps the backbone's dropout (tiny BERT: 0.1), so that each
     bundle's draws depend on which users it holds; all 6 users train every round, k = 6: one
-    bundle of 6 for 1 worker, two of 3 for 2 (:func:`fedpeft.server_app.bundle_users`)."""
+    bundle of 6 for 1 worker, two of 3 for 2 (:func:`fedpeft.federation.server_app.bundle_users`)."""
     cfg = _config(tiny_bert, tmp_path, "fedavg", 6)
     cfg.federation.rounds, cfg.federation.cohort_size = 4, 6
     cfg.data.num_users, cfg.data.new_users = 6, 0
@@ -198,8 +198,8 @@ def test_a_packed_run_resumed_on_fewer_workers_equals_the_uninterrupted_run(tiny
     rounds pack the users as the run's start did. Before, the resumed run cut its calls for 1
     worker (one bundle of 6), so with dropout on it drew other masks and ended with other
     adapters."""
-    from fedpeft import server_app
-    from fedpeft.checkpoint import Checkpoint, resume_config
+    from fedpeft.federation import server_app
+    from fedpeft.federation.checkpoint import Checkpoint, resume_config
     from tests.test_resume import DriverKilled, KilledInRound3, assert_same_results
 
     monkeypatch.setattr(server_app, "simulation_workers", lambda config: 2)
@@ -221,8 +221,8 @@ def test_a_bundle_that_reached_a_restarting_worker_is_sent_again_as_it_was(tiny_
     with dropout on trained them on other draws than the run without the restart."""
     from flwr.app import Error, Message
 
-    from fedpeft import server_app
-    from fedpeft.messages import TRAIN
+    from fedpeft.federation import server_app
+    from fedpeft.federation.messages import TRAIN
     from tests.inprocess_grid import InProcessGrid
 
     resent: list[list[int]] = []

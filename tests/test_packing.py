@@ -24,18 +24,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpeft import models
 from fedpeft.config import Config
 from fedpeft.data import Example, TaskSpec, get_benchmark
-from fedpeft.packing import (
+from fedpeft.learning import models
+from fedpeft.learning.packing import (
     PACKABLE_STRATEGIES,
     packing_incompatibility,
     predict_packed,
     train_packed,
     train_strategy_packed,
 )
+from fedpeft.learning.training import TrainingDiverged, batch_listener, predict, train_user
 from fedpeft.strategies import make_strategy
-from fedpeft.training import TrainingDiverged, batch_listener, predict, train_user
 
 SIZES = (5, 9, 13)
 SEEDS = (11, 12, 13)
@@ -160,8 +160,8 @@ def test_packed_forward_equals_each_users_forward(no_dropout_models, kind):
     """The packed layers themselves: each row's logits equal its user's own forward pass, with
     equal and unequal groups (3 users' batches of 4, 4, 4 rows, then 3, 1, 2), each batch padded
     to its own longest row per user and to the packed batch's longest when packed."""
-    from fedpeft.packing import _PackedModel
-    from fedpeft.training import CallTokens, text_to_text_batch
+    from fedpeft.learning.packing import _PackedModel
+    from fedpeft.learning.training import CallTokens, text_to_text_batch
 
     config = _config(no_dropout_models[kind], "local_only")
     users, task = _users(config)
@@ -293,6 +293,6 @@ def test_packing_imports_neither_flwr_nor_ray():
     import subprocess
     import sys
 
-    code = ("import sys, fedpeft.packing; bad = [m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray')]; "
+    code = ("import sys, fedpeft.learning.packing; bad = [m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.client_app import run_evaluate, run_train
 from fedpeft.config import Config, ConfigError
-from fedpeft.messages import Request
-from fedpeft.models import adapter_state, build_model, fit_size_knob, get_model
-from fedpeft.peft_methods import METHODS, NO_TRAINING
-from fedpeft.sim import prepare_adapter
+from fedpeft.federation.client_app import run_evaluate, run_train
+from fedpeft.federation.messages import Request
+from fedpeft.launch.prepare import prepare_adapter
+from fedpeft.learning.models import adapter_state, build_model, fit_size_knob, get_model
+from fedpeft.learning.peft_methods import METHODS, NO_TRAINING
 from fedpeft.strategies import make_strategy
 
 # LyCORIS methods in peft adapt nn.Linear/Conv layers only; GPT-2 uses transformers' Conv1D.
@@ -81,7 +81,7 @@ def test_saved_adapter_loads_back_with_peft_to_the_same_outputs(method, family, 
         AutoModelForSequenceClassification,
     )
 
-    import fedpeft.adapters  # noqa: F401  (the bottleneck method must be registered to load)
+    import fedpeft.learning.adapters  # noqa: F401  (the bottleneck method must be registered to load)
 
     cfg = method_config(backbones[family], method, "local_only", tmp_path)
     loaded = build_model(cfg, 3)

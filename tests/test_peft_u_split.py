@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedpeft.checkpoint import load_run_config, resume_config
 from fedpeft.cli import sim_args
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import UserData, peft_u
 from fedpeft.data.peft_u import PeftUBenchmark
-from fedpeft.run_folder import RunIdentity
-from fedpeft.store import claim_store
+from fedpeft.federation.checkpoint import load_run_config, resume_config
+from fedpeft.federation.run_folder import RunIdentity
+from fedpeft.federation.store import claim_store
 from tests.test_peft_u import peft_u_split2, tweeteval_raw
 
 SHARED_PEFT_U = Path(__file__).resolve().parents[2] / "shared" / "data" / "peft-u"

@@ -14,8 +14,9 @@ import pytest
 
 from fedpeft.cli import config_from_args
 from fedpeft.config import ConfigError
-from fedpeft.models import check_model
-from fedpeft.sim import main, prepare_run
+from fedpeft.launch.prepare import prepare_run
+from fedpeft.learning.models import check_model
+from fedpeft.sim import main
 from tests.conftest import tiny_args
 from tests.test_data_checks import RayStarted, refuse_ray, user_json, write_prepared  # noqa: F401
 from tests.test_model_checks import model_config

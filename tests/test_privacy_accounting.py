@@ -1,4 +1,4 @@
-"""The privacy accounting, checked against dp-accounting directly (no code shared with fedpeft.privacy).
+"""The privacy accounting, checked against dp-accounting directly (no code shared with fedpeft.federation.privacy).
 
 fedpeft's cohort sampler draws a fixed number m of the n training users without replacement each
 round, so each round is a Gaussian release on a sample without replacement, with replace-one
@@ -15,7 +15,7 @@ import pytest
 from dp_accounting import dp_event, pld, privacy_accountant, rdp
 
 from fedpeft.config import Config, ConfigError
-from fedpeft.privacy import (
+from fedpeft.federation.privacy import (
     PrivacyAccountant,
     Release,
     automatic_delta,

@@ -18,8 +18,8 @@ import pytest
 from flwr.app import Error, Message
 
 from fedpeft.config import Config
-from fedpeft.messages import TRAIN
-from fedpeft.privacy import automatic_delta
+from fedpeft.federation.messages import TRAIN
+from fedpeft.federation.privacy import automatic_delta
 from fedpeft.strategies import make_strategy
 from tests.inprocess_grid import InProcessGrid, run_in_process
 from tests.test_resume import config

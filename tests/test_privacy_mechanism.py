@@ -13,7 +13,7 @@ from scipy.stats import chi2
 
 from fedpeft.cli import build_parser
 from fedpeft.config import Config, ConfigError, build_config
-from fedpeft.privacy import clip_shared_update, prepare_privacy
+from fedpeft.federation.privacy import clip_shared_update, prepare_privacy
 from fedpeft.strategies import make_strategy
 from fedpeft.strategies.base import Strategy
 
@@ -136,7 +136,7 @@ def test_noise_has_the_promised_standard_deviation(mechanism, replied):
 
 
 def seeded_gaussian(seed: int, server_round: int, shapes: list[tuple[int, ...]], std: float) -> list[np.ndarray]:
-    """The documented noise stream (fedpeft.privacy: numpy's global generator seeded from
+    """The documented noise stream (fedpeft.federation.privacy: numpy's global generator seeded from
     (seed, 50, round)), drawn as numpy draws a normal: one array per key, in the keys' order."""
     rng = np.random.RandomState(np.random.SeedSequence([seed, 50, server_round]).generate_state(4))
     return [rng.normal(0, std, shape) for shape in shapes]
@@ -330,7 +330,7 @@ def test_prepare_resolves_delta_and_calibrates_the_noise_into_the_config():
     prepare_privacy(cfg, make_strategy(cfg), KEYS, 10)  # everyone every round: fast to account
     assert cfg.privacy.delta == pytest.approx(1e-5)  # min(1e-5, 1 / (10 x 10 users))
     assert cfg.privacy.noise_multiplier != 1.0
-    from fedpeft.privacy import PrivacyAccountant
+    from fedpeft.federation.privacy import PrivacyAccountant
 
     accountant = PrivacyAccountant(10, cfg.privacy.delta)
     accountant.compose_round(cfg.privacy.noise_multiplier, 10, count=3)

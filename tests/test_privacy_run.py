@@ -17,13 +17,13 @@ import pytest
 import torch
 import yaml
 
-from fedpeft.checkpoint import Checkpoint, resume_config
 from fedpeft.config import ConfigError
-from fedpeft.messages import TRAIN
-from fedpeft.privacy import automatic_delta
-from fedpeft.reporting import summary_table
-from fedpeft.sim import prepare_adapter
-from fedpeft.store import AdapterStore
+from fedpeft.federation.checkpoint import Checkpoint, resume_config
+from fedpeft.federation.messages import TRAIN
+from fedpeft.federation.privacy import automatic_delta
+from fedpeft.federation.reporting import summary_table
+from fedpeft.federation.store import AdapterStore
+from fedpeft.launch.prepare import prepare_adapter
 from tests.inprocess_grid import InProcessGrid, run_in_process
 from tests.test_resume import DriverKilled, KilledInRound3, assert_same_results, config
 

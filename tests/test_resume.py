@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedpeft.checkpoint import Checkpoint, RunIdentity, resume_config
 from fedpeft.cli import config_from_args
 from fedpeft.config import Config, ConfigError
-from fedpeft.messages import TRAIN
-from fedpeft.store import AdapterStore
+from fedpeft.federation.checkpoint import Checkpoint, RunIdentity, resume_config
+from fedpeft.federation.messages import TRAIN
+from fedpeft.federation.store import AdapterStore
 from tests.conftest import tiny_args
 from tests.inprocess_grid import InProcessGrid, run_in_process
 
@@ -98,7 +98,7 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(tiny_bert, tmp_path)
     assert allowed.wandb.mode == "offline" and allowed.output.name == "killed"
     with pytest.raises(ConfigError, match="has no run.json"):
         (run / "run.json").unlink()
-        from fedpeft.sim import prepare_run
+        from fedpeft.launch.prepare import prepare_run
 
         prepare_run(allowed, resume=True)
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.checkpoint import final_adapter
 from fedpeft.config import Config
+from fedpeft.federation.checkpoint import final_adapter
 from fedpeft.strategies import STRATEGIES
 from tests.inprocess_grid import run_in_process
 from tests.round_reference import run_reference

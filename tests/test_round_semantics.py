@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.client_app import run_train
 from fedpeft.config import Config
-from fedpeft.messages import Request
-from fedpeft.models import get_model
-from fedpeft.sim import prepare_adapter
-from fedpeft.store import AdapterStore
+from fedpeft.federation.client_app import run_train
+from fedpeft.federation.messages import Request
+from fedpeft.federation.store import AdapterStore
+from fedpeft.launch.prepare import prepare_adapter
+from fedpeft.learning.models import get_model
 from tests.test_strategies import flower_task_identity, initial_shared  # noqa: F401  (an autouse fixture)
 from tests.test_strategies import tiny_config as strategy_config
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from fedpeft.checkpoint import CHECKPOINT_FILE, CLAIM_FILE, Checkpoint, RunIdentity
 from fedpeft.cli import build_parser, config_from_args
+from fedpeft.federation.checkpoint import CHECKPOINT_FILE, CLAIM_FILE, Checkpoint, RunIdentity
+from fedpeft.federation.store import claim_store
 from fedpeft.sim import main
-from fedpeft.store import claim_store
 from tests.conftest import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_debug_prints_the_plugins_traceback(tiny_bert, tmp_path, monkeypatch, ca
 HOLD = """
 import sys, time
 from fedpeft.cli import config_from_args
-from fedpeft.sim import prepare_run
+from fedpeft.launch.prepare import prepare_run
 prepare_run(config_from_args(sys.argv[1:]))
 print("ready", flush=True)
 time.sleep(600)
@@ -133,7 +133,7 @@ def test_a_second_run_in_the_same_folder_is_told_about_the_first(tiny_bert, tmp_
         first.wait()
     # the first run is gone: its claim no longer blocks the folder; what it left is judged as before
     from fedpeft.config import ConfigError
-    from fedpeft.sim import prepare_run
+    from fedpeft.launch.prepare import prepare_run
 
     with pytest.raises(ConfigError, match="holds the adapters of another run"):
         prepare_run(config_from_args(args))
@@ -143,7 +143,7 @@ def test_a_second_run_in_the_same_folder_is_told_about_the_first(tiny_bert, tmp_
 RACE = """
 import sys, time
 from pathlib import Path
-from fedpeft.checkpoint import claim_run_dir
+from fedpeft.federation.checkpoint import claim_run_dir
 from fedpeft.config import ConfigError
 start = float(sys.argv[2])
 while time.time() < start:
@@ -169,7 +169,7 @@ def test_of_runs_started_at_once_exactly_one_claims_the_folder(tmp_path):
 
 
 def test_a_claim_left_by_a_dead_run_is_taken_over(tmp_path):
-    from fedpeft.checkpoint import claim_run_dir, release_run_dir
+    from fedpeft.federation.checkpoint import claim_run_dir, release_run_dir
 
     run = tmp_path / "left"
     run.mkdir()
@@ -190,8 +190,8 @@ def test_resume_of_a_finished_run_says_it_is_complete_and_changes_nothing(tiny_b
     per-round timings emptied."""
     import ray
 
+    from fedpeft.federation.reporting import summary_table
     from fedpeft.files import json_value
-    from fedpeft.reporting import summary_table
     from tests.inprocess_grid import run_in_process
 
     config = config_from_args(tiny_args(tiny_bert, tmp_path, "done"))

@@ -14,13 +14,19 @@ import pytest
 import torch
 import yaml
 
-from fedpeft.checkpoint import CHECKPOINT_FILE, CLAIM_FILE, Checkpoint, RunIdentity, resume_config
 from fedpeft.cli import config_from_args
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import UserData, register_benchmark
 from fedpeft.data.synthetic import SyntheticBenchmark
+from fedpeft.federation.checkpoint import (
+    CHECKPOINT_FILE,
+    CLAIM_FILE,
+    Checkpoint,
+    RunIdentity,
+    resume_config,
+)
+from fedpeft.federation.store import claim_store
 from fedpeft.sim import main
-from fedpeft.store import claim_store
 from tests.conftest import tiny_args
 from tests.inprocess_grid import run_in_process
 from tests.test_run_errors import one_line_error

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedpeft.checkpoint import RunIdentity, resume_config
 from fedpeft.config import ConfigError
-from fedpeft.store import OWNER_FILE
+from fedpeft.federation.checkpoint import RunIdentity, resume_config
+from fedpeft.federation.store import OWNER_FILE
 from tests.inprocess_grid import run_in_process
 from tests.test_resume import DriverKilled, KilledInRound3, assert_same_results, config
 
@@ -142,7 +142,7 @@ def test_a_claim_copied_with_its_folder_is_not_a_live_run(tmp_path):
     import os
     import socket
 
-    from fedpeft.checkpoint import CLAIM_FILE, claim_run_dir, release_run_dir
+    from fedpeft.federation.checkpoint import CLAIM_FILE, claim_run_dir, release_run_dir
 
     copy = tmp_path / "copy"
     copy.mkdir()

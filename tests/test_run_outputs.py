@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from fedpeft.config import Config
 from fedpeft.data import UserData, register_benchmark
 from fedpeft.data.synthetic import SyntheticBenchmark
-from fedpeft.reporting import summary_table
+from fedpeft.federation.reporting import summary_table
 from fedpeft.strategies import STRATEGIES
 from tests.inprocess_grid import run_in_process
 
@@ -102,11 +102,11 @@ def load_export_as_the_readme_says(folder: Path):
 def test_export_predicts_what_the_simulation_predicted(strategy, tiny_bert, tmp_path):
     """Before: export composed init < private < shared (fedavg_ft exported the global adapter, oppu
     the task head) and never built oppu's/feddpa's second adapter (KeyError)."""
-    from fedpeft.checkpoint import Checkpoint, RunIdentity
-    from fedpeft.client_app import user_model
     from fedpeft.data import get_benchmark
     from fedpeft.export import export_user
-    from fedpeft.messages import Request
+    from fedpeft.federation.checkpoint import Checkpoint, RunIdentity
+    from fedpeft.federation.client_app import user_model
+    from fedpeft.federation.messages import Request
     from fedpeft.strategies import make_strategy
 
     cfg = tiny_config(tiny_bert, tmp_path, strategy, strategy)

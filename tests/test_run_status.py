@@ -4,7 +4,7 @@ one line, is marked failed in W&B and never ranks in a sweep; a run with one div
 twenty is degraded and still scores.
 
 The counts are checked against a plain recount of the run's own files (per_user.csv and
-failures.json), which shares no code with fedpeft.verdict."""
+failures.json), which shares no code with fedpeft.federation.verdict."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from fedpeft import client_app
-from fedpeft.checkpoint import RunIdentity
 from fedpeft.config import Config
 from fedpeft.data import get_benchmark
 from fedpeft.data.user_groups import new_user_indices
-from fedpeft.reporting import summary_table
+from fedpeft.federation import client_app
+from fedpeft.federation.checkpoint import RunIdentity
+from fedpeft.federation.reporting import summary_table
 from tests.conftest import tiny_args
 from tests.inprocess_grid import run_in_process
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from fedpeft.data import TaskSpec
-from fedpeft.scoring import (
+from fedpeft.learning.scoring import (
     KIND_METRICS,
     corpus_scores,
     lamp_macro_f1,

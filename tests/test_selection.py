@@ -1,4 +1,4 @@
-"""Choosing the round on validation, never on test (fedpeft.selection), on hand-made score
+"""Choosing the round on validation, never on test (fedpeft.federation.selection), on hand-made score
 sequences, then through a run driven in process (FederatedRun, the real ClientApp)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.selection import (
+from fedpeft.federation.selection import (
     NO_PANEL,
     NO_VAL,
     NOT_SCORED,
@@ -187,7 +187,7 @@ def test_a_run_scores_validation_every_round_and_reports_each_user_at_its_chosen
 def test_lamp_takes_final_only_and_says_why(tmp_path):
     """LaMP's headline is corpus-level over the final model and its users have no validation split."""
     from fedpeft.config import Config, ConfigError
-    from fedpeft.selection import check_selection
+    from fedpeft.federation.selection import check_selection
     from tests.test_lamp import simple_questions, write_lamp
 
     cfg = Config()

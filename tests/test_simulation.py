@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.checkpoint import final_adapter
 from fedpeft.cli import sim_args
+from fedpeft.federation.checkpoint import final_adapter
 from fedpeft.sim import main
 from tests.conftest import tiny_args
 from tests.inprocess_grid import run_in_process
@@ -79,10 +79,10 @@ def test_backbone_loaded_once_per_worker_process(runs):
 
 def test_local_only_equals_training_each_user_alone(runs, tiny_bert):
     """No sharing means independent training: redo each user alone, outside Ray, and compare."""
-    from fedpeft.checkpoint import load_run_config
     from fedpeft.data import get_benchmark
-    from fedpeft.models import adapter_state, build_model, load_adapter_state
-    from fedpeft.training import call_seed, train_user
+    from fedpeft.federation.checkpoint import load_run_config
+    from fedpeft.learning.models import adapter_state, build_model, load_adapter_state
+    from fedpeft.learning.training import call_seed, train_user
 
     run, _ = runs
     config = load_run_config(run)
@@ -104,9 +104,9 @@ def test_exported_adapter_loads_with_peft_and_predicts_the_same(runs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedpeft.checkpoint import load_run_config
     from fedpeft.data import get_benchmark
     from fedpeft.export import main as export_main
+    from fedpeft.federation.checkpoint import load_run_config
 
     run, _ = runs
     out = tmp_path / "user0002"
@@ -158,7 +158,7 @@ def test_every_strategy_runs_and_writes_its_results(name, tiny_bert, tmp_path, r
 
 
 def test_compare_writes_table_per_user_table_and_plots(tiny_bert, tmp_path, ray_shutdown):
-    from fedpeft.compare import main as compare_main
+    from fedpeft.study.compare import main as compare_main
 
     out = tmp_path / "cmp"
     args = ["--strategies", "fedsa", "--compare-out", str(out), *tiny_args(tiny_bert, tmp_path, "unused")]

@@ -1,5 +1,5 @@
 """The run's start-up (issue 20): Ray starts, and its workers import the model libraries, while
-the driver prepares the run (fedpeft.sim.RayStart, fedpeft.sim.Preparation and Ray's
+the driver prepares the run (fedpeft.launch.ray_start.RayStart, fedpeft.launch.prepare.Preparation and Ray's
 worker_process_setup_hook); a run the preparation refuses, before or after the simulation has
 started, ends with the error alone and leaves nothing behind."""
 
@@ -44,11 +44,11 @@ def test_a_refusal_that_comes_after_the_simulation_started_reads_the_same(tiny_b
     its refusal comes only after the ServerApp is waiting for it, the run ends the same way."""
     import ray
 
-    import fedpeft.server_app
-    import fedpeft.sim
+    import fedpeft.federation.server_app
+    import fedpeft.launch.prepare
     from fedpeft.sim import main
 
-    prepare_adapter, make_server_app = fedpeft.sim.prepare_adapter, fedpeft.server_app.make_server_app
+    prepare_adapter, make_server_app = fedpeft.launch.prepare.prepare_adapter, fedpeft.federation.server_app.make_server_app
     simulation_started = threading.Event()
 
     def late_prepare_adapter(config: Config):
@@ -61,8 +61,8 @@ def test_a_refusal_that_comes_after_the_simulation_started_reads_the_same(tiny_b
         simulation_started.set()
         return make_server_app(*args, **kwargs)
 
-    monkeypatch.setattr(fedpeft.sim, "prepare_adapter", late_prepare_adapter)
-    monkeypatch.setattr(fedpeft.server_app, "make_server_app", spied_make_server_app)
+    monkeypatch.setattr(fedpeft.launch.prepare, "prepare_adapter", late_prepare_adapter)
+    monkeypatch.setattr(fedpeft.federation.server_app, "make_server_app", spied_make_server_app)
     code = main(tiny_args(tiny_bert, tmp_path, "late", "--strategy", "feddpa", "train.pack_users=2"))
     assert simulation_started.is_set()
     _assert_refused_alone(code, capfd, tmp_path / "late")
@@ -75,17 +75,17 @@ def test_ray_workers_import_the_libraries_and_build_the_model_as_they_start(tiny
     none of them. So this happens while the driver prepares, not after."""
     import ray
 
-    from fedpeft import models
     from fedpeft.cli import config_from_args
-    from fedpeft.sim import start_ray
+    from fedpeft.launch.ray_start import start_ray
+    from fedpeft.learning import models
 
     @ray.remote(num_cpus=1)
     def worker_state() -> dict:
         import sys
 
-        from fedpeft import models as worker_models
+        from fedpeft.learning import models as worker_models
 
-        return {"imported": [m for m in ("fedpeft.client_app", "peft", "transformers.modeling_utils") if m in sys.modules],
+        return {"imported": [m for m in ("fedpeft.federation.client_app", "peft", "transformers.modeling_utils") if m in sys.modules],
                 "cached": list(worker_models._CACHE), "builds": worker_models.BACKBONE_LOADS}
 
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # start_ray sets it, as Flower does
@@ -97,15 +97,15 @@ def test_ray_workers_import_the_libraries_and_build_the_model_as_they_start(tiny
         state = ray.get(worker_state.remote(), timeout=120)
     finally:
         ray.shutdown()
-    assert state == {"imported": ["fedpeft.client_app", "peft", "transformers.modeling_utils"],
+    assert state == {"imported": ["fedpeft.federation.client_app", "peft", "transformers.modeling_utils"],
                      "cached": [models._cache_key(config, 3, extra)], "builds": 1}
 
 
 def test_no_model_is_built_where_the_worker_cannot_know_it(tiny_bert, tmp_path):
     """GPU workers get their device after the process starts, and peft.target_params is sized by
     the driver first: their workers import the libraries only."""
-    from fedpeft import models
     from fedpeft.cli import config_from_args
+    from fedpeft.learning import models
 
     def spec(*extra: str) -> str | None:
         return models.warm_model_spec(config_from_args(tiny_args(tiny_bert, tmp_path, "spec", *extra)), 3, ())

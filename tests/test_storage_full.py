@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.checkpoint import Checkpoint
 from fedpeft.config import Config
+from fedpeft.federation.checkpoint import Checkpoint
+from fedpeft.federation.server_app import FederatedRun, StorageFailure
 from fedpeft.files import storage_errno
-from fedpeft.server_app import FederatedRun, StorageFailure
 from tests.inprocess_grid import run_in_process
 
 

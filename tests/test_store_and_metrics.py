@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fedpeft.metrics import accuracy, macro_f1, summarize
-from fedpeft.store import AdapterStore, StoreError
+from fedpeft.federation.store import AdapterStore, StoreError
+from fedpeft.learning.metrics import accuracy, macro_f1, summarize
 
 
 def test_store_round_trip_and_atomic(tmp_path):
@@ -82,9 +82,9 @@ def test_empty_accuracy_is_an_error():
 
 
 def test_a_worker_checks_it_sees_the_store_and_the_driver_files(tmp_path):
-    from fedpeft.client_app import check_worker_sees_run
     from fedpeft.config import Config
-    from fedpeft.store import claim_store
+    from fedpeft.federation.client_app import check_worker_sees_run
+    from fedpeft.federation.store import claim_store
 
     cfg = Config()
     cfg.output.store_dir = str(tmp_path / "store")

@@ -7,14 +7,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedpeft.client_app import run_train, user_model
 from fedpeft.config import Config, ConfigError
-from fedpeft.messages import Request
-from fedpeft.models import adapter_state, get_model
-from fedpeft.store import AdapterStore
+from fedpeft.federation.client_app import run_train, user_model
+from fedpeft.federation.messages import Request
+from fedpeft.federation.store import AdapterStore
+from fedpeft.learning.models import adapter_state, get_model
+from fedpeft.learning.training import round_lr
 from fedpeft.strategies import STRATEGIES, get_strategy_class, make_strategy
 from fedpeft.strategies.base import Strategy, flower_aggregator
-from fedpeft.training import round_lr
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +133,7 @@ def test_local_only_shares_nothing_and_fedavg_everything(tiny_bert, tmp_path):
 
 
 def test_ffa_keeps_lora_a_identical_across_users_and_unchanged(tiny_bert, tmp_path):
-    from fedpeft.models import build_model
+    from fedpeft.learning.models import build_model
 
     cfg = tiny_config(tiny_bert, tmp_path, "ffa")
     shared = initial_shared(cfg)
@@ -202,8 +202,8 @@ def test_incompatible_split_is_refused_with_the_strategies_that_fit(tiny_bert, t
 
 def test_fedprox_term_keeps_the_update_closer_to_the_global_state(tiny_bert, tmp_path):
     from fedpeft.data import get_benchmark
-    from fedpeft.models import build_model, load_adapter_state
-    from fedpeft.training import train_user
+    from fedpeft.learning.models import build_model, load_adapter_state
+    from fedpeft.learning.training import train_user
 
     cfg = tiny_config(tiny_bert, tmp_path, "fedavg")
     cfg.train.steps, cfg.train.lr = 6, 0.05

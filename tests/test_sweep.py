@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedpeft.assemble import apply_sweep_parameters
 from fedpeft.config import Config, ConfigError
+from fedpeft.launch.assemble import apply_sweep_parameters
 from fedpeft.sweep import agent_command, logged_metrics, run_sweep, tuning_on_test_warning
 
 README = Path(__file__).resolve().parents[1] / "README.md"

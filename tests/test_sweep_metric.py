@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedpeft.checkpoint import RunIdentity
+from fedpeft.federation.checkpoint import RunIdentity
 from fedpeft.sweep import logged_metrics
 from tests.inprocess_grid import run_in_process
 from tests.test_selection import learning_config

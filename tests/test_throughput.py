@@ -38,8 +38,8 @@ def fedpeft_predicted(work, tmp_path) -> tuple[int, Path]:
     """(rows fedpeft's ClientApp predicted in its evaluate calls, the run folder): the workload
     run in process as sims/throughput.py runs it (the last round evaluated only), every batch
     of every evaluate call counted as fedpeft's predict announces it."""
-    from fedpeft.messages import EVALUATE
-    from fedpeft.training import batch_listener
+    from fedpeft.federation.messages import EVALUATE
+    from fedpeft.learning.training import batch_listener
     from tests.inprocess_grid import InProcessGrid, run_in_process
 
     predicted = []
@@ -65,9 +65,9 @@ def fedpeft_predicted(work, tmp_path) -> tuple[int, Path]:
 
 
 def test_reference_batches_and_examples_are_fedpeft_s(setup):
-    from fedpeft import models
     from fedpeft.data import get_benchmark
-    from fedpeft.training import CallTokens, batch_listener, call_seed, train_user
+    from fedpeft.learning import models
+    from fedpeft.learning.training import CallTokens, batch_listener, call_seed, train_user
 
     tp, work = setup
     config = work.config

@@ -1,4 +1,4 @@
-"""fedpeft.wandb_preflight: `--wandb online` fails fast, before Ray, when W&B cannot work.
+"""fedpeft.launch.wandb_preflight: `--wandb online` fails fast, before Ray, when W&B cannot work.
 
 No Ray, no network: credentials come from a temporary HOME / WANDB_CONFIG_DIR / NETRC, and the
 "W&B server" is a real http.server on 127.0.0.1.
@@ -18,7 +18,7 @@ import pytest
 import wandb  # noqa: F401  imported here so the timing below measures the check, not wandb's import
 
 from fedpeft.config import Config, ConfigError
-from fedpeft.wandb_preflight import check_wandb_online
+from fedpeft.launch.wandb_preflight import check_wandb_online
 
 FAKE_KEY = "local-" + "a1b2c3d4e5" * 4  # the format wandb accepts (40+ word characters after a prefix)
 

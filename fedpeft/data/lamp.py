@@ -31,7 +31,7 @@ Retrieval (``data.retrieval_k`` > 0), as OPPU: each history item is rendered wit
 history template, BM25Okapi (``rank_bm25``) ranks them for the task's query template filled with
 the example's input fields (whitespace tokens), and the top k rendered items, best first, are the
 example's ``history``; ``Example.text`` stays the input alone. What the model reads is built from
-both by :func:`fedpeft.training.model_text`, the same way in training and prediction: the items
+both by :func:`fedpeft.learning.training.model_text`, the same way in training and prediction: the items
 concatenated, a newline, the input (OPPU's layout), within ``data.max_length`` tokens, where the
 items give way first (the lowest-ranked are dropped, the first one that does not fit whole is cut
 in the middle, keeping its start and its target field) and the input is never cut for them (see

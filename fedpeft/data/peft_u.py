@@ -19,7 +19,7 @@ kept) carry fewer than two labels is refused (a one-class model scores 1.0 and l
 naming the labels found and expected. A user id or
 sample id given twice in the file is refused too (JSON would keep the last silently). The task is "multilabel" when any
 example has more than one label, else "classification"; its metrics are
-:data:`fedpeft.scoring.KIND_METRICS` of that kind, scored by :func:`fedpeft.scoring.score`:
+:data:`fedpeft.learning.scoring.KIND_METRICS` of that kind, scored by :func:`fedpeft.learning.scoring.score`:
 accuracy (a single-label prediction is correct when it is gold; a multi-label prediction when
 its most confident label is) and macro-F1, and for multi-label tasks also example-F1, Jaccard
 and PEFT-U's lenient ``accuracy_any`` (correct when any predicted label is gold).

@@ -26,18 +26,24 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpeft import models
 from fedpeft.config import Config
 from fedpeft.data import Benchmark, TaskSpec, UserData, get_benchmark
+from fedpeft.federation.messages import (
+    Request,
+    config_from_json,
+    make_bundle_reply,
+    make_reply,
+    read_request,
+)
+from fedpeft.federation.privacy import clip_shared_update
+from fedpeft.federation.store import OWNER_FILE, AdapterStore, StoreError, store_owner, timeout_note
 from fedpeft.files import storage_failure
-from fedpeft.messages import Request, config_from_json, make_bundle_reply, make_reply, read_request
-from fedpeft.packing import predict_packed, train_strategy_packed
-from fedpeft.privacy import clip_shared_update
-from fedpeft.scoring import score
-from fedpeft.store import OWNER_FILE, AdapterStore, StoreError, store_owner, timeout_note
+from fedpeft.learning import models
+from fedpeft.learning.packing import predict_packed, train_strategy_packed
+from fedpeft.learning.scoring import score
+from fedpeft.learning.training import call_seed, round_lr, train_user
 from fedpeft.strategies import Strategy, make_strategy
 from fedpeft.strategies.base import NEW_USERS
-from fedpeft.training import call_seed, round_lr, train_user
 
 app = ClientApp()
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -74,9 +80,9 @@ def check_worker_sees_run(config: Config, run_id: str) -> None:
 
 
 def warm_up() -> None:
-    """Ray's ``worker_process_setup_hook`` (:data:`fedpeft.sim.WORKER_SETUP_HOOK`): a worker
+    """Ray's ``worker_process_setup_hook`` (:data:`fedpeft.launch.ray_start.WORKER_SETUP_HOOK`): a worker
     process, as it starts, imports this module and the model libraries its first call needs and,
-    when the driver named it (:data:`fedpeft.models.WARM_MODEL_ENV`), builds the run's model into
+    when the driver named it (:data:`fedpeft.learning.models.WARM_MODEL_ENV`), builds the run's model into
     the worker's cache, so that this overlaps the driver's preparation instead of following it.
     It never fails the worker: what does not import or build fails the worker's first call,
     which says why."""
@@ -188,7 +194,7 @@ def run_train(request: Request, user_index: int) -> tuple[dict[str, torch.Tensor
 
 
 def run_train_packed(request: Request) -> list[Outcome]:
-    """Train a packed call's users together (:func:`fedpeft.packing.train_strategy_packed`), each
+    """Train a packed call's users together (:func:`fedpeft.learning.packing.train_strategy_packed`), each
     as :func:`run_train` would; one outcome per user, in the message's order: (stats, {}, shared)
     or the exception that failed that user alone."""
     config, plan = request.config, train_plan(request)
@@ -294,7 +300,7 @@ def run_evaluate(request: Request, user_index: int) -> Outcome:
 
 
 def run_evaluate_packed(request: Request) -> list[Outcome]:
-    """Score a packed call's users together (:func:`fedpeft.packing.predict_packed`: their test
+    """Score a packed call's users together (:func:`fedpeft.learning.packing.predict_packed`: their test
     splits, then their validation splits), each as :func:`run_evaluate` would."""
     config = request.config
     loaded = worker_model(config)
@@ -352,7 +358,7 @@ def _reply_part(index: int, user_id: str, outcome: Outcome | Exception, seconds:
     metrics = {**worker, "failed": 1.0, "seconds": seconds, "backbone_loads": loads}
     error = "".join(traceback.format_exception(outcome, limit=4))
     storage = storage_failure(outcome, store_dir)
-    if storage:  # the storage's fault, not the user's: the server stops the run (fedpeft.server_app.StorageFailure)
+    if storage:  # the storage's fault, not the user's: the server stops the run (fedpeft.federation.server_app.StorageFailure)
         metrics["storage_errno"] = float(storage[0])
         error += f"{socket.gethostname()}: {storage[1]}"
     return metrics, {"user_id": user_id, "error": error}, {}

@@ -2,7 +2,7 @@
 
 Over seeds, per strategy: the mean of a per-seed score with its 95% t-interval (Student's t with
 n - 1 degrees of freedom; n/a with one seed). Over users, against the baseline: each user's paired
-difference (positive = better, :func:`fedpeft.metrics.gain`) averaged over seeds; wins, ties and
+difference (positive = better, :func:`fedpeft.learning.metrics.gain`) averaged over seeds; wins, ties and
 losses; the Wilcoxon signed-rank test across users (scipy; zero differences dropped, as
 scipy's default; p = 1 when every difference is zero); and the share of users *hurt*, worse by
 more than one test example's worth (1 / that user's number of test examples: for accuracy,
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.metrics import gain
+from fedpeft.learning.metrics import gain
 
 TIE = 1e-12  # differences this small are ties (sums of k / n_test in floating point)
 

@@ -10,8 +10,8 @@ adapter weights are not read and the model is restored after the step.
 
 Users stay independent: the loss is the sum of per-user mean losses (no gradient crosses users),
 each user has its own leaf tensors and its own ``torch.optim.AdamW`` (so its own state, step
-count and learning rate), its own seed, batch order (:func:`fedpeft.training.batch_order`),
-step budget, FedProx anchor and divergence checks, exactly as :func:`fedpeft.training.train_user`
+count and learning rate), its own seed, batch order (:func:`fedpeft.learning.training.batch_order`),
+step budget, FedProx anchor and divergence checks, exactly as :func:`fedpeft.learning.training.train_user`
 draws and does them. A user whose steps are done sends no rows and its optimizer does not step
 (no update, no weight decay, no moment update). With dropout off (backbone and adapter), a
 user's result equals ``compose_user_model`` + ``train_user`` up to float reassociation of the
@@ -34,9 +34,9 @@ import torch
 
 from fedpeft.config import Config, ConfigError
 from fedpeft.data import Example, TaskSpec
-from fedpeft.models import LoadedModel
-from fedpeft.peft_methods import METHODS, NO_TRAINING
-from fedpeft.training import (
+from fedpeft.learning.models import LoadedModel
+from fedpeft.learning.peft_methods import METHODS, NO_TRAINING
+from fedpeft.learning.training import (
     CallTokens,
     TrainingDiverged,
     batch_listeners_active,
@@ -268,7 +268,7 @@ class _PackedModel:
         if missing or unknown:
             what = f"lacks '{missing[0]}'" if missing else f"has '{unknown[0]}', not a key of this model's adapter"
             raise KeyError(f"A packed user's adapter state {what}; give each user's full composed state "
-                           "(fedpeft.models.composed_state)")
+                           "(fedpeft.learning.models.composed_state)")
         values = {}
         for key in self.loaded.init_state:
             value = state[key].to(self.loaded.device, params[key].dtype)
@@ -355,7 +355,7 @@ def train_packed(
     then ``train_user(loaded, users_train[u], task, config, seeds[u], trainable=trainable,
     epochs=epochs, lr=lrs[u], anchor=anchors[u], mu=mu)`` then ``adapter_state(loaded)``.
 
-    ``states``: each user's full composed adapter state (:func:`fedpeft.models.composed_state`).
+    ``states``: each user's full composed adapter state (:func:`fedpeft.learning.models.composed_state`).
     ``lrs`` / ``anchors``: one per user, or one for all. A user's own failure (no examples, an
     unknown label, divergence) is its outcome's ``error``; the others go on. The model's adapter
     weights are left as they were.
@@ -515,7 +515,7 @@ def train_strategy_packed(
 def predict_packed(loaded: LoadedModel, states: Sequence[State], users_examples: Sequence[list[Example]],
                    task: TaskSpec, config: Config) -> list[list[str]]:
     """Each user's predictions on its examples, equal to ``compose_user_model(loaded, states[u])``
-    then :func:`fedpeft.training.predict` (no few-shot demonstrations). Users' chunks of
+    then :func:`fedpeft.learning.training.predict` (no few-shot demonstrations). Users' chunks of
     ``train.eval_batch_size`` examples go through the model together: chunk c of every user with
     one, in one forward pass (encoder) or one greedy ``generate`` (seq2seq, causal: rows decode
     independently, so a row's tokens do not depend on its neighbours beyond float tolerance)."""

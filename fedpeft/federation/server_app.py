@@ -21,20 +21,17 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fedpeft import messages as wire
-from fedpeft import metrics as M
-from fedpeft.activity import by_activity
-from fedpeft.checkpoint import Checkpoint, RunIdentity
 from fedpeft.config import Config
 from fedpeft.data import data_summary, get_benchmark
+from fedpeft.data.activity import by_activity
 from fedpeft.data.user_groups import new_user_indices
-from fedpeft.exchange import LazyMessages, exchange, worker_unavailable
-from fedpeft.files import atomic_write, storage_failure
-from fedpeft.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
-from fedpeft.privacy import PrivacyAccountant
-from fedpeft.reporting import RunReporter
-from fedpeft.scoring import corpus_scores
-from fedpeft.selection import (
+from fedpeft.federation import messages as wire
+from fedpeft.federation.checkpoint import Checkpoint, RunIdentity
+from fedpeft.federation.exchange import LazyMessages, exchange, worker_unavailable
+from fedpeft.federation.messages import EVALUATE, QUERY, TRAIN, array_bytes, make_content
+from fedpeft.federation.privacy import PrivacyAccountant
+from fedpeft.federation.reporting import RunReporter
+from fedpeft.federation.selection import (
     ROUNDS_FILE,
     apply_selection,
     describe,
@@ -42,11 +39,14 @@ from fedpeft.selection import (
     round_row,
     selected_validation,
 )
-from fedpeft.store import AdapterStore, timeout_note
+from fedpeft.federation.store import AdapterStore, timeout_note
+from fedpeft.federation.verdict import run_verdict
+from fedpeft.files import atomic_write, storage_failure
+from fedpeft.learning import metrics as M
+from fedpeft.learning.scoring import corpus_scores
+from fedpeft.learning.training import divergence_counts
 from fedpeft.strategies import make_strategy
 from fedpeft.strategies.base import NEW_USERS, Phase
-from fedpeft.training import divergence_counts
-from fedpeft.verdict import run_verdict
 
 NODE_WAIT_SECONDS = 120
 STOPPING = threading.Event()  # set by the entry point on SIGINT/SIGTERM: no checkpoint is written after it
@@ -100,7 +100,7 @@ class FederatedRun:
         self.done_rounds, self.wall_before = 0, 0.0
         self.call_seconds = 0.0  # time spent inside client calls (the workers' side), for timings
         self.round_scores: list[dict[str, Any]] = []  # per user and evaluated round: val and test scores
-        private = config.privacy.mechanism != "none"  # user-level DP on the shared part (fedpeft.privacy)
+        private = config.privacy.mechanism != "none"  # user-level DP on the shared part (fedpeft.federation.privacy)
         self.accountant = PrivacyAccountant(len(self.trained_users), config.privacy.delta) if private else None
         self.budget_stop = 0  # the round before which privacy.max_epsilon stopped training (0: it did not)
         if resume is not None:
@@ -284,7 +284,7 @@ class FederatedRun:
     def over_budget(self, server_round: int, phase: Phase) -> bool:
         """Whether this round's release would take the spent epsilon past ``privacy.max_epsilon``
         (a phase that shares nothing releases nothing, and is never stopped). Exact: a round costs
-        the same whoever fails in it (the mean divides by the users sampled, fedpeft.privacy)."""
+        the same whoever fails in it (the mean divides by the users sampled, fedpeft.federation.privacy)."""
         pr = self.config.privacy
         if self.accountant is None or not pr.max_epsilon or not any(self.strategy.is_shared(k, phase.name) for k in self.shared):
             return False
@@ -521,7 +521,7 @@ class FederatedRun:
         selection_info: dict[str, Any] = {"rule": rule, "metric": self.metric_names[0], "file": ROUNDS_FILE}
         if rule == "final":
             chosen = self.scores([scores[row["partition_id"]] for row in ok])
-        else:  # corpus-level benchmarks are refused at start (fedpeft.selection.check_selection)
+        else:  # corpus-level benchmarks are refused at start (fedpeft.federation.selection.check_selection)
             selection = apply_selection(per_user, self.round_scores, rule, self.metric_names,
                                         self.metric_names[0] in M.LOWER_IS_BETTER, self.total_rounds)
             chosen = self.distribution({name: [row[name] for row in ok] for name in self.metric_names})
@@ -529,7 +529,7 @@ class FederatedRun:
                                   description=describe(selection, self.total_rounds))
         # trained users whose cohorts gave them rounds they did not train (failed calls): scored, but on less training
         undertrained = int(sum(self.rounds_trained[i] < self.rounds_scheduled[i] for i in self.trained_users))
-        # the run's verdict over every user, trained and new (fedpeft.verdict): a diverged user is scored, not failed
+        # the run's verdict over every user, trained and new (fedpeft.federation.verdict): a diverged user is scored, not failed
         verdict = run_verdict(per_user, self.failures, self.config.federation.max_failed_fraction, self.config.train.lr)
         summary: dict[str, Any] = {"n_evaluated": len(ok), "n_failed": n_failed, "n_skipped": len(skipped),
                                    "n_undertrained": undertrained, **chosen}
@@ -576,7 +576,7 @@ class FederatedRun:
         return results
 
     def privacy_report(self) -> dict[str, Any]:
-        """results.json's ``privacy``: the accountant's report (fedpeft.privacy) and the round
+        """results.json's ``privacy``: the accountant's report (fedpeft.federation.privacy) and the round
         ``privacy.max_epsilon`` stopped before (0: none); without DP, only whether anything was
         released (epsilon None = unbounded; 0 for a strategy that shares nothing)."""
         if self.accountant is None:
@@ -597,7 +597,7 @@ class FederatedRun:
 
     def activity(self, per_user: list[dict[str, Any]]) -> dict[str, Any]:
         """Per group, the scored users binned by their number of training examples
-        (:func:`fedpeft.activity.by_activity`), every metric's mean per bin."""
+        (:func:`fedpeft.data.activity.by_activity`), every metric's mean per bin."""
         out: dict[str, Any] = {}
         for group in ("trained", "new"):
             rows = [row for row in per_user if row["group"] == group and row["status"] == "ok"]
@@ -661,7 +661,7 @@ def partition_id(reply: Message) -> int:
 def run_prepared(config: Config, prepared: Any, grid: Grid) -> dict[str, Any]:
     """Run one :class:`FederatedRun` on ``grid`` from what :func:`fedpeft.sim.prepare_run` made;
     the one code path of both entry points (``python -m fedpeft.sim`` and ``flwr run .``)."""
-    from fedpeft.flower_logs import quiet_lost_workers
+    from fedpeft.federation.flower_logs import quiet_lost_workers
 
     quiet_lost_workers()  # a worker lost mid-call is that user's failure, reported by fedpeft: not Flower's tracebacks
     return FederatedRun(config, prepared.run_dir, grid, prepared.initial_shared, prepared.accounting,

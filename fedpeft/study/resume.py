@@ -1,7 +1,7 @@
 """Studies that are checked before they start, stop cleanly and resume: the main of sims/compare.py,
 sims/where_sharing_pays.py and sims/privacy.py.
 
-A new study checks every one of its runs before the first starts (fedpeft.run_checks: whatever
+A new study checks every one of its runs before the first starts (fedpeft.launch.run_checks: whatever
 ``python -m fedpeft.sim`` would refuse before its simulation) and refuses with one line per
 misfit; then it records its own arguments in ``STUDY_DIR/study.json`` (the resolved config and
 the study's other options), so that
@@ -9,7 +9,7 @@ the study's other options), so that
 - ``--resume STUDY_DIR`` needs nothing else: finished runs (a run folder with results.json) are
   kept, interrupted ones (run.json, no results.json) are continued as ``python -m fedpeft.sim
   --resume RUN_DIR`` does, missing ones run, and the report is rebuilt. Other arguments given with
-  it may change only what does not change results (fedpeft.checkpoint.RESUME_MAY_CHANGE); any
+  it may change only what does not change results (fedpeft.federation.checkpoint.RESUME_MAY_CHANGE); any
   other difference from study.json is refused, naming it;
 - ``--report-only STUDY_DIR`` rebuilds the tables and plots from the runs there, without compute:
   a run missing or unfinished is listed as such (a failed run in the tables, its reason saying
@@ -35,9 +35,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpeft.checkpoint import RESUME_MAY_CHANGE, RUN_FILE, Checkpoint, flat, resume_config
-from fedpeft.compare_status import RunNotFinished
 from fedpeft.config import Config, ConfigError
+from fedpeft.federation.checkpoint import (
+    RESUME_MAY_CHANGE,
+    RUN_FILE,
+    Checkpoint,
+    flat,
+    resume_config,
+)
+from fedpeft.study.status import RunNotFinished
 
 STUDY_FILE = "study.json"
 FRESH, RESUME, REPORT = "fresh", "resume", "report-only"
@@ -259,7 +265,8 @@ def reading(cfg: Config) -> dict[str, Any]:
 def run_study(spec: StudySpec, argv: list[str], runner: Runner) -> Path:
     """Check, record and run a new study; or continue one (--resume); or rebuild its report
     (--report-only). Returns its folder."""
-    from fedpeft.run_checks import check_study_runs
+    from fedpeft.launch.ray_start import SharedRay
+    from fedpeft.launch.run_checks import check_study_runs
 
     mode, study, rest = split_mode(argv)
     PROGRESS.study, PROGRESS.run, PROGRESS.mode = None, None, mode
@@ -270,7 +277,8 @@ def run_study(spec: StudySpec, argv: list[str], runner: Runner) -> Path:
         check_study_runs(plan.runs(study), study)  # every run, before any starts
         write_record(study, spec, plan, argv)
         PROGRESS.study = study
-        return plan.run(study, tracked(runner))
+        with SharedRay():  # one Ray, and warm client actors, for all the study's runs
+            return plan.run(study, tracked(runner))
     assert study is not None
     flag = next(f for f, m in MODE_FLAGS.items() if m == mode)
     plan = recorded_plan(spec, study, flag, rest)
@@ -285,7 +293,8 @@ def run_study(spec: StudySpec, argv: list[str], runner: Runner) -> Path:
                   f"`{continue_command(spec, study)}`", file=sys.stderr)
         return folder
     check_study_runs([c for c in plan.runs(study) if run_state(run_folder(c)) != FINISHED], study)
-    return plan.run(study, tracked(resuming(runner)))
+    with SharedRay():
+        return plan.run(study, tracked(resuming(runner)))
 
 
 def continue_command(spec: StudySpec, study: Path) -> str:
@@ -310,13 +319,14 @@ def study_main(spec: StudySpec, argv: list[str]) -> int:
     """A study script's main: runs it (fedpeft.sim.run for each run) and prints its table; a bad
     argument or a misfit is one error (exit 2); a signal stops it (exit 130 / 143)."""
     import fedpeft.sim as sim
+    from fedpeft.launch.signals import Interrupted, finish_wandb, stop_on_signals
 
     try:
-        with sim.stop_on_signals():
+        with stop_on_signals():
             folder = run_study(spec, argv, sim.run)
-    except sim.Interrupted as stop:  # Ray is shut down: end without waiting for Flower's ServerApp thread
+    except Interrupted as stop:  # end without waiting for Flower's ServerApp thread (Ray goes with the process)
         print(interrupted_line(spec), file=sys.stderr)
-        sim.finish_wandb(stop.exit_code)
+        finish_wandb(stop.exit_code)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(stop.exit_code)

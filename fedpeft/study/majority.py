@@ -1,14 +1,14 @@
 """Each user's majority label: the constant prediction that personalization must beat.
 
 A user predicts, for every test example, its most frequent label in its own training split (ties:
-the label seen first), and is scored by :func:`fedpeft.scoring.score`, the runs' own scoring, so
+the label seen first), and is scored by :func:`fedpeft.learning.scoring.score`, the runs' own scoring, so
 the numbers compare with theirs. The training split is the one the runs train on:
 :func:`fedpeft.data.get_benchmark` applies ``data.max_train_per_user``'s seeded cap and any user
 selection of the benchmark's ``data.*`` keys. Multi-label tasks: every label of every training
 example counts once, and the single most frequent label is scored by the same top-1 headline as a
 model's most confident label. Generation tasks have no label to count: no majority. A corpus-level
-benchmark (LaMP) is scored on the pooled predictions (:func:`fedpeft.scoring.corpus_scores`), as
-its runs are. Used by the comparison (fedpeft/compare_majority.py) and by
+benchmark (LaMP) is scored on the pooled predictions (:func:`fedpeft.learning.scoring.corpus_scores`), as
+its runs are. Used by the comparison (fedpeft/study/majority_row.py) and by
 ``sims/majority_baseline.py``: one computation.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from fedpeft.config import Config
 from fedpeft.data import Example, TaskSpec, get_benchmark
-from fedpeft.scoring import corpus_scores, score
+from fedpeft.learning.scoring import corpus_scores, score
 
 
 class NoMajority(ValueError):

@@ -7,7 +7,7 @@ Two paths, chosen by the backbone's kind:
 - seq2seq / causal (text-to-text): the target is the label text (multi-label joined by ", "),
   the rating, or the gold text; the loss covers the answer tokens only; predictions are greedy
   generations mapped back to labels leniently (multi-label: in the order generated, so the
-  first valid label is the one the headline scores; see :mod:`fedpeft.scoring`).
+  first valid label is the one the headline scores; see :mod:`fedpeft.learning.scoring`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import torch
 from fedpeft.config import Config
 from fedpeft.data import Example, TaskSpec, input_length
 from fedpeft.data.retrieval import Layout, fit_prompt, with_history
-from fedpeft.models import LoadedModel, set_trainable
-from fedpeft.peft_methods import NO_TRAINING
-from fedpeft.scoring import peft_u_parse
+from fedpeft.learning.models import LoadedModel, set_trainable
+from fedpeft.learning.peft_methods import NO_TRAINING
+from fedpeft.learning.scoring import peft_u_parse
 
 
 def call_seed(config: Config, user_index: int, server_round: int) -> int:

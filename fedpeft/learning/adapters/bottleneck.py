@@ -4,7 +4,7 @@ peft has no bottleneck adapter and AdapterHub's ``adapters`` package does not im
 transformers 5, so this module adds one through peft's own extension point,
 ``peft.utils.register_peft_method``. Afterwards the usual peft API works unchanged::
 
-    import fedpeft.adapters.bottleneck  # noqa: F401  (registers the method; see below)
+    import fedpeft.learning.adapters.bottleneck  # noqa: F401  (registers the method; see below)
     from peft import PeftModel, get_peft_model
 
     model = get_peft_model(base, BottleneckConfig(adapter_type="pfeiffer", task_type="SEQ_CLS"))
@@ -15,7 +15,7 @@ transformers 5, so this module adds one through peft's own extension point,
 **Import requirement.** peft finds a method only through its registry, which lives in memory.
 Every Python process that builds *or loads* a bottleneck adapter (``PeftModel.from_pretrained``,
 ``PeftConfig.from_pretrained``, ``set_peft_model_state_dict`` on a fresh model, Ray workers) must
-run ``import fedpeft.adapters.bottleneck`` (or ``import fedpeft.adapters``) first; otherwise peft
+run ``import fedpeft.learning.adapters.bottleneck`` (or ``import fedpeft.learning.adapters``) first; otherwise peft
 fails with ``KeyError: 'BOTTLENECK'``. Importing it again is harmless.
 
 Placement follows AdapterHub (``SeqBnConfig`` = Pfeiffer, ``DoubleSeqBnConfig`` = Houlsby), with

@@ -29,12 +29,12 @@ def check_fits(config: Config, strategy: Any, bench: Any, loaded: Any) -> tuple[
     """Refuse (ConfigError) a run whose strategy, PEFT method, backbone, packing or privacy do not
     fit together; returns the adapter's keys and the indices of the held-out new users (who never
     train before the end). Sets ``config.privacy``'s δ and calibrated noise
-    (:func:`fedpeft.privacy.prepare_privacy`)."""
-    from fedpeft.aggregation import check_aggregator
+    (:func:`fedpeft.federation.privacy.prepare_privacy`)."""
     from fedpeft.data.user_groups import new_user_indices
-    from fedpeft.packing import check_packing
-    from fedpeft.peft_methods import NO_TRAINING
-    from fedpeft.privacy import prepare_privacy
+    from fedpeft.federation.aggregation import check_aggregator
+    from fedpeft.federation.privacy import prepare_privacy
+    from fedpeft.learning.packing import check_packing
+    from fedpeft.learning.peft_methods import NO_TRAINING
 
     if loaded.kind == "encoder" and (config.peft.method in NO_TRAINING or bench.task().kind == "generation"):
         why = f"peft.method={config.peft.method}" if config.peft.method in NO_TRAINING else f"'{config.data.benchmark}' is a generation task"
@@ -59,7 +59,7 @@ class _Models:
         self.loaded: Any = None
 
     def get(self, config: Config, num_labels: int, extra_adapters: tuple[str, ...]) -> Any:
-        from fedpeft.models import build_model
+        from fedpeft.learning.models import build_model
 
         key = model_key(config, num_labels, extra_adapters)
         if key != self.key:
@@ -77,9 +77,9 @@ def run_misfit(config: Config, models: _Models) -> str | None:
     """Why fedpeft.sim would refuse this run before its simulation starts, or None when it fits.
     Works on a copy: ``config`` is left as it is."""
     from fedpeft.data import get_benchmark
-    from fedpeft.models import check_model, fit_size_knob
-    from fedpeft.preflight import check_cohort
-    from fedpeft.selection import check_selection
+    from fedpeft.federation.selection import check_selection
+    from fedpeft.launch.preflight import check_cohort
+    from fedpeft.learning.models import check_model, fit_size_knob
     from fedpeft.strategies import make_strategy
 
     cfg = copy.deepcopy(config)
@@ -111,9 +111,9 @@ def _same_run_key(config: Config) -> str:
 def study_misfits(configs: Sequence[Config], root: Path) -> list[str]:
     """One line per reason some of ``configs`` cannot run, naming their run folders (relative to
     ``root``); empty when every run fits. Runs that differ only in seed and folder are checked once."""
-    from fedpeft.preflight import check_local_ray
-    from fedpeft.sim import check_ray_address
-    from fedpeft.wandb_preflight import check_wandb_online
+    from fedpeft.launch.preflight import check_local_ray
+    from fedpeft.launch.ray_start import check_ray_address
+    from fedpeft.launch.wandb_preflight import check_wandb_online
 
     def check_ray(cfg: Config) -> None:  # the cluster answers; a client fits the local Ray that will start
         check_ray_address(cfg.ray.address)

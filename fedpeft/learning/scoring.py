@@ -1,7 +1,7 @@
 """Per-user scores for every task kind: :func:`score` (task kind, predictions, golds) -> metrics.
 
 classification (PEFT-U single-label tasks, LaMP-1, LaMP-2)
-    ``accuracy`` and ``macro_f1`` from :mod:`fedpeft.metrics`: a prediction is correct when it is
+    ``accuracy`` and ``macro_f1`` from :mod:`fedpeft.learning.metrics`: a prediction is correct when it is
     in the gold set (PEFT-U's rule; LaMP has one gold, so it is exact match), macro-F1 averages
     over the labels present in the golds or predictions of this user. Predictions and golds are
     stripped of surrounding whitespace, as LaMP's ``postprocess_text_classification``. A
@@ -17,7 +17,7 @@ multilabel (PEFT-U studemo, goemotion ...)
 
     - ``accuracy`` (the headline): the *top label* (the first valid predicted label) is in G. An
       example without a valid label is wrong. Adding labels after the top one never raises it.
-    - ``macro_f1``: :func:`fedpeft.metrics.macro_f1` over (top label, truth) pairs, truth = the
+    - ``macro_f1``: :func:`fedpeft.learning.metrics.macro_f1` over (top label, truth) pairs, truth = the
       top label when it is gold, else the first gold label; '' (no valid label) is a wrong
       prediction of its own label ''. Only the top label counts, so extra labels do not raise it.
     - ``example_f1``: 2|P ∩ G| / (|P| + |G|); 0 when P is empty.
@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from fedpeft import metrics as M
+from fedpeft.learning import metrics as M
 from fedpeft.tasks import KIND_METRICS, TaskSpec
 
 Prediction = str | Sequence[str]

@@ -492,7 +492,7 @@ class PrivateAggregator:
             kind, slack = "client", 1e-5 * C + np.finfo(np.float32).eps * (get_norm(base) + C)
             if max(norms) > C + slack:
                 raise RuntimeError(f"privacy.mechanism=client: a client sent a shared update of norm {max(norms):.6g} > "
-                                   f"privacy.clipping_norm {C}; the client must clip it (fedpeft.privacy.clip_shared_update)")
+                                   f"privacy.clipping_norm {C}; the client must clip it (fedpeft.federation.privacy.clip_shared_update)")
         elif mechanism == "central" and min(norms) > 0:
             kind = "server"
         else:  # clipped here with Flower's helpers (see the class docstring)

@@ -4,7 +4,7 @@ another run's adapter store.
 ``config.yaml`` keeps the adapter store relative to the run folder when it lies inside it (the
 default ``adapters``), so a moved or copied folder finds its own store. A store outside the
 folder (``output.store_dir``) is kept as an absolute path; its owner file
-(:data:`fedpeft.store.OWNER_FILE`) binds it to its run id *and* its run folder's path.
+(:data:`fedpeft.federation.store.OWNER_FILE`) binds it to its run id *and* its run folder's path.
 :func:`bind_store` decides, when a folder resumes, whether the store is its own:
 
 - the owner names this folder: it is;
@@ -16,7 +16,7 @@ folder (``output.store_dir``) is kept as an absolute path; its owner file
 Run folders written before paths were relative hold the store as an absolute path:
 :func:`saved_store_dir` still finds a moved or copied folder's own store there.
 
-:class:`RunIdentity` (``run.json``, the run's id) lives here, under :mod:`fedpeft.checkpoint`,
+:class:`RunIdentity` (``run.json``, the run's id) lives here, under :mod:`fedpeft.federation.checkpoint`,
 which re-exports it.
 """
 
@@ -31,8 +31,8 @@ from pathlib import Path
 import yaml
 
 from fedpeft.config import ConfigError
+from fedpeft.federation.store import OWNER_FILE, store_owner
 from fedpeft.files import atomic_write_text
-from fedpeft.store import OWNER_FILE, store_owner
 
 RUN_FILE = "run.json"
 DEFAULT_STORE = "adapters"  # <run folder>/adapters when output.store_dir is left empty

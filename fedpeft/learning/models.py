@@ -35,10 +35,10 @@ def import_libraries() -> None:
     import transformers.modeling_utils  # noqa: F401
     from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
 
-    import fedpeft.adapters  # noqa: F401
+    import fedpeft.learning.adapters  # noqa: F401
 
 
-WARM_MODEL_ENV = "FEDPEFT_WORKER_MODEL"  # the model a Ray worker builds as it starts (fedpeft.client_app.warm_up)
+WARM_MODEL_ENV = "FEDPEFT_WORKER_MODEL"  # the model a Ray worker builds as it starts (fedpeft.federation.client_app.warm_up)
 
 
 def warm_model_spec(config: Config, num_labels: int, extra_adapters: tuple[str, ...]) -> str | None:
@@ -272,8 +272,8 @@ def build_model(config: Config, num_labels: int, extra_adapters: tuple[str, ...]
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
-    import fedpeft.adapters  # noqa: F401  (registers the bottleneck adapters as a peft method)
-    from fedpeft.peft_methods import NO_TRAINING, peft_config
+    import fedpeft.learning.adapters  # noqa: F401  (registers the bottleneck adapters as a peft method)
+    from fedpeft.learning.peft_methods import NO_TRAINING, peft_config
 
     global BACKBONE_LOADS
     _quiet_transformers()
@@ -339,7 +339,7 @@ def composed_state(loaded: LoadedModel, shared: dict[str, torch.Tensor],
                    private: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """One user's full adapter state: common init, then the current shared part, then the user's
     private part (later ones win). The one place a user's model is composed: the client, export,
-    the packed trainer (:mod:`fedpeft.packing`) and the tests' reference all use it."""
+    the packed trainer (:mod:`fedpeft.learning.packing`) and the tests' reference all use it."""
     return {**loaded.init_state, **shared, **(private or {})}
 
 
@@ -373,8 +373,8 @@ def fit_size_knob(config: Config, num_labels: int) -> tuple[str, int, int]:
     """
     import peft
 
-    import fedpeft.adapters  # noqa: F401
-    from fedpeft.peft_methods import SIZE_KNOBS, peft_config
+    import fedpeft.learning.adapters  # noqa: F401
+    from fedpeft.learning.peft_methods import SIZE_KNOBS, peft_config
 
     method, target = config.peft.method, config.peft.target_params
     knob = SIZE_KNOBS.get(method)

@@ -1,4 +1,4 @@
-"""A comparison's plots (fedpeft/compare.py): rounds.png, distribution.png, scatter.png, activity.png."""
+"""A comparison's plots (fedpeft/study/compare.py): rounds.png, distribution.png, scatter.png, activity.png."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.activity import ActivityBin, activity_bins, bin_means
-from fedpeft.metrics import LOWER_IS_BETTER
+from fedpeft.data.activity import ActivityBin, activity_bins, bin_means
+from fedpeft.learning.metrics import LOWER_IS_BETTER
 
 FEW_VALUES = 6  # activity.png: up to this many distinct n_train, one point each; more: the activity bins
 

@@ -1,4 +1,4 @@
-"""A comparison's tables (fedpeft/compare.py): comparison.md (trained users, new users, by activity),
+"""A comparison's tables (fedpeft/study/compare.py): comparison.md (trained users, new users, by activity),
 the csv files, per_user.csv."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.compare_runs import UserSet
-from fedpeft.compare_status import BASELINE_STATUS, DEGRADED, FAILED, runs_section
+from fedpeft.study.runs import UserSet
+from fedpeft.study.status import BASELINE_STATUS, DEGRADED, FAILED, runs_section
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -183,7 +183,7 @@ def report(rows: list[dict[str, Any]], metric: str, baseline: str, rule: str, se
             "every seed) are excluded there and counted beside it, not given an imputed score. status: the runs' "
             "(results.json); a strategy with a failed run has no number (`failed (k/n seeds)`); ⚠: it lost users or a "
             "run was degraded. `majority`: each user predicts its own most frequent training label (no model; "
-            "fedpeft.majority), scored like the runs over the same users.",
+            "fedpeft.study.majority), scored like the runs over the same users.",
             f"Per user against {baseline}, under `{rule}`: the paired difference (positive = better) averaged over "
             f"seeds, with the 95% t-interval of the per-seed mean differences; wins/ties/losses over users; the "
             f"Wilcoxon signed-rank p across users; hurt = users worse by more than one test example (1/n_test). "
@@ -232,7 +232,7 @@ def report(rows: list[dict[str, Any]], metric: str, baseline: str, rule: str, se
     if activity:
         lines += [f"Users binned by their training examples (`n_train`), once, over the common users of each group, from "
                   f"{baseline}'s runs: cut into thirds by count, users with the same `n_train` in the same bin "
-                  f"(fedpeft.activity). `{metric}`: mean over the bin's users of their score under `{rule}` (new "
+                  f"(fedpeft.data.activity). `{metric}`: mean over the bin's users of their score under `{rule}` (new "
                   f"users: their one score) averaged over seeds; vs {baseline}: the mean paired difference.", ""]
         lines += _table(["group", "bin", "users", "examples", "strategy", metric, f"vs {baseline}"],
                         [[r["group"], r["bin"], str(r["users"]), f"{r['min_examples']}–{r['max_examples']}", r["strategy"],

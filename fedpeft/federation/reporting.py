@@ -16,10 +16,10 @@ import yaml
 
 import fedpeft
 from fedpeft.config import Config
+from fedpeft.federation.run_folder import store_setting
+from fedpeft.federation.selection import ROUNDS_FILE
+from fedpeft.federation.verdict import FAILED_RUN_EXIT
 from fedpeft.files import atomic_write_text, json_text
-from fedpeft.run_folder import store_setting
-from fedpeft.selection import ROUNDS_FILE
-from fedpeft.verdict import FAILED_RUN_EXIT
 
 
 def per_user_columns(metric_names: list[str], selected: bool = False, as_is: bool = False) -> list[str]:
@@ -219,7 +219,7 @@ def summary_table(results: dict[str, Any]) -> str:
 
 
 def status_line(results: dict[str, Any]) -> str:
-    """The summary table's first row: the verdict and its counts (fedpeft.verdict)."""
+    """The summary table's first row: the verdict and its counts (fedpeft.federation.verdict)."""
     c = results["status_counts"]
     if results["status"] == "ok":
         return f"ok (all {c['users']} users trained as scheduled and scored)"

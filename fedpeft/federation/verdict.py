@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from fedpeft.training import is_divergence
+from fedpeft.learning.training import is_divergence
 
 FAILED_RUN_EXIT = 3  # 1: the run stopped (RunFailed, a full disk); 2: refused config; 130/143: signals
 REASON_CHARS = 160  # a failure reason quoted in the one line is cut to this

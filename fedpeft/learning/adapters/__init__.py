@@ -1,10 +1,10 @@
 """Adapter methods that peft lacks, registered as peft methods on import.
 
-Importing this package (or ``fedpeft.adapters.bottleneck``) registers the ``bottleneck`` peft
+Importing this package (or ``fedpeft.learning.adapters.bottleneck``) registers the ``bottleneck`` peft
 method (Houlsby and Pfeiffer adapters); do it in every process that builds or loads one.
 """
 
-from fedpeft.adapters.bottleneck import (
+from fedpeft.learning.adapters.bottleneck import (
     ADAPTER_TYPES,
     BOTTLENECK,
     BottleneckConfig,

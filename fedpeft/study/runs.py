@@ -1,4 +1,4 @@
-"""A comparison's run folders read back (fedpeft/compare.py): each run's per-user scores, by group
+"""A comparison's run folders read back (fedpeft/study/compare.py): each run's per-user scores, by group
 and round rule, and the one common set of users every number of the comparison is computed over.
 
 A run folder's ``per_user.csv`` says who was scored (``status`` ok) and why not (``error``); its
@@ -6,7 +6,7 @@ A run folder's ``per_user.csv`` says who was scored (``status`` ok) and why not 
 (``data.new_users``: never in a training cohort, scored once at the end after fine-tuning on the
 final shared part; ``as_is_<metric>``: the global model's score before that fine-tune, for a
 strategy with nothing private); ``n_train`` is the user's training examples. Trained users'
-scores at the round each rule picks come from ``rounds_per_user.jsonl`` (fedpeft.selection).
+scores at the round each rule picks come from ``rounds_per_user.jsonl`` (fedpeft.federation.selection).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft.federation.selection import NOT_SCORED, read_rounds, selected_rows
 from fedpeft.files import json_value
-from fedpeft.metrics import LOWER_IS_BETTER
-from fedpeft.selection import NOT_SCORED, read_rounds, selected_rows
+from fedpeft.learning.metrics import LOWER_IS_BETTER
 
 TRAINED, NEW = "trained", "new"
 GROUPS = (TRAINED, NEW)
@@ -56,7 +56,7 @@ class SeedRun:
     groups: dict[str, str] = field(default_factory=dict)
     missing: dict[str, tuple[str, str]] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
-    status: str = "ok"  # fedpeft.compare_status: ok, degraded, failed or unknown (a run from before statuses)
+    status: str = "ok"  # fedpeft.study.status: ok, degraded, failed or unknown (a run from before statuses)
     status_reason: str = ""
     status_counts: dict[str, Any] = field(default_factory=dict)
 
@@ -65,7 +65,7 @@ class SeedRun:
         metric = results["metrics"][0]
         with (run_dir / "per_user.csv").open() as f:
             table = list(csv.DictReader(f))
-        from fedpeft.compare_status import run_status
+        from fedpeft.study.status import run_status
 
         run = cls(seed, results, {rule: {} for rule in rules})
         run.status, run.status_reason = run_status(results)
@@ -137,7 +137,7 @@ class UserSet:
 
 
 def user_set(runs: dict[str, list[SeedRun]], group: str) -> UserSet:
-    from fedpeft.compare_status import FAILED
+    from fedpeft.study.status import FAILED
 
     failed = tuple(name for name, seeds in runs.items() if any(run.status == FAILED for run in seeds))
     usable = {name: seeds for name, seeds in runs.items() if name not in failed}

@@ -5,29 +5,29 @@
 
 Every run is checked before the first starts, and the study's arguments are recorded in
 ``study.json``: ``--resume`` keeps finished runs, continues interrupted ones and runs missing
-ones; ``--report-only`` rebuilds the tables and plots from what is there (fedpeft.study_resume).
+ones; ``--report-only`` rebuilds the tables and plots from what is there (fedpeft.study.resume).
 
 Each strategy runs once per seed of ``compare.seeds`` (the model seed ``seed``; ``data.seed`` stays
 fixed, so the users are the same). Every number is computed over ONE common set of users, those
-scored in every seed of every strategy without a failed run (fedpeft.compare_runs); who was left
+scored in every seed of every strategy without a failed run (fedpeft.study.runs); who was left
 out, and which strategy lost them, is in the table. Each run's status (results.json: ok, degraded,
-failed; fedpeft.compare_status) is shown: a run that raises is recorded as failed and the others go
+failed; fedpeft.study.status) is shown: a run that raises is recorded as failed and the others go
 on, a strategy with a failed run has no number (``failed (k/n seeds)``), a degraded one or one that
 lost users is flagged. Writes into one folder: ``comparison.md`` / ``comparison.csv`` (per
 strategy: its status, the headline, the mean over users of per-user test scores, under
-``best_val`` and ``final`` (fedpeft.selection), as the mean over seeds with its 95% t-interval, and
+``best_val`` and ``final`` (fedpeft.federation.selection), as the mean over seeds with its 95% t-interval, and
 beside it the mean over all users each run scored, its lost users counted beside it; the 10th
 percentile over users; per user against the baseline, under ``compare.select``, the paired
 difference averaged over seeds with the 95% t-interval of the per-seed gains, wins, ties and
 losses, the Wilcoxon signed-rank p across users and the share of users hurt by more than one test
-example (fedpeft.compare_stats); local compute as examples processed per user (forward +
+example (fedpeft.study.stats); local compute as examples processed per user (forward +
 backward passes, every pass of every round: fedrep's head epochs and feddpa's two passes count)
 and centrally before the simulation (pooled oppu), bytes communicated, wall time, parameters, ε
 with its δ and n; the same for new users, ``data.new_users``, with their own common set, and "as
 is" before their fine-tune where the run has it; and a ``majority`` row, each user's own most
-frequent training label over the same users, fedpeft.compare_majority), ``runs.csv`` (every
+frequent training label over the same users, fedpeft.study.majority_row), ``runs.csv`` (every
 run's status), ``by_activity.csv`` and ``activity.png`` (users binned by training examples,
-fedpeft.activity), ``per_user.csv`` (one score column per strategy, averaged over seeds;
+fedpeft.data.activity), ``per_user.csv`` (one score column per strategy, averaged over seeds;
 ``per_user_new.csv`` for new users), ``scatter.png`` (each common user against the baseline, one
 panel per strategy), ``rounds.png``, ``distribution.png``, and each run's own folder
 (``<strategy>``, or ``<strategy>-seed<s>`` with several seeds).
@@ -46,17 +46,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedpeft.activity import activity_bins, bin_means
 from fedpeft.cli import config_from_args
-from fedpeft.compare_runs import NEW, TRAINED, SeedRun, UserSet, metric_of, reference_run, user_set
-from fedpeft.compare_stats import mean_interval, paired_differences, paired_stats
-from fedpeft.compare_status import privacy_columns, run_one, run_rows, status_columns
 from fedpeft.config import Config
-from fedpeft.metrics import gain
+from fedpeft.data.activity import activity_bins, bin_means
+from fedpeft.learning.metrics import gain
 from fedpeft.strategies import STRATEGIES, get_strategy_class
+from fedpeft.study.runs import NEW, TRAINED, SeedRun, UserSet, metric_of, reference_run, user_set
+from fedpeft.study.stats import mean_interval, paired_differences, paired_stats
+from fedpeft.study.status import privacy_columns, run_one, run_rows, status_columns
 
 if TYPE_CHECKING:
-    from fedpeft.study_resume import StudySpec
+    from fedpeft.study.resume import StudySpec
 
 HEADLINE_RULES = ("best_val", "final")  # the table gives the headline under both
 Runner = Callable[[Config], dict[str, Any]]
@@ -252,7 +252,7 @@ def per_user_means(runs: dict[str, list[SeedRun]], rule: str, users: UserSet) ->
 
 
 def activity_rows(runs: dict[str, list[SeedRun]], baseline: str, rule: str, users: UserSet) -> list[dict[str, Any]]:
-    """Per strategy without a failed run and activity bin (fedpeft.activity, computed once from the
+    """Per strategy without a failed run and activity bin (fedpeft.data.activity, computed once from the
     baseline's ``n_train`` over the common users; none without ``n_train`` or when the baseline
     failed): users, their range of training examples, the headline (mean over the bin's users of
     their score averaged over seeds) and the mean paired difference against the baseline."""
@@ -291,7 +291,7 @@ def run_configs(names: list[str], config: Config, out: Path) -> list[Config]:
 
 def run_all(names: list[str], config: Config, out: Path, runner: Runner) -> dict[str, list[SeedRun]]:
     """Each run of :func:`run_configs`; a run that fails is recorded as failed and the others go
-    on (fedpeft.compare_status)."""
+    on (fedpeft.study.status)."""
     rules = tuple(dict.fromkeys((*HEADLINE_RULES, config.compare.select)))
     runs: dict[str, list[SeedRun]] = {name: [] for name in names}
     for cfg in run_configs(names, config, out):
@@ -304,7 +304,7 @@ def run_all(names: list[str], config: Config, out: Path, runner: Runner) -> dict
 def compare(names: list[str], baseline: str, config: Config, out: Path | None = None, runner: Runner | None = None) -> Path:
     """Run ``names`` one after the other, once per seed of ``compare.seeds`` (default: the
     config's seed), with the same users; write the comparison, with each user's majority label
-    (fedpeft.compare_majority) from ``config``'s data. ``runner`` runs one config (default:
+    (fedpeft.study.majority_row) from ``config``'s data. ``runner`` runs one config (default:
     :func:`fedpeft.sim.run`) and returns its results."""
     if runner is None:
         from fedpeft.sim import run as runner
@@ -318,7 +318,9 @@ def compare(names: list[str], baseline: str, config: Config, out: Path | None = 
 def write_comparison(out: Path, runs: dict[str, list[SeedRun]], baseline: str, rule: str, config: Config | None = None) -> None:
     """The comparison's files from its runs (see the module's docstring); the majority row from
     ``config``'s data (None: no majority row, and the report says so)."""
-    from fedpeft import compare_majority, compare_plots, compare_report
+    from fedpeft.study import majority_row as compare_majority
+    from fedpeft.study import plots as compare_plots
+    from fedpeft.study import report as compare_report
 
     metric = metric_of(runs)
     trained, new = user_set(runs, TRAINED), user_set(runs, NEW)
@@ -364,8 +366,8 @@ def warn_failed(out: Path, runs: dict[str, list[SeedRun]]) -> None:
 
 
 def study_spec() -> StudySpec:
-    """The study of ``sims/compare.py`` (fedpeft.study_resume): its main, and ``fedpeft.compare``."""
-    from fedpeft.study_resume import StudyPlan, StudySpec
+    """The study of ``sims/compare.py`` (fedpeft.study.resume): its main, and ``fedpeft.study.compare``."""
+    from fedpeft.study.resume import StudyPlan, StudySpec
 
     def plan(args: list[str]) -> StudyPlan:
         names, baseline, out, config = parse_args(args)
@@ -376,7 +378,7 @@ def study_spec() -> StudySpec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedpeft.study_resume import study_main
+    from fedpeft.study.resume import study_main
 
     return study_main(study_spec(), sys.argv[1:] if argv is None else argv)
 

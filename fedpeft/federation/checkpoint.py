@@ -27,8 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedpeft.config import Config, ConfigError, load_yaml, merge_into, set_key, validate
-from fedpeft.files import atomic_write
-from fedpeft.run_folder import (  # noqa: F401  (RunIdentity re-exported: it lived here)
+from fedpeft.federation.run_folder import (  # noqa: F401  (RunIdentity re-exported: it lived here)
     DEFAULT_STORE,
     RUN_FILE,
     RunIdentity,
@@ -36,6 +35,7 @@ from fedpeft.run_folder import (  # noqa: F401  (RunIdentity re-exported: it liv
     run_id_of,
     saved_store_dir,
 )
+from fedpeft.files import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CLAIM_FILE = ".fedpeft-claim.json"  # the run that uses the folder now (see claim_run_dir)
@@ -43,7 +43,7 @@ CLAIM_FILE = ".fedpeft-claim.json"  # the run that uses the folder now (see clai
 RESUME_MAY_CHANGE = ("wandb.mode", "output.progress", "ray.address", "ray.num_cpus", "ray.client_cpus",
                      "ray.client_gpus", "federation.call_timeout")
 # the run folder itself; and where its store is now (a store that moved: its owner file and every
-# adapter file must still name the run, fedpeft.run_folder.bind_store)
+# adapter file must still name the run, fedpeft.federation.run_folder.bind_store)
 _RESUME_SETS = ("output.dir", "output.name", "output.store_dir")
 
 
@@ -213,7 +213,7 @@ def _in_use(path: Path, holder: dict[str, Any] | None) -> str:
 
 def load_run_config(run_dir: str | Path) -> Config:
     """The resolved config a run folder's ``config.yaml`` holds, with ``output.store_dir`` the
-    absolute path of the folder's store (:func:`fedpeft.run_folder.saved_store_dir`)."""
+    absolute path of the folder's store (:func:`fedpeft.federation.run_folder.saved_store_dir`)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' is not a fedpeft run folder: it has no config.yaml.")
@@ -267,7 +267,7 @@ def final_adapter(run_dir: str | Path, user_id: str) -> dict[str, torch.Tensor] 
     trained): the store file of the round the checkpoint records for that user, checked to be
     this run's."""
     from fedpeft.data import get_benchmark
-    from fedpeft.store import AdapterStore
+    from fedpeft.federation.store import AdapterStore
 
     folder = Path(run_dir)
     config = load_run_config(folder)

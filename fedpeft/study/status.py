@@ -7,7 +7,7 @@ from before statuses) reads as ``unknown`` and counts as ok, unless it scored no
 A run that raised (``python -m fedpeft.sim`` exits non-zero; in process, :func:`fedpeft.sim.run`
 raises) is recorded as failed, read from what its folder holds, and the comparison goes on. A
 strategy with a failed run in any seed has no headline number and is kept out of the common users
-(:func:`fedpeft.compare_runs.user_set`); a degraded one keeps its numbers and is flagged.
+(:func:`fedpeft.study.runs.user_set`); a degraded one keeps its numbers and is flagged.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpeft.compare_runs import SeedRun, UserSet, _one_line, left_out_text
 from fedpeft.config import Config, ConfigError
+from fedpeft.study.runs import SeedRun, UserSet, _one_line, left_out_text
 
 OK, DEGRADED, FAILED, UNKNOWN = "ok", "degraded", "failed", "unknown"
 STATUSES = (OK, DEGRADED, FAILED)

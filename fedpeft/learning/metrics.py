@@ -1,7 +1,7 @@
 """Single-label scores of one user, and their summary over users.
 
 :func:`accuracy` and :func:`macro_f1` score one predicted label per example against a gold label
-set; :mod:`fedpeft.scoring` reduces each task kind's predictions to that (a multi-label
+set; :mod:`fedpeft.learning.scoring` reduces each task kind's predictions to that (a multi-label
 prediction to its most confident valid label) and adds the multi-label set metrics.
 """
 

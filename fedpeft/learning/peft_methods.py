@@ -1,7 +1,7 @@
 """PEFT methods by name: each builds a peft config from the ``peft.*`` keys of the schema.
 
 Every method here is a real peft method (the bottleneck adapters are registered into peft by
-``fedpeft.adapters.bottleneck``). ``SIZE_KNOBS`` names the option that scales each method's
+``fedpeft.learning.adapters.bottleneck``). ``SIZE_KNOBS`` names the option that scales each method's
 trainable parameters, which ``peft.target_params`` searches (PEFT-U's equal-parameter comparison).
 """
 
@@ -88,7 +88,7 @@ def _prompt_family(config: Config, model_type: str, task_type: Any) -> Any:
 
 
 def _bottleneck(config: Config, model_type: str, task_type: Any) -> Any:
-    from fedpeft.adapters.bottleneck import BottleneckConfig
+    from fedpeft.learning.adapters.bottleneck import BottleneckConfig
 
     kwargs: dict[str, Any] = {"task_type": task_type, "adapter_type": config.peft.adapter_type,
                               "reduction_factor": config.peft.reduction_factor}

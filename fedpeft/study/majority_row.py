@@ -1,4 +1,4 @@
-"""The comparison's ``majority`` row: each user's majority label (fedpeft.majority), over the
+"""The comparison's ``majority`` row: each user's majority label (fedpeft.study.majority), over the
 comparison's own users.
 
 Computed by the comparison itself, from the data config its runs share, over exactly the users
@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.compare import HEADLINE_RULES, paired_or_nan
-from fedpeft.compare_runs import TRAINED, SeedRun, UserSet, metric_of, reference_run
-from fedpeft.compare_status import BASELINE_STATUS
 from fedpeft.config import Config
-from fedpeft.majority import Majority, NoMajority, majority, user_groups
+from fedpeft.study.compare import HEADLINE_RULES, paired_or_nan
+from fedpeft.study.majority import Majority, NoMajority, majority, user_groups
+from fedpeft.study.runs import TRAINED, SeedRun, UserSet, metric_of, reference_run
+from fedpeft.study.status import BASELINE_STATUS
 
 MAJORITY = "majority"
 
