@@ -180,7 +180,9 @@ def build(config: ConfigSource = None, pairs: Sequence[tuple[str, Any]] = ()) ->
     """The checked config of ``python -m fedpeft.sim --config FILE ... KEY=VALUE ...`` (``config``:
     YAML file(s) layered on configs/default.yaml as ``--config`` does, or a Config to start from
     instead), with the same checks and errors."""
-    from fedpeft.config import build_config, set_key, validate
+    from fedpeft.config import set_key
+    from fedpeft.config_checks import validate
+    from fedpeft.config_load import build_config
     from fedpeft.launch.assemble import apply_sweep_parameters, check_names
 
     if isinstance(config, Config):

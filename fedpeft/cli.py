@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from fedpeft.config import (
-    FLAG_ALIASES,
-    Config,
-    ConfigError,
-    build_config,
-    iter_fields,
-    parse_override,
-)
+from fedpeft.config import FLAG_ALIASES, Config, ConfigError
+from fedpeft.config_checks import iter_fields
+from fedpeft.config_load import build_config, parse_override
 from fedpeft.federation.checkpoint import RESUME_MAY_CHANGE, resume_config
 from fedpeft.launch.assemble import apply_sweep_parameters, check_names
 

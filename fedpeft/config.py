@@ -1,9 +1,13 @@
-"""The single config schema of fedpeft: every default lives here.
+"""The single config schema of fedpeft: every default lives here, and the key access on it.
 
-A run's config is built in three layers: the dataclass defaults below, then YAML files
-(``configs/default.yaml``, then ``--config FILE``), then command-line overrides
-(``train.lr=1e-4`` or ``--train.lr=1e-4``). Unknown keys and bad values raise
-:class:`ConfigError` naming the key, the value, what is allowed and the closest valid key.
+The dataclasses below give every key its type, default and help. :func:`set_key` sets one dotted
+key (or a flag of :data:`FLAG_ALIASES`), coercing a YAML or command-line value to the key's type
+(:func:`coerce`); :func:`merge_into` and :meth:`Config.from_dict` set many. Unknown keys and bad
+values raise :class:`ConfigError` naming the key, the value, what is allowed and the closest
+valid key. This module imports nothing of fedpeft; above it, in the same bottom layer,
+:mod:`fedpeft.config_checks` holds the value checks (choices, number ranges, :func:`validate`)
+and :mod:`fedpeft.config_load` builds a run's config from defaults, YAML files and overrides
+(:func:`~fedpeft.config_load.build_config`).
 """
 
 from __future__ import annotations
@@ -12,15 +16,9 @@ import dataclasses
 import difflib
 import json
 import math
-import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
-
-REPO_DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
 class ConfigError(ValueError):
@@ -226,117 +224,23 @@ FLAG_ALIASES: dict[str, str] = {
     "name": "output.name",
 }
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "data.lamp_split": ("user", "time"),
-    "data.lamp_questions": ("dev", "train"),
-    "data.split": ("by_text", "leaked"),
-    "peft.method": ("lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "loha", "lokr", "vera",
-                    "bottleneck", "zero_shot", "few_shot"),
-    "peft.encoder_type": ("mlp", "lstm"),
-    "peft.adapter_type": ("pfeiffer", "houlsby"),
-    "model.kind": ("auto", "encoder", "seq2seq", "causal"),
-    "train.lr_schedule": ("constant", "linear", "cosine"),
-    "federation.server_optimizer": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
-    "federation.aggregator": ("mean", "median", "trimmed_mean", "krum", "multikrum", "qfedavg"),
-    "federation.select": ("final", "best_val", "best_val_per_user"),
-    "compare.select": ("final", "best_val", "best_val_per_user"),
-    "strategy.feddpa_mode": ("fixed", "per_input"),
-    "strategy.oppu_task_mode": ("federated", "pooled"),
-    "privacy.mechanism": ("none", "central", "central_adaptive", "client"),
-    "wandb.mode": ("disabled", "offline", "online"),
-}
 
-# The range of every number key (list items too): the one place validate() checks and --help
-# shows. Intervals "[a, b]" / "(a, b)" ("inf": unbounded) joined by " or "; a lone number is
-# that value alone. Checks that involve two keys stay in validate().
-_SEEDS = "[0, 4294967295]"  # what every random generator fedpeft seeds (numpy, torch, random) takes
-_COUNT, _POSITIVE, _NONNEG, _FRACTION = "[1, inf)", "(0, inf)", "[0, inf)", "[0, 1]"
-RANGES: dict[str, str] = {
-    "seed": _SEEDS, "data.seed": _SEEDS, "compare.seeds": _SEEDS,
-    "data.retrieval_k": _NONNEG, "data.num_users": _COUNT, "data.train_per_user": _COUNT,
-    "data.train_per_user_min": _NONNEG, "data.val_per_user": _COUNT, "data.test_per_user": _COUNT,
-    "data.personas": _COUNT, "data.persona_divergence": _FRACTION, "data.noise": _FRACTION,
-    "data.num_labels": "[2, inf)", "data.pool_size": _COUNT,
-    "data.max_train_per_user": _NONNEG, "data.max_length": "0 or [8, inf)",
-    "model.max_new_tokens": _COUNT,
-    "peft.r": _COUNT, "peft.alpha": _COUNT, "peft.dropout": "[0, 1)", "peft.num_virtual_tokens": _COUNT,
-    "peft.encoder_hidden_size": _COUNT, "peft.reduction_factor": _COUNT, "peft.few_shot_k": _NONNEG,
-    "peft.target_params": _NONNEG,
-    "train.lr": _POSITIVE, "train.epochs": _NONNEG, "train.steps": _NONNEG, "train.batch_size": _COUNT,
-    "train.weight_decay": _NONNEG, "train.eval_batch_size": _COUNT, "train.lr_min_factor": _FRACTION,
-    "train.pack_users": _COUNT,
-    "federation.rounds": _COUNT, "federation.cohort_fraction": "(0, 1]", "federation.cohort_size": _NONNEG,
-    "federation.eval_every": _COUNT, "federation.eval_fraction": "(0, 1]", "federation.eval_max_users": _NONNEG,
-    "federation.server_lr": _POSITIVE, "federation.server_beta1": "[0, 1)", "federation.server_beta2": "[0, 1)",
-    "federation.server_tau": _POSITIVE, "federation.proximal_mu": _NONNEG, "federation.trim_beta": "[0, 0.5)",
-    "federation.byzantine_users": _NONNEG, "federation.multikrum_keep": _NONNEG, "federation.qffl_q": _NONNEG,
-    "federation.call_timeout": _POSITIVE,
-    "federation.new_user_epochs": _NONNEG, "federation.message_window": _NONNEG,
-    "federation.max_failed_fraction": _FRACTION, "federation.num_nodes": _NONNEG,
-    "strategy.fedper_layers": _NONNEG, "strategy.fedrep_head_epochs": _COUNT, "strategy.finetune_epochs": _COUNT,
-    "strategy.feddpa_mix": _FRACTION, "strategy.oppu_task_rounds": _COUNT,
-    "strategy.ditto_lambda": _NONNEG, "strategy.ditto_personal_epochs": _NONNEG,
-    "privacy.noise_multiplier": _NONNEG, "privacy.clipping_norm": _POSITIVE, "privacy.delta": "[0, 1)",
-    "privacy.target_epsilon": _NONNEG, "privacy.max_epsilon": _NONNEG, "privacy.target_clipped_quantile": _FRACTION,
-    "privacy.clip_norm_lr": _POSITIVE, "privacy.clipped_count_stddev": _NONNEG,
-    "ray.num_cpus": _NONNEG, "ray.client_cpus": _POSITIVE, "ray.client_gpus": _NONNEG,
-}
-
-
-def _intervals(spec: str) -> list[tuple[float, float, bool, bool]]:
-    """RANGES' text -> [(low, high, low included, high included), ...]."""
-    out = []
-    for part in spec.split(" or "):
-        part = part.strip()
-        if part[0] in "[(":
-            low, high = (float(x) for x in part[1:-1].split(","))
-            out.append((low, high, part[0] == "[", part[-1] == "]"))
-        else:
-            out.append((float(part), float(part), True, True))
-    return out
-
-
-def in_range(value: float, spec: str) -> bool:
-    return any((lo < value or (closed_lo and value == lo)) and (value < hi or (closed_hi and value == hi))
-               for lo, hi, closed_lo, closed_hi in _intervals(spec))
-
-
-def _number(x: float) -> str:
-    return str(int(x)) if x == int(x) else repr(x)
-
-
-def describe_range(spec: str, integer: bool = False) -> str:
-    """'[1, inf)' -> '>= 1'; '0 or [8, inf)' -> '0 or >= 8'; '(0, 1]' -> 'in (0, 1]'. With
-    ``integer`` an interval reads 'an integer ...' (else 'a number ...')."""
-    words = []
-    for spec_part, (lo, hi, closed_lo, _) in zip(spec.split(" or "), _intervals(spec)):
-        if lo == hi:
-            words.append(_number(lo))
-            continue
-        text = f"{'>=' if closed_lo else '>'} {_number(lo)}" if hi == math.inf else f"in {spec_part.strip()}"
-        words.append(f"{'an integer' if integer else 'a number'} {text}")
-    return " or ".join(words)
-
-
-def iter_fields(obj: Any = None, prefix: str = "") -> typing.Iterator[tuple[str, type, Any, str]]:
-    """Yield (dotted key, type, default, help) for every leaf field of the schema."""
+def leaf_fields(obj: Any = None, prefix: str = "") -> typing.Iterator[tuple[str, type, Any, str]]:
+    """Yield (dotted key, type, default, help) for every leaf field of the schema (with each
+    number key's range in its help: :func:`fedpeft.config_checks.iter_fields`)."""
     obj = Config() if obj is None else obj
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            yield from iter_fields(value, prefix=f"{key}.")
+            yield from leaf_fields(value, prefix=f"{key}.")
         else:
-            help_ = f.metadata.get("help", "")
-            if key in RANGES:  # every number key: its range, from the table validate() checks
-                help_ = f"{help_} [range: {RANGES[key]}]"
-            yield key, hints[f.name], value, help_
+            yield key, hints[f.name], value, f.metadata.get("help", "")
 
 
 def all_keys() -> list[str]:
-    return [key for key, *_ in iter_fields()]
+    return [key for key, *_ in leaf_fields()]
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
@@ -422,134 +326,17 @@ def set_key(config: Config, key: str, value: Any, where: str = "override") -> No
     setattr(node, leaf, coerce(key, value, target))
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            flat.update(_flatten(v, prefix=f"{key}."))
+            flat.update(flatten(v, prefix=f"{key}."))
         else:
             flat[key] = v
     return flat
 
 
 def merge_into(config: Config, data: dict[str, Any], where: str = "config") -> None:
-    for key, value in _flatten(data).items():
+    for key, value in flatten(data).items():
         set_key(config, key, value, where=where)
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Config file '{path}' does not exist. Give the path of a YAML file, e.g. configs/default.yaml.")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"Config file '{path}' must hold a mapping of keys to values, got {type(data).__name__}.")
-    return data
-
-
-def parse_override(text: str) -> tuple[str, str]:
-    """Split ``key=value`` (or ``--key=value``) on the first '='."""
-    body = text[2:] if text.startswith("--") else text
-    if "=" not in body:
-        raise ConfigError(f"Override '{text}' has no '='. Write it as key=value, e.g. train.lr=1e-4.")
-    key, value = body.split("=", 1)
-    return key.strip(), value
-
-
-def build_config(config_files: list[str] | None = None, overrides: list[tuple[str, Any]] | None = None) -> Config:
-    """Defaults, then configs/default.yaml (when present), then ``config_files``, then ``overrides``."""
-    config = Config()
-    files: list[Path] = [REPO_DEFAULT_YAML] if REPO_DEFAULT_YAML.is_file() else []
-    files += [Path(f) for f in config_files or []]
-    for path in files:
-        merge_into(config, load_yaml(path), where=f"in {path}")
-    for key, value in overrides or []:
-        set_key(config, key, value)
-    validate(config)
-    return config
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"Config key '{key}' got {value!r}; allowed: {allowed}.")
-
-
-def validate(config: Config) -> None:
-    """Check values that types alone do not catch. Names that registries resolve (strategy,
-    benchmark, plugins) are checked where a run's config is assembled, :mod:`fedpeft.launch.assemble`:
-    this module imports nothing of fedpeft."""
-    flat = _flatten(config.to_dict())
-    for key, allowed in CHOICES.items():
-        _check(flat[key] in allowed, key, flat[key], ", ".join(allowed))
-    kinds = {key: kind for key, kind, *_ in iter_fields()}
-    for key, spec in RANGES.items():
-        _check_range(key, flat[key], spec, integer=int in (kinds[key], *typing.get_args(kinds[key])))
-    _check(len(set(config.compare.seeds)) == len(config.compare.seeds), "compare.seeds", config.compare.seeds,
-           "distinct model seeds, e.g. compare.seeds=0,1,2")
-    tr = config.train
-    _check(tr.epochs >= 1 or tr.steps >= 1, "train.epochs", tr.epochs, "an integer >= 1 (or set train.steps)")
-    da = config.data
-    new_users_spec(da.new_users)
-    _check(da.train_per_user_min <= da.train_per_user, "data.train_per_user_min", da.train_per_user_min,
-           f"0 (every user has data.train_per_user) or a count in 1..{da.train_per_user} (data.train_per_user)")
-    st = config.strategy
-    if st.fedper_pattern:
-        try:
-            re.compile(st.fedper_pattern)
-        except re.error as err:
-            raise ConfigError(f"Config key 'strategy.fedper_pattern' got {st.fedper_pattern!r}, not a valid regex: {err}") from None
-    _validate_privacy(config.privacy)
-
-
-NEW_USERS_FORMS = ("0 (none), a fraction in (0, 1) of the users such as 0.2, or a count written count:N such as "
-                   "count:4 (a whole number >= 2 is read as a count too)")
-
-
-def new_users_spec(value: str | float) -> tuple[str, float]:
-    """``data.new_users`` read unambiguously: ("none", 0), ("fraction", f) with f in (0, 1), or
-    ("count", n) with n >= 1 (``count:N``, or a whole number >= 2). Exactly 1 is refused: one
-    user or all of them?"""
-    text = str(value).strip()
-    is_count = text.lower().startswith("count:")
-    try:
-        number = float(text[6:] if is_count else text)
-    except ValueError:
-        number = math.nan
-    if is_count:
-        if number >= 1 and number.is_integer():
-            return "count", int(number)
-    elif number == 0:
-        return "none", 0
-    elif 0 < number < 1:
-        return "fraction", number
-    elif number == 1:
-        raise ConfigError(f"Config key 'data.new_users' got {text!r}, which could mean one user or all of them. "
-                          "Write count:1 for one user, or a fraction in (0, 1) such as 0.2 for a share of the users.")
-    elif number > 1 and number.is_integer():
-        return "count", int(number)
-    raise ConfigError(f"Config key 'data.new_users' got {text!r}; allowed: {NEW_USERS_FORMS}.")
-
-
-def _check_range(key: str, value: Any, spec: str, integer: bool) -> None:
-    """Refuse a number key (or an item of a list of numbers) outside its range (:data:`RANGES`)."""
-    for item in value if isinstance(value, list) else [value]:
-        if not in_range(item, spec):
-            default = _flatten(Config().to_dict())[key]
-            example = f"{key}={default}" if not isinstance(default, list) else f"{key}=0,1,2"
-            raise ConfigError(f"Config key '{key}' got {value!r}; allowed: {describe_range(spec, integer)}"
-                              f"{' (each item)' if isinstance(value, list) else ''}. Give a value in that range, "
-                              f"e.g. `{example}`{' (the default)' if not isinstance(default, list) else ''}.")
-
-
-def _validate_privacy(pr: PrivacyConfig) -> None:
-    """The privacy keys alone, beyond their ranges (:data:`RANGES`); what needs the strategy or the number of users (delta < 1 / users,
-    a strategy that shares nothing, a reachable target epsilon) is checked by
-    :func:`fedpeft.federation.privacy.prepare_privacy` before Ray starts."""
-    if pr.mechanism == "none":
-        for key in ("target_epsilon", "max_epsilon"):
-            _check(getattr(pr, key) == 0, f"privacy.{key}", getattr(pr, key),
-                   "0 while privacy.mechanism=none (set privacy.mechanism=central, central_adaptive or client to use it)")

@@ -27,13 +27,12 @@ from fedpeft.config import Config, ConfigError
 from fedpeft.data import get_benchmark, input_length
 from fedpeft.federation.checkpoint import final_adapter, load_run_config
 from fedpeft.federation.store import StoreError
+from fedpeft.learning.model_files import MINILM_ALIAS, resolve_model_path
 from fedpeft.learning.models import (
-    MINILM_ALIAS,
     LoadedModel,
     build_model,
     compose_user_model,
     load_adapter_state,
-    resolve_model_path,
 )
 from fedpeft.strategies import make_strategy
 

@@ -16,7 +16,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.config import Config, ConfigError, iter_fields
+from fedpeft.config import Config, ConfigError
+from fedpeft.config_checks import iter_fields
 
 server_app = ServerApp()
 NODES_SETTLE_SECONDS, NODES_MAX_WAIT = 2.0, 60.0
@@ -67,8 +68,17 @@ def run_flower(config: Config, grid: Grid) -> dict[str, Any]:
     return results
 
 
+class FailedRun(RuntimeError):
+    """A run whose verdict is ``failed`` (fedpeft.federation.verdict), raised out of the ServerApp
+    so that Flower records the run as failed (``flwr ls`` shows ``finished:failed``), as
+    ``python -m fedpeft.sim`` exits 3 for it. Its files are all written first."""
+
+
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedpeft.federation.verdict import failed_run_line
     from fedpeft.launch.assemble import config_from_run_config
 
-    run_flower(config_from_run_config(dict(context.run_config)), grid)
+    results = run_flower(config_from_run_config(dict(context.run_config)), grid)
+    if results.get("status") == "failed":  # `flwr run` itself exits 0 whatever the run's status (Flower's CLI)
+        raise FailedRun(failed_run_line(results))

@@ -14,6 +14,7 @@ import threading
 import traceback
 import warnings
 from concurrent.futures import wait as wait_for
+from pathlib import Path
 from typing import Any
 
 from fedpeft.cli import DEBUG_FLAG, sim_args
@@ -27,8 +28,20 @@ from fedpeft.launch.prepare import Preparation, claim_run, finished_results, run
 from fedpeft.launch.ray_start import RayStart, SharedRay, backend_config, check_ray_address
 from fedpeft.launch.signals import Interrupted, finish_wandb, stop_on_signals
 from fedpeft.launch.wandb_preflight import check_wandb_online
-from fedpeft.learning.models import check_model, warm_model_spec
+from fedpeft.learning.model_files import check_model
+from fedpeft.learning.models import warm_model_spec
 from fedpeft.strategies import make_strategy
+
+
+def start_line(config: Config, num_users: int, run_dir: Path, resume: bool, warm: bool) -> str:
+    """The run's first line: what runs, where its folder is, and what start-up is doing until the
+    progress bar takes over (the workers' imports and model build take ~10-20 s on a laptop)."""
+    what = "resuming" if resume else "starting"
+    rounds = sum(p.rounds for p in make_strategy(config).phases())
+    doing = ("the study's workers are warm" if warm else
+             "start-up: the workers start and build the model while the driver prepares the adapter")
+    return (f"fedpeft: {what} {config.federation.strategy} on {config.data.benchmark} ({num_users} users, "
+            f"{rounds} rounds); run folder {run_dir}; {doing}")
 
 
 class RunFailed(RuntimeError):
@@ -69,6 +82,8 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
             ray_start.stop()
         raise
     preparing = Preparation(config, claimed)
+    print(start_line(config, num_users, claimed.run_dir, resume, warm=ray_start is None and SharedRay.current is not None),
+          flush=True)
     from flwr.simulation import run_simulation  # imported while Ray starts: it is not needed before
 
     from fedpeft.federation.client_app import app as client_app

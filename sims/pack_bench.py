@@ -56,9 +56,10 @@ except ImportError:
 
 from fedpeft.config import Config  # noqa: E402
 from fedpeft.data import Example, TaskSpec  # noqa: E402
-from fedpeft.learning import models  # noqa: E402
+from fedpeft.learning import model_files, models  # noqa: E402
+from fedpeft.learning.inputs import CallTokens  # noqa: E402
 from fedpeft.learning.packing import train_packed  # noqa: E402
-from fedpeft.learning.training import CallTokens, train_user  # noqa: E402
+from fedpeft.learning.training import train_user  # noqa: E402
 
 LABELS = ("yes", "no", "maybe")
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -177,7 +178,7 @@ def timed(fn, device: str, *args) -> tuple[float, list[dict[str, torch.Tensor]]]
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    parser.add_argument("--model", default=models.MINILM_ALIAS, help="encoder backbone (default: the embedded MiniLM)")
+    parser.add_argument("--model", default=model_files.MINILM_ALIAS, help="encoder backbone (default: the embedded MiniLM)")
     parser.add_argument("--causal-params", type=float, default=0.0, help="> 0: a causal LM of this many parameters, from a config")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -33,7 +33,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import CHOICES, FLAG_ALIASES, Config, ConfigError
+from fedpeft.config import FLAG_ALIASES, Config, ConfigError
+from fedpeft.config_checks import CHOICES
 from fedpeft.study.compare import add_arguments, compare, from_arguments, run_configs
 from fedpeft.study.plots import interval_errors, pyplot, save_with_legend
 from fedpeft.study.report import read_csv, write_csv

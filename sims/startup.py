@@ -21,14 +21,34 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment of a process that runs ``tree``'s fedpeft (its workers import it too)."""
+    return {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+            "WANDB_MODE": "disabled"}
+
+
+def alternate(trees: list[Path], repeat: int, prefix: str, one: Callable[[Path, Path, str], dict[str, Any]]) -> dict[Path, list[dict[str, Any]]]:
+    """``one(tree, folder, name)`` for each tree in turn, ``repeat`` times, so that a busy spell of
+    a shared machine hits every tree; each row is also printed to stderr as it comes."""
+    rows: dict[Path, list[dict[str, Any]]] = {t: [] for t in trees}
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        for r in range(repeat):
+            for i, tree in enumerate(trees):
+                row = one(tree, Path(tmp), f"t{i}-r{r}")
+                rows[tree].append(row)
+                print(json.dumps({"tree": str(tree), "repeat": r, **row}), file=sys.stderr, flush=True)
+    return rows
+
+
 def one_run(tree: Path, out: Path, name: str, sim_args: list[str]) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "WANDB_MODE": "disabled"}
+    env = tree_env(tree)
     cmd = [sys.executable, "-m", "fedpeft.sim", "--out", str(out), "--name", name, "output.progress=false", *sim_args]
     launched = time.time()
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
@@ -48,13 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per tree, interleaved; medians are reported")
     args, sim_args = ap.parse_known_args(argv)
     trees = [Path(t).resolve() for t in args.trees.split(",")]
-    rows: dict[Path, list[dict[str, float]]] = {t: [] for t in trees}
-    with tempfile.TemporaryDirectory(prefix="fedpeft-startup-") as tmp:
-        for repeat in range(args.repeat):
-            for i, tree in enumerate(trees):
-                row = one_run(tree, Path(tmp), f"t{i}-r{repeat}", sim_args)
-                rows[tree].append(row)
-                print(json.dumps({"tree": str(tree), "repeat": repeat, **row}), file=sys.stderr, flush=True)
+    rows = alternate(trees, args.repeat, "fedpeft-startup-", lambda tree, out, name: one_run(tree, out, name, sim_args))
     keys = ("to_run_start_s", "discovery_s", "to_round1_s", "whole_s")
     print(f"medians of {args.repeat} interleaved runs; load average at the end {os.getloadavg()[0]:.1f}")
     print("| tree | launch to run start | discovery | launch to round 1 | whole process |")

@@ -22,7 +22,8 @@ from flwr.serverapp import strategy as flwr_strategy
 from fedpeft.config import Config, ConfigError
 from fedpeft.federation.aggregation import copy_reply, kept_momentum, prepare_round
 from fedpeft.federation.messages import transport_state
-from fedpeft.federation.privacy import PrivateAggregator, Release, mean_reply
+from fedpeft.federation.privacy import PrivateAggregator, mean_reply
+from fedpeft.federation.privacy_accounting import Release
 
 State = dict[str, torch.Tensor]
 HEAD_PATTERN = re.compile(r"(^|\.)(classifier|score)\.")

@@ -16,7 +16,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
-from fedpeft.config import Config, ConfigError, build_config
+from fedpeft.config import Config, ConfigError
+from fedpeft.config_load import build_config
 from fedpeft.federation.aggregation import check_aggregator
 from fedpeft.strategies.base import Strategy
 from tests.inprocess_grid import InProcessGrid, run_in_process

@@ -4,14 +4,9 @@ import pytest
 import yaml
 
 from fedpeft.cli import build_parser, config_from_args
-from fedpeft.config import (
-    REPO_DEFAULT_YAML,
-    Config,
-    ConfigError,
-    all_keys,
-    build_config,
-    iter_fields,
-)
+from fedpeft.config import Config, ConfigError, all_keys
+from fedpeft.config_checks import iter_fields
+from fedpeft.config_load import REPO_DEFAULT_YAML, build_config
 from fedpeft.launch.ray_start import check_ray_address
 from fedpeft.sim import main
 
@@ -136,10 +131,10 @@ def test_config_is_a_leaf_of_fedpeft():
     imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [m for m in imported if m.split(".")[0] in ("fedpeft", "strategies")], imported
-    code = ("import sys; from fedpeft.config import build_config; build_config(); "
+    code = ("import sys; from fedpeft.config_load import build_config; build_config(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fedpeft', 'strategies')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['fedpeft', 'fedpeft.config']"
+    assert out.strip() == "['fedpeft', 'fedpeft.config', 'fedpeft.config_checks', 'fedpeft.config_load']"
 
 
 # ----------------------------------------------------------------------------- number ranges
@@ -169,7 +164,7 @@ def _numeric_keys() -> dict[str, type]:
 
 
 def test_every_number_key_has_a_range_and_help_shows_it():
-    from fedpeft.config import RANGES
+    from fedpeft.config_checks import RANGES
 
     numeric = _numeric_keys()
     assert set(RANGES) == set(numeric)  # every number key, and only those
@@ -181,7 +176,7 @@ def test_every_number_key_has_a_range_and_help_shows_it():
 def test_each_range_refuses_just_outside_its_bounds_and_takes_its_bounds():
     """Against a plain reading of each range: a closed bound is accepted, an open one refused,
     and a value one step beyond a bound (1 for integers, 1e-6 for numbers) refused."""
-    from fedpeft.config import RANGES
+    from fedpeft.config_checks import RANGES
 
     numeric = _numeric_keys()
     for key, spec in RANGES.items():

@@ -13,7 +13,8 @@ import pytest
 
 from fedpeft import data as fedpeft_data
 from fedpeft.cli import sim_args
-from fedpeft.config import Config, ConfigError, build_config
+from fedpeft.config import Config, ConfigError
+from fedpeft.config_load import build_config
 from fedpeft.data import get_benchmark
 from fedpeft.data import peft_u as pu
 from fedpeft.data import peft_u_raw as raw_files

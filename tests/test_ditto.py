@@ -125,9 +125,9 @@ def test_lambda_zero_is_local_only_training_from_the_same_init(tiny_bert, tmp_pa
 def test_ditto_refuses_packing_and_adapters_without_lora_and_takes_privacy(tiny_bert, tmp_path):
     """Packing holds one adapter per user (refused); privacy covers what ditto shares, the global
     adapter's update (allowed); the local_only refusal shows privacy_refusal can say no."""
-    from fedpeft.federation.privacy import privacy_refusal
+    from fedpeft.federation.privacy_checks import privacy_refusal
     from fedpeft.learning.models import build_model
-    from fedpeft.learning.packing import packing_incompatibility
+    from fedpeft.learning.packable import packing_incompatibility
     from fedpeft.strategies import make_strategy
 
     cfg = config(tiny_bert, tmp_path, "refuse")

@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from fedpeft.cli import config_from_args
-from fedpeft.config import Config, ConfigError, build_config, iter_fields
+from fedpeft.config import Config, ConfigError
+from fedpeft.config_checks import iter_fields
+from fedpeft.config_load import build_config
 from fedpeft.data import get_benchmark
-from fedpeft.federation import client_app
+from fedpeft.federation import client_calls
 from fedpeft.federation.checkpoint import Checkpoint, final_adapter
 from fedpeft.federation.reporting import summary_table
 from fedpeft.federation.selection import read_rounds
@@ -169,8 +171,8 @@ def test_a_user_that_diverges_keeps_the_adapter_of_its_last_good_round(tiny_bert
     good = tiny_config(tiny_bert, tmp_path, rounds=1, name="one-round")
     _, reference = run_in_process(good)
 
-    real_round_lr = client_app.round_lr
-    monkeypatch.setattr(client_app, "round_lr", lambda config, r, total: 1e30 if r == 2 else real_round_lr(config, r, 1))
+    real_round_lr = client_calls.round_lr
+    monkeypatch.setattr(client_calls, "round_lr", lambda config, r, total: 1e30 if r == 2 else real_round_lr(config, r, 1))
     results, run = run_in_process(tiny_config(tiny_bert, tmp_path, rounds=2, name="diverges"))
     users = get_benchmark(good).user_ids()
 

@@ -6,6 +6,7 @@ FLWR_HOME), ``flwr run <repo> --stream`` against it, runtime dependency installa
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 import tomli
 
-from fedpeft.config import ConfigError, build_config
+from fedpeft.config import ConfigError
+from fedpeft.config_load import build_config
 from fedpeft.flower_app import run_config_defaults
 from fedpeft.launch.assemble import config_from_run_config
 from fedpeft.sim import main
@@ -106,3 +108,22 @@ def test_flwr_run_and_fedpeft_sim_give_identical_per_user_results(tiny_bert, tmp
     assert re.search(r"\nusers evaluated +3\n", flwr.stdout), flwr.stdout[-3000:]  # the summary table
     installed = list((home / "apps").iterdir())  # the FAB carries no second copy of fedpeft's code
     assert len(installed) == 1 and not list(installed[0].rglob("*.py"))
+
+
+def test_a_failed_run_fails_the_serverapp_so_flower_records_it_failed(tiny_bert, tmp_path):
+    """Before: under `flwr run` a run that never trained (every call diverged) ended as a success."""
+    from flwr.app import Context, RecordDict
+
+    from fedpeft.federation.server_app import simulated_nodes
+    from fedpeft.flower_app import FailedRun
+    from fedpeft.flower_app import main as server_main
+    from tests.inprocess_grid import InProcessGrid
+
+    run_config = {**run_config_defaults(), **RUN, "model.name": str(tiny_bert), "output.dir": str(tmp_path),
+                  "output.name": "diverged", "train.lr": 1e30, "federation.rounds": 1}
+    config = config_from_run_config(run_config)
+    grid = InProcessGrid(simulated_nodes(config, config.data.num_users))
+    with pytest.raises(FailedRun, match="the run failed: .*diverged"):
+        server_main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+    results = json.loads((tmp_path / "diverged" / "results.json").read_text())
+    assert results["status"] == "failed"  # everything was written before the ServerApp failed

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from fedpeft.config import Config, ConfigError
-from fedpeft.data import lamp, lamp_download
+from fedpeft.data import lamp, lamp_download, lamp_tasks
 from fedpeft.data.__main__ import main as data_main
 from fedpeft.data.common import DataFormatError, UserCache
 from fedpeft.data.lamp import LampBenchmark
 
-TAGS = "[" + ", ".join(lamp.LAMP2_TAGS) + "]"
+TAGS = "[" + ", ".join(lamp_tasks.LAMP2_TAGS) + "]"
 INPUTS = {
     1: lambda t: (f'For an author who has written the paper with the title "{t}", which reference is related? Just answer '
                   f'with [1] or [2] without explanation. [1]: "Reference {t}" [2]: "Unrelated paper"'),
@@ -38,7 +38,7 @@ def item(task: int, j: int, date: str | None = "2020-01-01", words: str = "") ->
     body = f"common words token{j} {words}".strip()
     fields = {
         1: {"title": f"title{j} {words}", "abstract": body},
-        2: {"description": body, "tag": lamp.LAMP2_TAGS[j % 15]},
+        2: {"description": body, "tag": lamp_tasks.LAMP2_TAGS[j % 15]},
         3: {"text": body, "score": str(j % 5 + 1)},
         4: {"title": f"head{j}", "text": body},
         5: {"title": f"paper{j}", "abstract": body},
@@ -81,7 +81,7 @@ def test_each_task_builds_train_and_test_in_task_format(tmp_path, task):
     spec = b.task()
     assert b.user_ids() == ["q0", "q1"] and b.skipped_users() == {}
     assert spec.kind == {1: "classification", 2: "classification", 3: "rating"}.get(task, "generation")
-    assert spec.labels == {1: ("[1]", "[2]"), 2: lamp.LAMP2_TAGS, 3: ("1", "2", "3", "4", "5")}.get(task, ())
+    assert spec.labels == {1: ("[1]", "[2]"), 2: lamp_tasks.LAMP2_TAGS, 3: ("1", "2", "3", "4", "5")}.get(task, ())
     assert spec.metrics == {1: ("accuracy", "macro_f1"), 2: ("accuracy", "macro_f1"), 3: ("mae", "rmse")}.get(task, ("rouge1", "rougeL"))
     assert spec.corpus_metrics is True  # LaMP scores all questions pooled
     u = b.load_user(1)
@@ -99,18 +99,18 @@ def test_each_task_builds_train_and_test_in_task_format(tmp_path, task):
     else:
         target = {2: "tag", 3: "score", 4: "title", 5: "title", 6: "title"}[task]
         assert t0.labels == (item(task, 0)[target],) and "common words token0" in t0.text
-        assert t0.text == lamp.TASKS[task].train_template.format(**item(task, 0))
-        assert u.test[0].text == lamp.TASKS[task].test_template.format(**{lamp.TASKS[task].article_field: "query text 1 token1"})
+        assert t0.text == lamp_tasks.TASKS[task].train_template.format(**item(task, 0))
+        assert u.test[0].text == lamp_tasks.TASKS[task].test_template.format(**{lamp_tasks.TASKS[task].article_field: "query text 1 token1"})
         assert u.test[0].text.split("query text")[0] == t0.text.split("common words")[0]  # one template for both
 
 
 def test_lamp2_template_matches_oppu():
-    t = lamp.TASKS[2].train_template.format(description="A film.")
+    t = lamp_tasks.TASKS[2].train_template.format(description="A film.")
     assert t == ("Which tag does this movie relate to among the following tags? Just answer with the tag name without "
                  "further explanation. tags: [sci-fi, based on a book, comedy, action, twist ending, dystopia, dark comedy, "
                  "classic, psychology, fantasy, romance, thought-provoking, social commentary, violence, true story]\n "
                  "description: A film. tag:")
-    assert len(lamp.LAMP2_TAGS) == 15
+    assert len(lamp_tasks.LAMP2_TAGS) == 15
 
 
 def test_history_fields_are_cut_to_768_words(tmp_path):
@@ -320,7 +320,7 @@ def test_long_history_never_pushes_the_question_out_and_training_reads_what_pred
     loaded = build_model(cfg, len(task.labels))
     tok = loaded.tokenizer
     loss = encoder_loss if loaded.kind == "encoder" else text_to_text_loss
-    spec = lamp.TASKS[3]
+    spec = lamp_tasks.TASKS[3]
     cases = {  # the example and its question, rebuilt from the fixture
         "training example p1": (user.train[1], spec.train_template.format(**item(3, 1, "2020-01-02"))),
         "test question": (user.test[0], spec.test_template.format(text="long5 long6 a great blender")),

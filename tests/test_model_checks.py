@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedpeft.config import Config, ConfigError
-from fedpeft.learning.models import check_model
+from fedpeft.learning.model_files import check_model
 from fedpeft.sim import main
 from tests.conftest import tiny_args
 from tests.test_data_checks import RayStarted, refuse_ray  # noqa: F401

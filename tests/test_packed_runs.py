@@ -168,7 +168,7 @@ def test_what_cannot_pack_is_refused_before_the_run(no_dropout_models, tmp_path,
 
 
 def test_bundles_are_consecutive_balanced_and_keep_every_worker_busy():
-    from fedpeft.federation.server_app import bundle_users
+    from fedpeft.federation.server_calls import bundle_users
 
     users = list(range(20))
     cases = {(8, 2): [5, 5, 5, 5], (16, 2): [10, 10], (4, 2): [4, 4, 3, 3, 3, 3], (3, 1): [3, 3, 3, 3, 3, 3, 2],
@@ -185,7 +185,7 @@ def test_bundles_are_consecutive_balanced_and_keep_every_worker_busy():
 def _dropout_config(tiny_bert: Path, tmp_path: Path, name: str) -> Config:
     """A packed fedavg run that keeps the backbone's dropout (tiny BERT: 0.1), so that each
     bundle's draws depend on which users it holds; all 6 users train every round, k = 6: one
-    bundle of 6 for 1 worker, two of 3 for 2 (:func:`fedpeft.federation.server_app.bundle_users`)."""
+    bundle of 6 for 1 worker, two of 3 for 2 (:func:`fedpeft.federation.server_calls.bundle_users`)."""
     cfg = _config(tiny_bert, tmp_path, "fedavg", 6)
     cfg.federation.rounds, cfg.federation.cohort_size = 4, 6
     cfg.data.num_users, cfg.data.new_users = 6, 0

@@ -27,13 +27,8 @@ import torch
 from fedpeft.config import Config
 from fedpeft.data import Example, TaskSpec, get_benchmark
 from fedpeft.learning import models
-from fedpeft.learning.packing import (
-    PACKABLE_STRATEGIES,
-    packing_incompatibility,
-    predict_packed,
-    train_packed,
-    train_strategy_packed,
-)
+from fedpeft.learning.packable import PACKABLE_STRATEGIES, packing_incompatibility
+from fedpeft.learning.packing import predict_packed, train_packed, train_strategy_packed
 from fedpeft.learning.training import TrainingDiverged, batch_listener, predict, train_user
 from fedpeft.strategies import make_strategy
 
@@ -160,8 +155,8 @@ def test_packed_forward_equals_each_users_forward(no_dropout_models, kind):
     """The packed layers themselves: each row's logits equal its user's own forward pass, with
     equal and unequal groups (3 users' batches of 4, 4, 4 rows, then 3, 1, 2), each batch padded
     to its own longest row per user and to the packed batch's longest when packed."""
-    from fedpeft.learning.packing import _PackedModel
-    from fedpeft.learning.training import CallTokens, text_to_text_batch
+    from fedpeft.learning.inputs import CallTokens, text_to_text_batch
+    from fedpeft.learning.packed_lora import PackedModel as _PackedModel
 
     config = _config(no_dropout_models[kind], "local_only")
     users, task = _users(config)

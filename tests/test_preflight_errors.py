@@ -15,7 +15,7 @@ import pytest
 from fedpeft.cli import config_from_args
 from fedpeft.config import ConfigError
 from fedpeft.launch.prepare import prepare_run
-from fedpeft.learning.models import check_model
+from fedpeft.learning.model_files import check_model
 from fedpeft.sim import main
 from tests.conftest import tiny_args
 from tests.test_data_checks import RayStarted, refuse_ray, user_json, write_prepared  # noqa: F401

@@ -15,7 +15,7 @@ import pytest
 from dp_accounting import dp_event, pld, privacy_accountant, rdp
 
 from fedpeft.config import Config, ConfigError
-from fedpeft.federation.privacy import (
+from fedpeft.federation.privacy_accounting import (
     PrivacyAccountant,
     Release,
     automatic_delta,

@@ -19,7 +19,7 @@ from flwr.app import Error, Message
 
 from fedpeft.config import Config
 from fedpeft.federation.messages import TRAIN
-from fedpeft.federation.privacy import automatic_delta
+from fedpeft.federation.privacy_accounting import automatic_delta
 from fedpeft.strategies import make_strategy
 from tests.inprocess_grid import InProcessGrid, run_in_process
 from tests.test_resume import config

@@ -12,8 +12,10 @@ from flwr.serverapp.strategy import fedavg as flower_fedavg
 from scipy.stats import chi2
 
 from fedpeft.cli import build_parser
-from fedpeft.config import Config, ConfigError, build_config
-from fedpeft.federation.privacy import clip_shared_update, prepare_privacy
+from fedpeft.config import Config, ConfigError
+from fedpeft.config_load import build_config
+from fedpeft.federation.privacy import clip_shared_update
+from fedpeft.federation.privacy_checks import prepare_privacy
 from fedpeft.strategies import make_strategy
 from fedpeft.strategies.base import Strategy
 
@@ -330,7 +332,7 @@ def test_prepare_resolves_delta_and_calibrates_the_noise_into_the_config():
     prepare_privacy(cfg, make_strategy(cfg), KEYS, 10)  # everyone every round: fast to account
     assert cfg.privacy.delta == pytest.approx(1e-5)  # min(1e-5, 1 / (10 x 10 users))
     assert cfg.privacy.noise_multiplier != 1.0
-    from fedpeft.federation.privacy import PrivacyAccountant
+    from fedpeft.federation.privacy_accounting import PrivacyAccountant
 
     accountant = PrivacyAccountant(10, cfg.privacy.delta)
     accountant.compose_round(cfg.privacy.noise_multiplier, 10, count=3)

@@ -20,7 +20,7 @@ import yaml
 from fedpeft.config import ConfigError
 from fedpeft.federation.checkpoint import Checkpoint, resume_config
 from fedpeft.federation.messages import TRAIN
-from fedpeft.federation.privacy import automatic_delta
+from fedpeft.federation.privacy_accounting import automatic_delta
 from fedpeft.federation.reporting import summary_table
 from fedpeft.federation.store import AdapterStore
 from fedpeft.launch.prepare import prepare_adapter

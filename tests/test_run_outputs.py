@@ -105,7 +105,7 @@ def test_export_predicts_what_the_simulation_predicted(strategy, tiny_bert, tmp_
     from fedpeft.data import get_benchmark
     from fedpeft.export import export_user
     from fedpeft.federation.checkpoint import Checkpoint, RunIdentity
-    from fedpeft.federation.client_app import user_model
+    from fedpeft.federation.client_calls import user_model
     from fedpeft.federation.messages import Request
     from fedpeft.strategies import make_strategy
 

@@ -22,7 +22,7 @@ import pytest
 from fedpeft.config import Config
 from fedpeft.data import get_benchmark
 from fedpeft.data.user_groups import new_user_indices
-from fedpeft.federation import client_app
+from fedpeft.federation import client_calls
 from fedpeft.federation.checkpoint import RunIdentity
 from fedpeft.federation.reporting import summary_table
 from tests.conftest import tiny_args
@@ -61,14 +61,14 @@ def diverge_for(monkeypatch: pytest.MonkeyPatch, cfg: Config, users: set[int]) -
     """The real train_user, at lr=1e30 for ``users``' calls (recognised by their training texts)."""
     bench = get_benchmark(cfg)
     texts = {tuple(ex.text for ex in bench.load_user(u).train) for u in users}
-    real = client_app.train_user
+    real = client_calls.train_user
 
     def train_user(loaded, examples, task, config, seed, **kw):
         if tuple(ex.text for ex in examples) in texts:
             kw["lr"] = 1e30
         return real(loaded, examples, task, config, seed, **kw)
 
-    monkeypatch.setattr(client_app, "train_user", train_user)
+    monkeypatch.setattr(client_calls, "train_user", train_user)
 
 
 def test_every_call_diverging_is_a_failed_run_with_honest_counts(tiny_bert, tmp_path):

@@ -21,7 +21,7 @@ def results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
-def test_a_studys_runs_share_ray_and_warm_actors_and_match_separate_runs(tiny_bert, tmp_path, monkeypatch):
+def test_a_studys_runs_share_ray_and_warm_actors_and_match_separate_runs(tiny_bert, tmp_path, monkeypatch, capfd):
     """Before: every run of a study started Ray, its actors and their imports and models again."""
     import ray
 
@@ -42,6 +42,8 @@ def test_a_studys_runs_share_ray_and_warm_actors_and_match_separate_runs(tiny_be
     assert compare_main(["--strategies", "local_only,fedavg", "--baseline", "local_only",
                          "--compare-out", str(tmp_path / "study"), *args]) == 0
     assert len(starts) == 1, "the study started Ray more than once"
+    printed = [line for line in capfd.readouterr().out.splitlines() if line.startswith("fedpeft: starting")]
+    assert len(printed) == 2 and "warm" not in printed[0] and printed[1].endswith("the study's workers are warm"), printed
     assert not ray.is_initialized(), "the study left Ray running"
     first, second = (results(tmp_path / "study" / name) for name in ("local_only", "fedavg"))
     # the second run's calls ran on the first run's worker processes, whose backbone was built once
@@ -50,6 +52,9 @@ def test_a_studys_runs_share_ray_and_warm_actors_and_match_separate_runs(tiny_be
 
     # the same fedavg run on its own: a Ray of its own, fresh actors; the same files, byte for byte
     assert sim_main(tiny_args(tiny_bert, tmp_path, "alone", "--strategy", "fedavg")) == 0
+    first = capfd.readouterr().out.splitlines()[0]  # before anything else: what runs and where its folder is
+    assert first.startswith("fedpeft: starting fedavg on synthetic (6 users, 2 rounds); run folder "
+                            f"{tmp_path / 'alone'}; start-up: "), first
     assert len(starts) == 2 and not ray.is_initialized()
     alone = results(tmp_path / "alone")
     assert not set(alone["workers"]) & set(second["workers"])  # other processes

@@ -82,7 +82,8 @@ def test_local_only_equals_training_each_user_alone(runs, tiny_bert):
     from fedpeft.data import get_benchmark
     from fedpeft.federation.checkpoint import load_run_config
     from fedpeft.learning.models import adapter_state, build_model, load_adapter_state
-    from fedpeft.learning.training import call_seed, train_user
+    from fedpeft.learning.schedule import call_seed
+    from fedpeft.learning.training import train_user
 
     run, _ = runs
     config = load_run_config(run)

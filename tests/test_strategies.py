@@ -8,11 +8,11 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedpeft.config import Config, ConfigError
-from fedpeft.federation.client_app import run_train, user_model
+from fedpeft.federation.client_calls import run_train, user_model
 from fedpeft.federation.messages import Request
 from fedpeft.federation.store import AdapterStore
 from fedpeft.learning.models import adapter_state, get_model
-from fedpeft.learning.training import round_lr
+from fedpeft.learning.schedule import round_lr
 from fedpeft.strategies import STRATEGIES, get_strategy_class, make_strategy
 from fedpeft.strategies.base import Strategy, flower_aggregator
 

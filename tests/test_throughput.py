@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sims import throughput_frameworks, throughput_workload
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -67,7 +69,9 @@ def fedpeft_predicted(work, tmp_path) -> tuple[int, Path]:
 def test_reference_batches_and_examples_are_fedpeft_s(setup):
     from fedpeft.data import get_benchmark
     from fedpeft.learning import models
-    from fedpeft.learning.training import CallTokens, batch_listener, call_seed, train_user
+    from fedpeft.learning.inputs import CallTokens
+    from fedpeft.learning.schedule import call_seed
+    from fedpeft.learning.training import batch_listener, train_user
 
     tp, work = setup
     config = work.config
@@ -84,7 +88,7 @@ def test_reference_batches_and_examples_are_fedpeft_s(setup):
         assert [len(rows) for rows in seen] == [4, 2, 4]
         tokens = CallTokens(loaded, config)
         for rows in seen:  # the same model inputs, padded the same way
-            ours, _ = tp.batch(work.users[u].train, rows)
+            ours, _ = throughput_workload.batch(work.users[u].train, rows)
             theirs = tokens.batch([user.train[i] for i in rows])
             assert set(ours) == set(theirs)
             for key in ours:
@@ -93,8 +97,8 @@ def test_reference_batches_and_examples_are_fedpeft_s(setup):
         fedpeft_losses.append(result["train_loss"])
     assert fedpeft_examples == work.training_examples() == 20
 
-    plain = tp.run_plain(work)
-    flowertune = tp.run_flowertune(work)
+    plain = throughput_frameworks.run_plain(work)
+    flowertune = throughput_frameworks.run_flowertune(work)
     assert plain["examples"] == flowertune["examples"] == fedpeft_examples
     assert flowertune["model_builds"] == 1 + 2 + 2  # the initial one, one per training call, one per evaluation
     # same init, same batches, same optimizer: the same losses as fedpeft's train_user
@@ -112,17 +116,17 @@ def test_every_variant_predicts_the_same_examples_in_evaluation(setup, tmp_path)
     fedpeft, run = fedpeft_predicted(work, tmp_path)
     assert fedpeft == expected
     assert tp.fedpeft_eval_examples(run, work.config.federation.rounds) == expected  # what the script reports for it
-    counts = {"plain-local_only": tp.run_plain(work)["eval_examples"], "plain-fedavg": tp.run_plain(work, "fedavg")["eval_examples"],
-              "flowertune-local_only": tp.run_flowertune(work)["eval_examples"]}
+    counts = {"plain-local_only": throughput_frameworks.run_plain(work)["eval_examples"], "plain-fedavg": throughput_frameworks.run_plain(work, "fedavg")["eval_examples"],
+              "flowertune-local_only": throughput_frameworks.run_flowertune(work)["eval_examples"]}
     if not tp.pfl_available():
-        counts["pfl-fedavg"] = tp.run_pfl(work)["eval_examples"]
+        counts["pfl-fedavg"] = throughput_frameworks.run_pfl(work)["eval_examples"]
     assert counts == dict.fromkeys(counts, expected)
 
 
 def test_pfl_trains_the_same_examples(setup):
     pytest.importorskip("pfl")
     tp, work = setup
-    pfl = tp.run_pfl(work)
-    plain = tp.run_plain(work, "fedavg")
+    pfl = throughput_frameworks.run_pfl(work)
+    plain = throughput_frameworks.run_plain(work, "fedavg")
     assert pfl["examples"] == plain["examples"] == work.training_examples()
     assert pfl["accuracy"] == pytest.approx(plain["accuracy"])  # FedAvg of the same updates

@@ -8,8 +8,9 @@ import torch
 
 from fedpeft.config import Config
 from fedpeft.data import Example, TaskSpec
+from fedpeft.learning.inputs import model_text
 from fedpeft.learning.models import build_model
-from fedpeft.learning.training import model_text, train_user
+from fedpeft.learning.training import train_user
 
 TEXTS = ["short", "a somewhat longer text about a blender", "x " * 80, "mid length words here"]
 
@@ -27,7 +28,7 @@ def _setup(backbone: str, request) -> tuple[Config, object, list[Example], TaskS
 
 @pytest.mark.parametrize("backbone", ["tiny_bert", "tiny_t5", "tiny_gpt2"])
 def test_a_batch_is_what_the_tokenizer_gives_for_the_texts_together(backbone, request):
-    from fedpeft.learning.training import CallTokens
+    from fedpeft.learning.inputs import CallTokens
 
     cfg, loaded, examples, _ = _setup(backbone, request)
     tok = loaded.tokenizer
@@ -49,7 +50,7 @@ def test_a_batch_is_what_the_tokenizer_gives_for_the_texts_together(backbone, re
 
 @pytest.mark.parametrize("backbone", ["tiny_bert", "tiny_t5", "tiny_gpt2"])
 def test_training_tokenises_each_example_once_per_call_whatever_the_epochs(backbone, request):
-    from fedpeft.learning import training
+    from fedpeft.learning import inputs
 
     cfg, loaded, examples, task = _setup(backbone, request)
     cfg.train.batch_size, cfg.train.steps = 2, 0
@@ -61,7 +62,7 @@ def test_training_tokenises_each_example_once_per_call_whatever_the_epochs(backb
         return real_call(self, *args, **kwargs)
 
     def tokenizer_calls(epochs: int) -> int:
-        training._fitted_text.cache_clear()  # fitting a text counts its tokens once, then caches it
+        inputs._fitted_text.cache_clear()  # fitting a text counts its tokens once, then caches it
         cfg.train.epochs = epochs
         calls.clear()
         cls.__call__ = counting
@@ -79,7 +80,7 @@ def test_training_tokenises_each_example_once_per_call_whatever_the_epochs(backb
 def test_per_call_shortcuts_change_nothing(tiny_bert):
     """The parameter map is looked up once per model and CPU seeding skips the accelerators'
     lazy seeding: the same parameters, the same random stream as ``torch.manual_seed``."""
-    from fedpeft.learning.training import seed_torch
+    from fedpeft.learning.schedule import seed_torch
 
     cfg = Config()
     cfg.model.name = str(tiny_bert)

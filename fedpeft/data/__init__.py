@@ -23,7 +23,7 @@ class Example:
     """One example. ``text`` is the user's input (the question), never cut to make room for
     anything else; ``history`` holds context items put before it (LaMP's retrieved profile
     items, most relevant first), which give way first when the input is over the token budget.
-    :func:`fedpeft.learning.training.model_text` builds what the model reads from both, the same way for
+    :func:`fedpeft.learning.inputs.model_text` builds what the model reads from both, the same way for
     training and prediction (see :func:`fedpeft.data.retrieval.fit_prompt`)."""
 
     id: str

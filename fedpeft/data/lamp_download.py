@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from fedpeft.data.lamp import parse_task
+from fedpeft.data.lamp_tasks import parse_task
 
 BASE_URL = "https://ciir.cs.umass.edu/downloads/LaMP"
 

@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedpeft.config import Config, ConfigError, new_users_spec
+from fedpeft.config import Config, ConfigError
+from fedpeft.config_checks import new_users_spec
 
 if TYPE_CHECKING:
     from fedpeft.data import UserData
 
 
 def new_user_count(new_users: str | float, num_users: int) -> int:
-    """``data.new_users`` as a count (:func:`fedpeft.config.new_users_spec`): a fraction in (0, 1)
+    """``data.new_users`` as a count (:func:`fedpeft.config_checks.new_users_spec`): a fraction in (0, 1)
     of the users (rounded, at least 1), or a count (``count:N``). At least one user must be left
     to train."""
     kind, value = new_users_spec(new_users)

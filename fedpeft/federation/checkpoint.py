@@ -26,7 +26,9 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fedpeft.config import Config, ConfigError, load_yaml, merge_into, set_key, validate
+from fedpeft.config import Config, ConfigError, merge_into, set_key
+from fedpeft.config_checks import validate
+from fedpeft.config_load import load_yaml
 from fedpeft.federation.run_folder import (  # noqa: F401  (RunIdentity re-exported: it lived here)
     DEFAULT_STORE,
     RUN_FILE,

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import CHOICES
+from fedpeft.config_checks import CHOICES
 from fedpeft.files import json_value
 
 RULES = CHOICES["federation.select"]  # final, best_val, best_val_per_user

@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import Config, ConfigError, build_config, load_yaml, set_key, validate
+from fedpeft.config import Config, ConfigError, set_key
+from fedpeft.config_checks import validate
+from fedpeft.config_load import build_config, load_yaml
 from fedpeft.data import check_data_keys
 from fedpeft.plugins import import_plugins
 from fedpeft.strategies import get_strategy_class

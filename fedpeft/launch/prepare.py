@@ -30,7 +30,8 @@ from fedpeft.federation.store import check_store_is_free, check_store_writable, 
 from fedpeft.files import json_value
 from fedpeft.launch.preflight import check_cohort
 from fedpeft.launch.run_checks import check_fits
-from fedpeft.learning.models import adapter_state, build_model, check_model, fit_size_knob
+from fedpeft.learning.model_files import check_model
+from fedpeft.learning.models import adapter_state, build_model, fit_size_knob
 from fedpeft.strategies import make_strategy
 
 

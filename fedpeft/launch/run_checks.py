@@ -29,11 +29,11 @@ def check_fits(config: Config, strategy: Any, bench: Any, loaded: Any) -> tuple[
     """Refuse (ConfigError) a run whose strategy, PEFT method, backbone, packing or privacy do not
     fit together; returns the adapter's keys and the indices of the held-out new users (who never
     train before the end). Sets ``config.privacy``'s δ and calibrated noise
-    (:func:`fedpeft.federation.privacy.prepare_privacy`)."""
+    (:func:`fedpeft.federation.privacy_checks.prepare_privacy`)."""
     from fedpeft.data.user_groups import new_user_indices
     from fedpeft.federation.aggregation import check_aggregator
-    from fedpeft.federation.privacy import prepare_privacy
-    from fedpeft.learning.packing import check_packing
+    from fedpeft.federation.privacy_checks import prepare_privacy
+    from fedpeft.learning.packable import check_packing
     from fedpeft.learning.peft_methods import NO_TRAINING
 
     if loaded.kind == "encoder" and (config.peft.method in NO_TRAINING or bench.task().kind == "generation"):
@@ -79,7 +79,8 @@ def run_misfit(config: Config, models: _Models) -> str | None:
     from fedpeft.data import get_benchmark
     from fedpeft.federation.selection import check_selection
     from fedpeft.launch.preflight import check_cohort
-    from fedpeft.learning.models import check_model, fit_size_knob
+    from fedpeft.learning.model_files import check_model
+    from fedpeft.learning.models import fit_size_knob
     from fedpeft.strategies import make_strategy
 
     cfg = copy.deepcopy(config)
