@@ -113,6 +113,7 @@ def test_flwr_run_and_fedpeft_sim_give_identical_per_user_results(tiny_bert, tmp
 def test_a_failed_run_fails_the_serverapp_so_flower_records_it_failed(tiny_bert, tmp_path):
     """Before: under `flwr run` a run that never trained (every call diverged) ended as a success."""
     from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
 
     from fedpeft.federation.server_app import simulated_nodes
     from fedpeft.flower_app import FailedRun
@@ -123,6 +124,7 @@ def test_a_failed_run_fails_the_serverapp_so_flower_records_it_failed(tiny_bert,
                   "output.name": "diverged", "train.lr": 1e30, "federation.rounds": 1}
     config = config_from_run_config(run_config)
     grid = InProcessGrid(simulated_nodes(config, config.data.num_users))
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # the ServerApp's, as Flower sets them
     with pytest.raises(FailedRun, match="the run failed: .*diverged"):
         server_main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
     results = json.loads((tmp_path / "diverged" / "results.json").read_text())

@@ -9,7 +9,6 @@ a folder that peft's own loader reads back."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from fedpeft.federation.checkpoint import Checkpoint, resume_config
 from tests.inprocess_grid import run_in_process
 from tests.test_resume import assert_same_results, config
+from tests.test_simulation import assert_export_predicts_what_the_run_predicted
 
 REPO = Path(__file__).resolve().parents[1]
 FLAT_LAYOUT = "1e376d3"  # main just before the move to fedpeft/{data,learning,federation,launch,study}
@@ -62,14 +62,5 @@ def test_a_run_folder_of_the_flat_layout_resumes_and_exports(tiny_bert, tmp_path
     run_in_process(config(tiny_bert, tmp_path, "whole", "fedsa", "best_val_per_user"))
     assert_same_results(folder, tmp_path / "whole")
 
-    # export with today's code; peft's own loader reads it and gives the run's predictions
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    from fedpeft.export import main as export_main
-
-    user = json.loads((folder / "predictions.jsonl").read_text().splitlines()[0])["user_id"]
-    assert export_main(["--run", str(folder), "--user", user, "--out", str(tmp_path / "adapter")]) == 0
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=config(tiny_bert, tmp_path, "x").data.num_labels)
-    model = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    assert any("lora" in name for name, _ in model.named_parameters())
+    # export with today's code: peft's own loader reads it, and it predicts what the run predicted
+    assert_export_predicts_what_the_run_predicted(folder, "user0001", tmp_path / "adapter")

@@ -101,7 +101,9 @@ def test_local_only_equals_training_each_user_alone(runs, tiny_bert):
             torch.testing.assert_close(simulated[key], alone[key], rtol=1e-5, atol=1e-6, msg=f"{user_id} {key}")
 
 
-def test_exported_adapter_loads_with_peft_and_predicts_the_same(runs, tmp_path):
+def assert_export_predicts_what_the_run_predicted(run: Path, user: str, out: Path) -> None:
+    """``python -m fedpeft.export`` of ``user``, read back by peft's own loader: on the user's
+    test texts it predicts what the run predicted (predictions.jsonl)."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -109,24 +111,27 @@ def test_exported_adapter_loads_with_peft_and_predicts_the_same(runs, tmp_path):
     from fedpeft.export import main as export_main
     from fedpeft.federation.checkpoint import load_run_config
 
-    run, _ = runs
-    out = tmp_path / "user0002"
-    assert export_main(["--run", str(run), "--user", "user0002", "--out", str(out)]) == 0
+    assert export_main(["--run", str(run), "--user", user, "--out", str(out)]) == 0
     task = json.loads((out / "fedpeft_task.json").read_text())
     base = AutoModelForSequenceClassification.from_pretrained(
         task["base_model_path"], num_labels=len(task["labels"]), ignore_mismatched_sizes=True  # the head comes from the adapter
     )
     model = PeftModel.from_pretrained(base, out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
-    config = load_run_config(run)
-    test = get_benchmark(config).load_user(2).test
+    bench = get_benchmark(load_run_config(run))
+    test = bench.load_user(bench.user_ids().index(user)).test
     with torch.no_grad():
         batch = tokenizer([ex.text for ex in test], padding=True, truncation=True, max_length=task["max_length"], return_tensors="pt")
         preds = [task["labels"][i] for i in model(**batch).logits.argmax(-1).tolist()]
     simulated = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
-    row = next(r for r in simulated if r["user_id"] == "user0002")
+    row = next(r for r in simulated if r["user_id"] == user)
     assert row["sample_ids"] == [ex.id for ex in test]
     assert row["predictions"] == preds
+
+
+def test_exported_adapter_loads_with_peft_and_predicts_the_same(runs, tmp_path):
+    run, _ = runs
+    assert_export_predicts_what_the_run_predicted(run, "user0002", tmp_path / "user0002")
 
 
 # shared and private parts; an extra adapter and two phases (local_only runs on Ray in the `runs` fixture)
