@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import typing
+from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.config import Config, ConfigError, PrivacyConfig, flatten, leaf_fields
@@ -65,6 +66,7 @@ RANGES: dict[str, str] = {
     "federation.call_timeout": _POSITIVE,
     "federation.new_user_epochs": _NONNEG, "federation.message_window": _NONNEG,
     "federation.max_failed_fraction": _FRACTION, "federation.num_nodes": _NONNEG,
+    "federation.dropout_rate": "[0, 1)", "federation.deadline": _NONNEG,
     "strategy.fedper_layers": _NONNEG, "strategy.fedrep_head_epochs": _COUNT, "strategy.finetune_epochs": _COUNT,
     "strategy.feddpa_mix": _FRACTION, "strategy.oppu_task_rounds": _COUNT,
     "strategy.ditto_lambda": _NONNEG, "strategy.ditto_personal_epochs": _NONNEG,
@@ -149,6 +151,15 @@ def validate(config: Config) -> None:
         except re.error as err:
             raise ConfigError(f"Config key 'strategy.fedper_pattern' got {st.fedper_pattern!r}, not a valid regex: {err}") from None
     _validate_privacy(config.privacy)
+    fed = config.federation
+    availability = parse_spec("federation.availability", fed.availability)
+    parse_spec("federation.speed", fed.speed)
+    if config.privacy.mechanism != "none" and availability != Spec("const", (1.0,)):
+        raise ConfigError(
+            f"federation.availability={fed.availability!r} with privacy.mechanism={config.privacy.mechanism}: a cohort "
+            "sampled from the users online in a round is not the uniform sampling of all users that the privacy "
+            "accountant assumes, so the epsilon it reports would not hold. Use federation.availability=const:1 with "
+            "privacy (dropouts and deadlines are fine: they count as zero updates), or privacy.mechanism=none.")
 
 
 NEW_USERS_FORMS = ("0 (none), a fraction in (0, 1) of the users such as 0.2, or a count written count:N such as "
@@ -199,3 +210,50 @@ def _validate_privacy(pr: PrivacyConfig) -> None:
         for key in ("target_epsilon", "max_epsilon"):
             _check(getattr(pr, key) == 0, f"privacy.{key}", getattr(pr, key),
                    "0 while privacy.mechanism=none (set privacy.mechanism=central, central_adaptive or client to use it)")
+
+
+# ---- federation.availability and federation.speed: kind:params (fedpeft.federation.participation) ----
+FORMS = {
+    "federation.availability": {"const": 1, "uniform": 2, "beta": 2, "trace": 0},
+    "federation.speed": {"const": 1, "lognormal": 1},
+}
+EXAMPLES = {"federation.availability": "const:1 (always online), const:0.5, uniform:0.2,0.8, beta:2,2 or trace:PATH.csv",
+            "federation.speed": "const:1 (everyone alike) or lognormal:0.5 (speeds e^N(0, 0.5^2), median 1)"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed ``kind:params`` value of ``federation.availability`` or ``federation.speed``."""
+
+    kind: str
+    params: tuple[float, ...] = ()
+    path: str = ""
+
+
+def parse_spec(key: str, value: str) -> Spec:
+    """``const:1`` -> Spec("const", (1.0,)); ``trace:users.csv`` -> Spec("trace", path=...)."""
+    kind, _, rest = str(value).strip().partition(":")
+    forms = FORMS[key]
+    if kind not in forms:
+        raise ConfigError(f"{key}={value!r} is not a form fedpeft knows; use {EXAMPLES[key]}.")
+    if kind == "trace":
+        if not rest:
+            raise ConfigError(f"{key}=trace needs a file: trace:PATH.csv (a row per user, a 0/1 column per round).")
+        return Spec(kind, path=rest)
+    try:
+        params = tuple(float(x) for x in rest.split(",")) if rest else ()
+    except ValueError:
+        params = ()
+    if len(params) != forms[kind] or not all(math.isfinite(p) for p in params):
+        raise ConfigError(f"{key}={value!r}: {kind} takes {forms[kind]} number(s); use {EXAMPLES[key]}.")
+    if kind == "const":
+        bad = params[0] <= 0 or key == "federation.availability" and params[0] > 1
+    elif kind == "uniform":
+        bad = not 0 <= params[0] <= params[1] <= 1 or params[1] == 0
+    else:  # beta: a, b > 0; lognormal: sigma >= 0
+        bad = min(params) <= 0 if kind == "beta" else params[0] < 0
+    if bad:
+        allowed = {"const": "a probability in (0, 1]" if key == "federation.availability" else "a speed above 0",
+                   "uniform": "0 <= lo <= hi <= 1, hi > 0", "beta": "a, b > 0", "lognormal": "sigma >= 0"}[kind]
+        raise ConfigError(f"{key}={value!r} is out of range: {kind} takes {allowed}.")
+    return Spec(kind, params)

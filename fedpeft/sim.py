@@ -23,7 +23,12 @@ from fedpeft.data import get_benchmark
 from fedpeft.federation.checkpoint import release_run_dir
 from fedpeft.federation.reporting import summary_table
 from fedpeft.federation.verdict import FAILED_RUN_EXIT, failed_run_line
-from fedpeft.launch.preflight import check_cohort, check_connected_ray, check_local_ray
+from fedpeft.launch.preflight import (
+    check_cohort,
+    check_connected_ray,
+    check_local_ray,
+    check_participation,
+)
 from fedpeft.launch.prepare import Preparation, claim_run, finished_results, run_dir_path
 from fedpeft.launch.ray_start import RayStart, SharedRay, backend_config, check_ray_address
 from fedpeft.launch.signals import Interrupted, finish_wandb, stop_on_signals
@@ -66,6 +71,7 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     bench = get_benchmark(config)
     num_users = len(bench.user_ids())
     check_cohort(config)  # before Ray starts (claim_run checks it again)
+    check_participation(config)
     started_ray = not ray.is_initialized()
     if started_ray and not config.ray.address:  # one client must fit the local Ray about to start
         check_local_ray(config)

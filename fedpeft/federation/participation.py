@@ -17,62 +17,17 @@ them up (``sim_time`` in metrics.jsonl).
 from __future__ import annotations
 
 import csv
-import math
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedpeft.config import Config, ConfigError
+from fedpeft.config_checks import Spec, parse_spec
 
 AVAILABILITY, ONLINE, DROPOUT, SPEED = 70, 71, 72, 73  # the draws' tags (data.seed, tag, user[, round])
-FORMS = {
-    "federation.availability": {"const": 1, "uniform": 2, "beta": 2, "trace": 0},
-    "federation.speed": {"const": 1, "lognormal": 1},
-}
-EXAMPLES = {"federation.availability": "const:1 (always online), const:0.5, uniform:0.2,0.8, beta:2,2 or trace:PATH.csv",
-            "federation.speed": "const:1 (everyone alike) or lognormal:0.5 (speeds e^N(0, 0.5^2), median 1)"}
-
-
-@dataclass(frozen=True)
-class Spec:
-    """A parsed ``kind:params`` value of ``federation.availability`` or ``federation.speed``."""
-
-    kind: str
-    params: tuple[float, ...] = ()
-    path: str = ""
-
-
-def parse_spec(key: str, value: str) -> Spec:
-    """``const:1`` -> Spec("const", (1.0,)); ``trace:users.csv`` -> Spec("trace", path=...)."""
-    kind, _, rest = str(value).strip().partition(":")
-    forms = FORMS[key]
-    if kind not in forms:
-        raise ConfigError(f"{key}={value!r} is not a form fedpeft knows; use {EXAMPLES[key]}.")
-    if kind == "trace":
-        if not rest:
-            raise ConfigError(f"{key}=trace needs a file: trace:PATH.csv (a row per user, a 0/1 column per round).")
-        return Spec(kind, path=rest)
-    try:
-        params = tuple(float(x) for x in rest.split(",")) if rest else ()
-    except ValueError:
-        params = ()
-    if len(params) != forms[kind] or not all(math.isfinite(p) for p in params):
-        raise ConfigError(f"{key}={value!r}: {kind} takes {forms[kind]} number(s); use {EXAMPLES[key]}.")
-    bad = {
-        "const": key == "federation.availability" and not 0 < params[0] <= 1 or key == "federation.speed" and params[0] <= 0,
-        "uniform": not 0 <= params[0] <= params[1] <= 1 or params[1] == 0,
-        "beta": min(params) <= 0,
-        "lognormal": params[0] < 0,
-    }[kind]
-    if bad:
-        allowed = {"const": "a probability in (0, 1]" if key == "federation.availability" else "a speed above 0",
-                   "uniform": "0 <= lo <= hi <= 1, hi > 0", "beta": "a, b > 0", "lognormal": "sigma >= 0"}[kind]
-        raise ConfigError(f"{key}={value!r} is out of range: {kind} takes {allowed}.")
-    return Spec(kind, params)
-
-
 def _user_rng(seed: int, tag: int, user_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, tag, zlib.crc32(user_id.encode())])
 
@@ -125,6 +80,7 @@ class Participation:
         self.user_ids, self.rounds, self.seed = list(user_ids), rounds, seed
         self.dropout_rate, self.deadline = float(fed.dropout_rate), float(fed.deadline)
         availability, speed = parse_spec("federation.availability", fed.availability), parse_spec("federation.speed", fed.speed)
+        self.spec_text = {"availability": fed.availability, "speed": fed.speed}
         self.always_online = availability.kind == "const" and availability.params[0] == 1.0
         n = len(self.user_ids)
         if availability.kind == "trace":
@@ -149,9 +105,10 @@ class Participation:
         return float(np.exp(_user_rng(self.seed, SPEED, user_id).normal(0.0, spec.params[0])))
 
     @property
-    def ideal(self) -> bool:
-        """Everyone online, no dropouts, no deadline: nothing changes what a run does."""
-        return self.always_online and not self.dropout_rate and not self.deadline
+    def active(self) -> bool:
+        """Whether any option is set: then rounds log the simulated clock, and per_user.csv and
+        results.json say who was online and dropped; else the run's files are as they were."""
+        return not (self.always_online and not self.dropout_rate and not self.deadline and bool(np.all(self.speed == 1.0)))
 
     def online(self, users: list[int], server_round: int) -> list[int]:
         """The users of ``users`` (partition ids) online in ``server_round``."""
@@ -177,6 +134,38 @@ class Participation:
         """A round's simulated wall time: the slowest reply kept, or the deadline when one was missed."""
         slowest = max(kept_seconds, default=0.0)
         return max(slowest, self.deadline) if missed else slowest
+
+    def settle(self, replies: list[Any], user_of: Callable[[Any], int]) -> tuple[list[Any], list[int], float]:
+        """A round's successful train replies -> (those kept, the users whose reply came after the
+        deadline, the round's simulated seconds). A reply's time is its user's examples processed
+        in this call over its speed."""
+        if not self.active:
+            return replies, [], 0.0
+        kept, late, seconds = [], [], []
+        for reply in replies:
+            user = user_of(reply)
+            work = self.work_seconds(user, reply.content.metric_records["metrics"]["examples_processed"])
+            if self.deadline and work > self.deadline:
+                late.append(user)
+            else:
+                kept.append(reply)
+                seconds.append(work)
+        return kept, late, self.round_seconds(seconds, bool(late))
+
+    def round_record(self, server_round: int, trained: list[int], dropped: int, late: int, seconds: float,
+                     clock: float) -> dict[str, Any]:
+        """What metrics.jsonl (and W&B) log of a round's participation; nothing when inactive."""
+        if not self.active:
+            return {}
+        return {"online": len(self.online(trained, server_round)), "dropped_out": dropped, "late": late,
+                "round_sim_seconds": seconds, "sim_time": clock}
+
+    def report(self, trained: list[int], dropped: dict[str, int], clock: float) -> dict[str, Any]:
+        """results.json's ``participation``: the options, the trained users' mean availability,
+        the replies lost (``dropped_out``: never sent; ``late``: past the deadline) and the clock."""
+        return {**self.spec_text, "dropout_rate": self.dropout_rate, "deadline": self.deadline,
+                "mean_availability": float(self.probability[trained].mean()) if trained else float("nan"),
+                **dropped, "sim_time": clock}
 
     def check(self, trained: list[int], examples_per_round: dict[int, float]) -> None:
         """Refuse, before anything starts, a federation in which some round has no trained user

@@ -35,6 +35,9 @@ class RunProgress:
         self.rounds_scheduled = np.zeros(n, dtype=int)  # rounds whose cohort held the user
         self.last_round = np.zeros(n, dtype=int)  # the round that wrote each user's stored adapter
         self.examples_processed = np.zeros(n, dtype=np.int64)
+        self.rounds_dropped = np.zeros(n, dtype=int)  # rounds it was sampled but dropped out or missed the deadline
+        self.dropped = {"dropped_out": 0, "late": 0}
+        self.sim_time = 0.0  # the simulated clock (fedpeft.federation.participation)
         self.worker_loads: dict[int, int] = {}
         self.totals = {"bytes_down": 0, "bytes_up": 0, "bytes_down_eval": 0}
         # the worker count that cuts packed calls into bundles (fedpeft.federation.server_calls.bundle_users):
@@ -50,6 +53,7 @@ class RunProgress:
                 "examples_processed": self.examples_processed.tolist(), "failures": self.failures,
                 "worker_loads": {str(k): v for k, v in self.worker_loads.items()}, "totals": self.totals,
                 "bundle_workers": self.bundle_workers,
+                "rounds_dropped": self.rounds_dropped.tolist(), "dropped": self.dropped, "sim_time": self.sim_time,
                 "wall_seconds": wall_seconds}
 
     def restore(self, p: dict[str, Any]) -> None:
@@ -62,6 +66,9 @@ class RunProgress:
         self.worker_loads = {int(k): int(v) for k, v in p["worker_loads"].items()}
         self.totals = {"bytes_down_eval": 0, **p["totals"]}
         self.bundle_workers = int(p.get("bundle_workers", 0))  # not recorded before: the workers of this start
+        self.rounds_dropped[:] = p.get("rounds_dropped", 0)  # not recorded before: nobody dropped
+        self.dropped = {"dropped_out": 0, "late": 0, **p.get("dropped", {})}
+        self.sim_time = float(p.get("sim_time", 0.0))
 
     def record_training(self, reply: Message, server_round: int) -> int:
         """A successful train reply: its user's stored adapter is now of ``server_round``, and its
@@ -70,6 +77,14 @@ class RunProgress:
         self.last_round[user] = server_round
         self.examples_processed[user] += int(reply.content.metric_records["metrics"]["examples_processed"])
         return user
+
+    def note_dropped(self, dropped: list[int], late: list[int], seconds: float) -> None:
+        """A round's users who dropped out and whose replies came too late; its simulated seconds."""
+        for users in (dropped, late):
+            self.rounds_dropped[users] += 1
+        self.dropped["dropped_out"] += len(dropped)
+        self.dropped["late"] += len(late)
+        self.sim_time += seconds
 
     def fail(self, user: int, kind: str, server_round: int, phase: str, reason: str) -> None:
         """Record a failed call of ``user`` (the round goes on without it)."""

@@ -22,15 +22,19 @@ from fedpeft.federation.verdict import FAILED_RUN_EXIT
 from fedpeft.files import atomic_write_text, json_text
 
 
-def per_user_columns(metric_names: list[str], selected: bool = False, as_is: bool = False) -> list[str]:
+def per_user_columns(metric_names: list[str], selected: bool = False, as_is: bool = False,
+                     participation: bool = False) -> list[str]:
     """``selected``: the scores are those of a round chosen on validation (``federation.select``
     other than final), which the columns ``selected_round`` and ``val_<headline>`` name. ``group``
     is ``trained`` or ``new`` (``data.new_users``: scored after their fine-tune at the end); with
-    ``as_is``, new users' scores before it (the final shared part alone) are ``as_is_<metric>``."""
+    ``as_is``, new users' scores before it (the final shared part alone) are ``as_is_<metric>``;
+    with ``participation`` (fedpeft.federation.participation), each user's ``availability`` and
+    ``rounds_dropped``."""
     chosen = ["selected_round", f"val_{metric_names[0]}"] if selected else []
     before = [f"as_is_{name}" for name in metric_names] if as_is else []
     return ["user_id", "partition_id", "group", "status", *metric_names, *chosen, *before, "n_test", "n_train",
-            "rounds_trained", "rounds_scheduled", "examples_processed", "failed_calls", "error"]
+            "rounds_trained", "rounds_scheduled", *(["availability", "rounds_dropped"] if participation else []),
+            "examples_processed", "failed_calls", "error"]
 
 
 def git_commit() -> str:
@@ -124,10 +128,10 @@ class RunReporter:
 
     def write_final(self, per_user: list[dict[str, Any]], results: dict[str, Any], predictions: list[dict[str, Any]],
                     metric_names: list[str], failures: list[dict[str, Any]], selected: bool = False,
-                    as_is: bool = False) -> None:
+                    as_is: bool = False, participation: bool = False) -> None:
         """The run's final files; ``failures.json`` is the history of failed calls (round, call,
         user, reason), a user's final status is in ``per_user.csv``."""
-        columns = per_user_columns(metric_names, selected, as_is)
+        columns = per_user_columns(metric_names, selected, as_is, participation)
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

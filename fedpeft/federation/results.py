@@ -20,10 +20,11 @@ from safetensors.torch import save_file
 
 from fedpeft.config import Config
 from fedpeft.data import data_summary, get_benchmark
-from fedpeft.data.activity import by_activity
+from fedpeft.data.activity import activity_bins, bin_means, by_activity
 from fedpeft.federation.budget import PrivacyBudget
 from fedpeft.federation.evaluation import Scoring
 from fedpeft.federation.new_users import new_user_groups
+from fedpeft.federation.participation import Participation
 from fedpeft.federation.progress import RunProgress, partition_id
 from fedpeft.federation.reporting import RunReporter
 from fedpeft.federation.store import AdapterStore
@@ -33,10 +34,12 @@ from fedpeft.learning.training import divergence_counts
 
 
 def per_user_rows(progress: RunProgress, metric_names: list[str], scores: dict[int, Message],
-                  as_is: dict[int, Message]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                  as_is: dict[int, Message], participation: Participation | None = None,
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every user's row (its group, training, failures, and its scores or why it has none) and the
     scored users' predictions. ``scores``: each scored user's last evaluate reply; ``as_is``: the
-    new users' replies before their fine-tune."""
+    new users' replies before their fine-tune; with an active ``participation``, each user's
+    availability (its probability of being online in a round) and rounds dropped."""
     held_out = set(progress.new_users)
     failures = progress.failures
     last_failure = {f["partition_id"]: f for f in failures}  # the latest failure of each user
@@ -47,6 +50,8 @@ def per_user_rows(progress: RunProgress, metric_names: list[str], scores: dict[i
                                "rounds_scheduled": int(progress.rounds_scheduled[index]),
                                "examples_processed": int(progress.examples_processed[index]),
                                "failed_calls": sum(f["partition_id"] == index for f in failures)}
+        if participation is not None and participation.active:
+            row.update(availability=float(participation.probability[index]), rounds_dropped=int(progress.rounds_dropped[index]))
         if index not in scores:  # a user scored at the end counts as scored, whatever failed before
             failure = last_failure.get(index, {"error": "no evaluation reply", "traceback": ""})
             row.update(status="failed", error=failure["error"], traceback=failure["traceback"])
@@ -65,7 +70,8 @@ def per_user_rows(progress: RunProgress, metric_names: list[str], scores: dict[i
 def finish_run(*, config: Config, run_dir: Path, run_id: str, progress: RunProgress, scoring: Scoring,
                budget: PrivacyBudget, accounting: dict[str, Any], reporter: RunReporter,
                shared: dict[str, torch.Tensor], total_rounds: int, timings: dict[str, Any],
-               final: list[Message], new: dict[str, list[Message]], wall: float) -> dict[str, Any]:
+               final: list[Message], new: dict[str, list[Message]], wall: float,
+               participation: Participation | None = None) -> dict[str, Any]:
     """The run's results: ``final``, the trained users' last evaluation; ``new``, the new users'
     scores after their fine-tune (and, fedavg, before it: "as_is"); ``wall``, the run's wall time."""
     totals = progress.totals
@@ -75,7 +81,8 @@ def finish_run(*, config: Config, run_dir: Path, run_id: str, progress: RunProgr
         atomic_write(run_dir / "shared_final.safetensors", lambda tmp: save_file(tensors, tmp))
     scores = {partition_id(r): r for r in final + new["new"]}
     as_is = {partition_id(r): r for r in new["as_is"]}
-    per_user, predictions = per_user_rows(progress, metric_names, scores, as_is)
+    per_user, predictions = per_user_rows(progress, metric_names, scores, as_is, participation)
+    active = participation is not None and participation.active
     store = AdapterStore(config.output.store_dir, run_id)
     store.keep_only(dict(zip(progress.user_ids, progress.last_round.tolist())))  # each user's final adapter only
     stored = [store.bytes_stored(u, int(r)) for u, r in zip(progress.user_ids, progress.last_round)]
@@ -127,8 +134,11 @@ def finish_run(*, config: Config, run_dir: Path, run_id: str, progress: RunProgr
         # this process's own: wall times of its phases and the driver's peak resident memory
         "timings": {**timings, "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
     }
+    if active:  # who was online and dropped, and the trained users binned by the rounds they trained
+        results["participation"] = participation.report(progress.trained_users, progress.dropped, progress.sim_time)
+        results["by_participation"] = by_participation(per_user, metric_names)
     reporter.write_final(per_user, results, predictions, metric_names, progress.failures, selected=rule != "final",
-                         as_is=bool(as_is))
+                         as_is=bool(as_is), participation=active)
     return results
 
 
@@ -142,3 +152,12 @@ def activity(per_user: list[dict[str, Any]], metric_names: list[str]) -> dict[st
             out[group] = by_activity({row["user_id"]: row for row in rows}, {row["user_id"]: row["n_train"] for row in rows},
                                      metric_names)
     return out
+
+
+def by_participation(per_user: list[dict[str, Any]], metric_names: list[str]) -> list[dict[str, Any]]:
+    """The scored trained users binned by the rounds they trained (terciles, as
+    :func:`fedpeft.data.activity.activity_bins` cuts them), every metric's mean per bin."""
+    rows = {row["user_id"]: row for row in per_user if row["group"] == "trained" and row["status"] == "ok"}
+    rounds = {user: int(row["rounds_trained"]) for user, row in rows.items()}
+    names = {"min_examples": "min_rounds_trained", "max_examples": "max_rounds_trained", "mean_examples": "mean_rounds_trained"}
+    return [{names.get(k, k): v for k, v in b.items()} for b in bin_means(activity_bins(rounds), rows, metric_names, rounds)]

@@ -31,7 +31,8 @@ from fedpeft.federation.checkpoint import Checkpoint, RunIdentity
 from fedpeft.federation.evaluation import Scoring, eval_users, evaluated
 from fedpeft.federation.messages import EVALUATE, TRAIN, array_bytes
 from fedpeft.federation.new_users import fine_tune_new_users
-from fedpeft.federation.progress import RunProgress
+from fedpeft.federation.participation import Participation
+from fedpeft.federation.progress import RunProgress, partition_id
 from fedpeft.federation.reporting import RunReporter
 from fedpeft.federation.results import finish_run
 from fedpeft.federation.selection import read_rounds
@@ -70,6 +71,7 @@ class FederatedRun:
         self.reporter = RunReporter(config, run_dir, identity.wandb_id, resume_after=self.done_rounds if resume else None)
         self.scoring = Scoring(task, user_ids, self.reporter, round_scores)
         self.total_rounds = sum(p.rounds for p in self.strategy.phases())
+        self.participation = Participation(config, user_ids, self.total_rounds)
         self.bar = tqdm(total=0, unit="user", disable=not config.output.progress, dynamic_ncols=True)
         self.calls = ClientCalls(config, grid, identity.run_id, self.progress, self.bar, UNAVAILABLE_RETRIES, UNAVAILABLE_WAIT)
 
@@ -103,12 +105,23 @@ class FederatedRun:
         return replies
 
     # ---- the run ------------------------------------------------------------------------
+    def cohort(self, server_round: int, phase: Phase) -> tuple[list[int], list[int]]:
+        """(the cohort sampled from the users online in ``server_round``, those of it who drop out
+        before replying) (fedpeft.federation.participation)."""
+        online = self.participation.online(self.progress.trained_users, server_round)
+        cohort = self.strategy.sample_cohort(online, server_round, phase)
+        return cohort, self.participation.dropped_out(cohort, server_round)
+
     def train_round(self, server_round: int, phase: Phase) -> dict[str, Any]:
-        """Train a cohort and aggregate into ``self.shared``; returns the round's record."""
+        """Train a cohort and aggregate into ``self.shared``; returns the round's record. The
+        users who drop out and the replies past the deadline are left out, as zero updates under
+        privacy (the mean divides by the cohort sampled)."""
         progress = self.progress
-        cohort = self.strategy.sample_cohort(progress.trained_users, server_round, phase)
-        ok, down = self.call(cohort, TRAIN, server_round, self.shared, phase.name)
-        progress.rounds_scheduled[cohort] += 1
+        cohort, dropped = self.cohort(server_round, phase)
+        called = [u for u in cohort if u not in set(dropped)]
+        replies, down = self.call(called, TRAIN, server_round, self.shared, phase.name)
+        ok, late, clock = self.participation.settle(replies, partition_id)
+        progress.rounds_scheduled[[u for u in called if u not in set(late)]] += 1
         for reply in ok:
             user = progress.record_training(reply, server_round)
             progress.rounds_trained[user] += 1
@@ -120,8 +133,12 @@ class FederatedRun:
         self.budget.compose(self.strategy)
         metric = lambda key: [r.content.metric_records["metrics"][key] for r in ok]  # noqa: E731
         losses = [v for v in metric("train_loss") if not np.isnan(v)]
+        progress.note_dropped(dropped, late, clock)
         return {
-            "phase": phase.name, "cohort_size": len(cohort), "trained": len(ok), "failed": len(cohort) - len(ok),
+            "phase": phase.name, "cohort_size": len(cohort), "trained": len(ok),
+            "failed": len(called) - len(ok) - len(late),
+            **self.participation.round_record(server_round, progress.trained_users, len(dropped), len(late), clock,
+                                              progress.sim_time),
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "bytes_down": down, "bytes_up": sum(array_bytes(r.content) for r in ok),
             "private_bytes_mean": float(np.mean(metric("private_bytes"))) if ok else 0.0,
@@ -161,7 +178,7 @@ class FederatedRun:
         progress.bundle_workers = progress.bundle_workers or self.timings["workers"]
         final: list[Message] = []
         users = progress.trained_users
-        calls = {r: len(self.strategy.sample_cohort(users, r, phase))
+        calls = {r: len(self.cohort(r, phase)[0]) - len(self.cohort(r, phase)[1])  # the train calls sent
                  + (len(eval_users(config, users, r, self.total_rounds)) if evaluated(config, r, self.total_rounds) else 0)
                  for r, phase in self.schedule()}
         self.bar.total = sum(calls.values()) + len(progress.new_users) * (3 if self.accounting.get("new_users_as_is") else 2)
@@ -216,7 +233,8 @@ class FederatedRun:
         return finish_run(config=config, run_dir=self.run_dir, run_id=self.identity.run_id, progress=progress,
                           scoring=self.scoring, budget=self.budget, accounting=self.accounting, reporter=self.reporter,
                           shared=self.shared, total_rounds=self.total_rounds, timings=self.timings,
-                          final=final, new=new, wall=self.wall_before + time.time() - self.started)
+                          final=final, new=new, wall=self.wall_before + time.time() - self.started,
+                          participation=self.participation)
 
     def stop_for_budget(self, server_round: int) -> list[Message]:
         """``privacy.max_epsilon`` stops training before ``server_round``: the last completed round

@@ -106,3 +106,38 @@ def check_cohort(config: Config) -> None:
 
     num_users = len(get_benchmark(config).user_ids())
     make_strategy(config).cohort_size(num_users - len(new_user_indices(config, num_users)))
+
+
+def examples_per_call(n: int, config: Config) -> int:
+    """Training examples one plain local call processes on ``n`` examples: ``train.steps`` batches
+    (or ``train.epochs`` epochs) of epochs cut into batches, the last one of an epoch short
+    (:func:`fedpeft.learning.schedule.batch_order`)."""
+    from fedpeft.learning.schedule import step_budget
+
+    if n <= 0:
+        return 0
+    steps, size = step_budget(n, config, None), config.train.batch_size
+    epoch = [min(size, n - i) for i in range(0, n, size)]
+    full, rest = divmod(steps, len(epoch))
+    return full * n + sum(epoch[:rest])
+
+
+def check_participation(config: Config) -> None:
+    """Refuse, before anything starts, what ``federation.availability``, ``speed`` and
+    ``deadline`` cannot run: a bad form or trace file, a round with no trained user online, a
+    deadline no user can meet (fedpeft.federation.participation)."""
+    from fedpeft.data import get_benchmark
+    from fedpeft.data.user_groups import new_user_indices
+    from fedpeft.federation.participation import Participation
+    from fedpeft.strategies import make_strategy
+
+    bench = get_benchmark(config)
+    user_ids = bench.user_ids()
+    rounds = sum(p.rounds for p in make_strategy(config).phases())
+    participation = Participation(config, user_ids, rounds)
+    if not participation.active:
+        return
+    held_out = set(new_user_indices(config, len(user_ids)))
+    trained = [i for i in range(len(user_ids)) if i not in held_out]
+    examples = {u: examples_per_call(len(bench.load_user(u).train), config) for u in trained} if participation.deadline else {}
+    participation.check(trained, examples)

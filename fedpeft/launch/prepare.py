@@ -28,7 +28,7 @@ from fedpeft.federation.run_folder import own_store
 from fedpeft.federation.selection import check_selection
 from fedpeft.federation.store import check_store_is_free, check_store_writable, claim_store
 from fedpeft.files import json_value
-from fedpeft.launch.preflight import check_cohort
+from fedpeft.launch.preflight import check_cohort, check_participation
 from fedpeft.launch.run_checks import check_fits
 from fedpeft.learning.model_files import check_model
 from fedpeft.learning.models import adapter_state, build_model, fit_size_knob
@@ -107,6 +107,7 @@ def claim_run(config: Config, resume: bool = False) -> ClaimedRun:
     check_model(config)
     check_selection(config)
     check_cohort(config)
+    check_participation(config)
     run_dir = run_dir_path(config)
     created = claim_run_dir(run_dir, exist_ok=bool(config.output.name) or resume)
     try:

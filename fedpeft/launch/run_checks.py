@@ -78,7 +78,7 @@ def run_misfit(config: Config, models: _Models) -> str | None:
     Works on a copy: ``config`` is left as it is."""
     from fedpeft.data import get_benchmark
     from fedpeft.federation.selection import check_selection
-    from fedpeft.launch.preflight import check_cohort
+    from fedpeft.launch.preflight import check_cohort, check_participation
     from fedpeft.learning.model_files import check_model
     from fedpeft.learning.models import fit_size_knob
     from fedpeft.strategies import make_strategy
@@ -92,6 +92,7 @@ def run_misfit(config: Config, models: _Models) -> str | None:
             strategy = make_strategy(cfg)
             bench = get_benchmark(cfg)
             check_cohort(cfg)
+            check_participation(cfg)
             num_labels = len(bench.task().labels)
             if cfg.peft.target_params:
                 fit_size_knob(cfg, num_labels)
