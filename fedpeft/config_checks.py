@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.kind": ("auto", "encoder", "seq2seq", "causal"),
     "train.lr_schedule": ("constant", "linear", "cosine"),
     "federation.server_optimizer": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+    "federation.stragglers": ("drop", "partial"),
     "federation.aggregator": ("mean", "median", "trimmed_mean", "krum", "multikrum", "qfedavg"),
     "federation.select": ("final", "best_val", "best_val_per_user"),
     "compare.select": ("final", "best_val", "best_val_per_user"),
@@ -153,6 +154,9 @@ def validate(config: Config) -> None:
     _validate_privacy(config.privacy)
     fed = config.federation
     availability = parse_spec("federation.availability", fed.availability)
+    if fed.stragglers == "partial" and config.train.pack_users > 1:
+        raise ConfigError("federation.stragglers=partial gives each late user its own number of steps, which a packed call "
+                          f"(train.pack_users={config.train.pack_users}) cannot: use train.pack_users=1, or stragglers=drop.")
     parse_spec("federation.speed", fed.speed)
     if config.privacy.mechanism != "none" and availability != Spec("const", (1.0,)):
         raise ConfigError(

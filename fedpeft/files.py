@@ -158,3 +158,17 @@ def storage_failure(err: BaseException, folder: str | Path) -> tuple[int, str] |
     written = getattr(err, "filename", None)  # an OSError names its file; safetensors' errors do not
     where = Path(written).parent if written else folder
     return code, f"writing to {where} failed: {STORAGE_ERRNOS[code]} ({free_space(where)})"
+
+
+def read_json_fields(path: Path, fields: tuple[str, ...], missing: str,
+                     damaged: Callable[[Exception], str]) -> dict[str, Any]:
+    """The ``fields`` of the JSON object in ``path`` (a file fedpeft wrote: run.json, study.json),
+    with the object's other keys; a missing file raises ``ValueError(missing)``, one that cannot be
+    read or lacks a field ``ValueError(damaged(err))``, for the caller to turn into its error."""
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        data = json.loads(path.read_text())
+        return {**data, **{name: data[name] for name in fields}}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(damaged(err)) from None

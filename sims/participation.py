@@ -2,7 +2,7 @@
 
     python sims/participation.py --strategies local_only,fedavg,fedper,fedrep,fedsa,ditto --seeds 0 \\
         [--availabilities "const:1;beta:2,2;beta:1,4"] [--deadlines none,median,p25] [--speed lognormal:0.5] \\
-        [--deadline-strategies local_only,fedavg,fedsa] [--compare-out DIR] [sim options]
+        [--stragglers drop,partial] [--deadline-strategies local_only,fedavg,fedsa] [--compare-out DIR] [sim options]
     python sims/participation.py --resume STUDY_DIR        (or --report-only STUDY_DIR)
 
 For each availability of ``--availabilities`` (``;``-separated ``federation.availability``
@@ -12,7 +12,9 @@ users) into ``<out>/avail-<i>``. Then, with every user online and ``federation.s
 ``--speed``, one comparison of ``--deadline-strategies`` per deadline of ``--deadlines``
 (``none``: wait for everyone; ``median``, ``p25``: the median and the 25th percentile of the
 trained users' simulated time for one round's local work, so half or three quarters of the
-replies come too late and are dropped) into ``<out>/deadline-<name>``. It writes into ``<out>``:
+users are too slow for it), once per ``--stragglers`` mode (``drop``: a late reply is dropped;
+``partial``: a late user runs the steps that fit), into ``<out>/deadline-<name>[-<mode>]``. It
+writes into ``<out>``:
 
 - ``participation.md`` / ``participation.csv``: per condition and strategy, the headline under
   ``compare.select`` (mean over seeds, 95% t-interval), its paired gain over local_only, and the
@@ -62,15 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deadlines", default=DEFAULT_DEADLINES,
                         help=f"deadlines: none, median, p25 (quantiles of the users' round times), comma list; '' for none "
                              f"(default: {DEFAULT_DEADLINES})")
+    parser.add_argument("--stragglers", default="drop,partial",
+                        help="federation.stragglers modes of the runs with a deadline, comma list (default: drop,partial)")
     parser.add_argument("--speed", default="lognormal:0.5", help="federation.speed of the deadline runs (default: lognormal:0.5)")
     parser.add_argument("--deadline-strategies", default="local_only,fedavg,fedsa",
                         help="the strategies of the deadline runs (default: local_only,fedavg,fedsa)")
     return parser
 
 
-def parse_args(argv: list[str]) -> tuple[list[str], Path | None, Config, list[str], list[str], str, list[str]]:
+def parse_args(argv: list[str]) -> tuple[list[str], Path | None, Config, list[str], list[str], list[str], str, list[str]]:
     args, rest = build_parser().parse_known_args(argv)
-    set_here = ("federation.availability", "federation.speed", "federation.deadline")
+    set_here = ("federation.availability", "federation.speed", "federation.deadline", "federation.stragglers")
     if any(a.split("=", 1)[0].lstrip("-") in set_here for a in rest):
         raise ConfigError(f"{', '.join(set_here)} are set by this study: give --availabilities, --speed and --deadlines")
     names, baseline, out, config = from_arguments(args, rest)
@@ -84,13 +88,17 @@ def parse_args(argv: list[str]) -> tuple[list[str], Path | None, Config, list[st
     if unknown:
         raise ConfigError(f"--deadlines: {unknown[0]!r} is not one of {', '.join(DEADLINE_QUANTILES)}")
     parse_spec("federation.speed", args.speed)
+    modes = [m.strip() for m in args.stragglers.split(",") if m.strip()]
+    if not modes or any(m not in ("drop", "partial") for m in modes):
+        raise ConfigError(f"--stragglers {args.stragglers!r}: give drop, partial or both (comma list)")
     deadline_names = [n.strip() for n in args.deadline_strategies.split(",") if n.strip()]
     if BASELINE not in deadline_names:
         deadline_names.insert(0, BASELINE)
-    return names, out, config, availabilities, deadlines, args.speed, deadline_names
+    return names, out, config, availabilities, deadlines, modes, args.speed, deadline_names
 
 
-def conditions(config: Config, availabilities: list[str], deadlines: list[str], speed: str) -> list[tuple[str, Config]]:
+def conditions(config: Config, availabilities: list[str], deadlines: list[str], modes: list[str],
+               speed: str) -> list[tuple[str, Config]]:
     """(folder, config) of every comparison of the study, in the order they run."""
     out = []
     for i, availability in enumerate(availabilities):
@@ -98,10 +106,11 @@ def conditions(config: Config, availabilities: list[str], deadlines: list[str], 
         cfg.compare.out, cfg.federation.availability = "", availability
         out.append((f"avail-{i}", cfg))
     for name in deadlines:
-        cfg = copy.deepcopy(config)
-        cfg.compare.out, cfg.federation.speed = "", speed
-        cfg.federation.deadline = deadline_of(cfg, name)  # the speeds drawn first
-        out.append((f"deadline-{name}", cfg))
+        for mode in modes if DEADLINE_QUANTILES[name] is not None else ["drop"]:
+            cfg = copy.deepcopy(config)
+            cfg.compare.out, cfg.federation.speed, cfg.federation.stragglers = "", speed, mode
+            cfg.federation.deadline = deadline_of(cfg, name)  # the speeds drawn first
+            out.append((f"deadline-{name}" + (f"-{mode}" if DEADLINE_QUANTILES[name] is not None else ""), cfg))
     return out
 
 
@@ -116,7 +125,7 @@ def deadline_of(config: Config, name: str) -> float:
     from fedpeft.data import get_benchmark
     from fedpeft.data.user_groups import new_user_indices
     from fedpeft.federation.participation import Participation
-    from fedpeft.launch.preflight import examples_per_call
+    from fedpeft.learning.schedule import examples_per_call
 
     bench = get_benchmark(config)
     users = bench.user_ids()
@@ -128,9 +137,9 @@ def deadline_of(config: Config, name: str) -> float:
 
 
 def study_runs(names: list[str], deadline_names: list[str], config: Config, availabilities: list[str],
-               deadlines: list[str], speed: str, out: Path) -> list[Config]:
+               deadlines: list[str], modes: list[str], speed: str, out: Path) -> list[Config]:
     runs = []
-    for folder, cfg in conditions(config, availabilities, deadlines, speed):
+    for folder, cfg in conditions(config, availabilities, deadlines, modes, speed):
         runs += run_configs(deadline_names if folder.startswith("deadline-") else names, cfg, out / folder)
     return runs
 
@@ -155,6 +164,7 @@ def condition_rows(name: str, cfg: Config, table: list[Row], extras: dict[str, d
         runs = [e for e in extras.values() if e["strategy"] == row["strategy"]]
         times = [e["sim_time"] for e in runs]
         rows.append({"condition": name, "availability": cfg.federation.availability, "deadline": cfg.federation.deadline,
+                     "stragglers": cfg.federation.stragglers,
                      "mean_availability": runs[0]["mean_availability"] if runs else math.nan,
                      "strategy": row["strategy"], metric: row[metric],
                      f"{metric}_ci95_low": row.get(f"{metric}_ci95_low", math.nan),
@@ -189,13 +199,13 @@ def gains_by_availability(name: str, extras: dict[str, dict[str, Any]]) -> list[
 
 
 def study(names: list[str], deadline_names: list[str], config: Config, availabilities: list[str], deadlines: list[str],
-          speed: str, out: Path | None = None, runner: Callable[[Config], dict[str, Any]] | None = None) -> Path:
+          modes: list[str], speed: str, out: Path | None = None, runner: Callable[[Config], dict[str, Any]] | None = None) -> Path:
     if runner is None:
         from fedpeft.sim import run as runner
     out = (out or Path(config.output.dir) / f"participation-{datetime.now():%Y%m%d-%H%M%S}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     rule, rows, binned = config.compare.select, [], []
-    for name, cfg in conditions(config, availabilities, deadlines, speed):
+    for name, cfg in conditions(config, availabilities, deadlines, modes, speed):
         print(f"##### {name}: availability {cfg.federation.availability}, deadline {cfg.federation.deadline:g} #####", flush=True)
         strategies = deadline_names if name.startswith("deadline-") else names
         folder = compare(strategies, BASELINE, cfg, out / name, runner=runner)
@@ -218,10 +228,12 @@ def report(rows: list[Row], binned: list[Row], config: Config, rule: str) -> str
     seeds = list(config.compare.seeds) or [config.seed]
     metric = next(k for k in rows[0] if k.endswith(f"_{rule}") and not k.startswith("gain_vs_") and "ci95" not in k)
     lines = [f"# Participation study ({config.data.benchmark}, {config.model.name}, seeds {seeds}, select {rule})", "",
-             f"| condition | availability | mean availability | deadline (sim s) | strategy | {metric} [95% CI] | gain vs local_only | sim time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| condition | availability | mean availability | deadline (sim s) | stragglers | strategy | {metric} [95% CI] "
+             "| gain vs local_only | sim time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['condition']} | {r['availability']} | {_fmt(r['mean_availability'])} | {_fmt(float(r['deadline']))} | "
+                     f"{r['stragglers'] if float(r['deadline']) else '–'} | "
                      f"{r['strategy']} | {_fmt(r[metric])} [{_fmt(r[f'{metric}_ci95_low'])}, {_fmt(r[f'{metric}_ci95_high'])}] | "
                      f"{_fmt(r['gain_vs_local_only'])} | {_fmt(r['sim_time'])} |")
     if binned:
@@ -251,13 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     from fedpeft.study.resume import StudyPlan, StudySpec, study_main
 
     def plan(args: list[str]) -> StudyPlan:
-        names, out, config, availabilities, deadlines, speed, deadline_names = parse_args(args)
+        names, out, config, availabilities, deadlines, modes, speed, deadline_names = parse_args(args)
         arguments = {"--availabilities": ";".join(availabilities), "--deadlines": ",".join(deadlines), "--speed": speed,
-                     "--deadline-strategies": ",".join(deadline_names)}
+                     "--stragglers": ",".join(modes), "--deadline-strategies": ",".join(deadline_names)}
         return StudyPlan(config, out, arguments,
-                         run=lambda folder, runner: study(names, deadline_names, config, availabilities, deadlines, speed,
-                                                          folder, runner),
-                         runs=lambda folder: study_runs(names, deadline_names, config, availabilities, deadlines, speed, folder))
+                         run=lambda folder, runner: study(names, deadline_names, config, availabilities, deadlines, modes,
+                                                          speed, folder, runner),
+                         runs=lambda folder: study_runs(names, deadline_names, config, availabilities, deadlines, modes, speed,
+                                                        folder))
 
     return study_main(StudySpec("sims/participation.py", "participation.md", "study", "participation", plan),
                       sys.argv[1:] if argv is None else argv)

@@ -93,3 +93,17 @@ def tiny_args(model: Path, out: Path, name: str, *extra: str) -> list[str]:
         "--model", str(model), "--out", str(out), "--name", name, "--rounds", "2", *sizes,
         "train.steps=2", "train.batch_size=4", "ray.num_cpus=2", "output.progress=false", *extra,
     ]
+
+
+def load_sim(name: str):
+    """A script of sims/ (``sims/<name>.py``) as a module, as ``python sims/<name>.py`` would run it
+    (registered in sys.modules: its dataclasses look their module up)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "sims" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"sims_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -5,11 +5,11 @@ The studies' runs go to the in-process grid (fedpeft.sim.run replaced); none may
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_sim
 from tests.test_compare_resume import in_process, study_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +21,7 @@ def script_main(name: str):
         from fedpeft.study.compare import main
 
         return main
-    spec = importlib.util.spec_from_file_location(f"sims_{name}_checks", ROOT / "sims" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_sim(name).main
 
 
 def test_a_comparison_with_a_strategy_that_does_not_fit_is_refused_before_any_run(tiny_bert, tmp_path, monkeypatch, capsys):

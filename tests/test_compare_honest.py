@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import re
-from pathlib import Path
 
 import pytest
 
 from fedpeft.config import Config
+from tests.conftest import load_sim
 from tests.test_compare import FAILING, fake_runner, hand_config
 
 CAP, SEEDS = 5, (0, 1)
@@ -213,11 +213,7 @@ def test_a_strategy_that_lost_users_is_flagged_with_an_all_users_headline_beside
 
 def test_the_study_tables_show_failed_runs_and_go_on(tmp_path):
     """where_sharing_pays: a strategy that failed at one K has no number there, and a number at the others."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sims_wsp", Path(__file__).resolve().parents[1] / "sims" / "where_sharing_pays.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_sim("where_sharing_pays")
     names, baseline, out, config, ks = study.parse_args(["--strategies", "fedavg", "--seeds", "0", "--ks", "4,all",
                                                         "--compare-out", str(tmp_path / "study")])
 

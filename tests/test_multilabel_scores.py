@@ -3,9 +3,7 @@ that predicting more labels does not raise the headline (only PEFT-U's lenient a
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 from fedpeft.config import Config
 from fedpeft.data import Example, TaskSpec
 from fedpeft.learning.scoring import KIND_METRICS
+from tests.conftest import load_sim
 from tests.test_peft_u import config, prepared, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +62,7 @@ def test_encoder_multilabel_prediction_is_ordered_by_decreasing_logit(encoder):
 # ----------------------------------------------------------------------------- majority baseline
 
 def _baseline():
-    spec = importlib.util.spec_from_file_location("sims_majority_baseline", ROOT / "sims" / "majority_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_sim("majority_baseline")
 
 
 USERS = prepared({

@@ -207,3 +207,25 @@ def test_under_privacy_a_dropout_is_a_zero_update_and_costs_the_same_epsilon(tin
     with pytest.raises(ConfigError, match="not the uniform sampling of all users that the privacy accountant assumes"):
         validate(cfg)
 
+
+
+def test_partial_stragglers_run_the_steps_that_fit_and_are_kept(tiny_bert, tmp_path):
+    speeds = {u: math.exp(draw(0, 73, u).normal(0.0, 1.0)) for u in USERS[:8]}
+    deadline = float(np.median([8 / s for s in speeds.values()]))
+    # 8 examples, batches of 4, 2 steps: a user runs the steps whose 4 examples each fit deadline x speed
+    steps = {u: min(2, int(deadline * s // 4)) for u, s in speeds.items()}
+    assert sorted(set(steps.values())) == [0, 1, 2]  # the fixture has users of every kind
+    results, run = run_in_process(run_config(tiny_bert, tmp_path, "partial", speed="lognormal:1", deadline=deadline,
+                                             stragglers="partial"))
+    rows = per_user(run)
+    for u, k in steps.items():
+        assert int(rows[u]["examples_processed"]) == 4 * k * 4, (u, k)  # 4 rounds of k steps of 4 examples
+        assert int(rows[u]["rounds_trained"]) == (4 if k else 0) and int(rows[u]["rounds_dropped"]) == (0 if k else 4)
+    log = rounds_log(run)
+    assert [r["late"] for r in log] == [sum(k == 0 for k in steps.values())] * 4
+    assert all(r["round_sim_seconds"] == pytest.approx(deadline) for r in log)  # someone could not reply in time
+    assert results["participation"]["stragglers"] == "partial"
+    cfg = run_config(tiny_bert, tmp_path, "x")
+    cfg.federation.stragglers, cfg.train.pack_users = "partial", 2
+    with pytest.raises(ConfigError, match="stragglers=partial gives each late user its own number of steps"):
+        validate(cfg)

@@ -4,7 +4,6 @@ budgets' calibrated runs, the table read back from each budget's comparison, and
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,17 +11,14 @@ from pathlib import Path
 import pytest
 
 from fedpeft.config import ConfigError
-from tests.conftest import tiny_args
+from tests.conftest import load_sim, tiny_args
 from tests.inprocess_grid import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("sims_privacy", ROOT / "sims" / "privacy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_sim("privacy")
 
 
 def test_the_privacy_study_on_real_runs(tiny_bert, tmp_path):

@@ -5,24 +5,19 @@ evaluation the same predicted examples (test and validation splits, as fedpeft s
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from sims import throughput_frameworks, throughput_workload
+from tests.conftest import load_sim
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _throughput():
-    spec = importlib.util.spec_from_file_location("sims_throughput", ROOT / "sims" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_sim("throughput")
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ a plain computation, its arguments and its plots."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 
 from fedpeft.config import ConfigError
+from tests.conftest import load_sim
 from tests.test_compare import T_975, fake_runner, png_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,10 +20,7 @@ KS = (4, 16, "all")
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("sims_where_sharing_pays", ROOT / "sims" / "where_sharing_pays.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_sim("where_sharing_pays")
 
 
 def n_train(k, user: str) -> int:

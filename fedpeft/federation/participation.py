@@ -75,7 +75,7 @@ class Participation:
     """Who is online, who drops out and how long each user's work takes, for one run's users
     (``user_ids``, by partition id) over ``rounds`` rounds (numbered from 1 across phases)."""
 
-    def __init__(self, config: Config, user_ids: list[str], rounds: int) -> None:
+    def __init__(self, config: Config, user_ids: list[str], rounds: int, bench: Any = None) -> None:
         fed, seed = config.federation, config.data.seed
         self.user_ids, self.rounds, self.seed = list(user_ids), rounds, seed
         self.dropout_rate, self.deadline = float(fed.dropout_rate), float(fed.deadline)
@@ -92,6 +92,8 @@ class Participation:
             self.online_table = np.stack([_user_rng(seed, ONLINE, u).random(rounds) < p
                                           for u, p in zip(self.user_ids, self.probability)]) if n else np.zeros((0, rounds), bool)
         self.speed = np.array([self._speed(speed, u) for u in self.user_ids])
+        self.partial = fed.stragglers == "partial" and bool(self.deadline)
+        self.train_sizes = [len(bench.load_user(u).train) for u in range(len(self.user_ids))] if self.partial and bench else []
 
     def _probability(self, spec: Spec, user_id: str) -> float:
         if spec.kind == "const":
@@ -135,22 +137,48 @@ class Participation:
         slowest = max(kept_seconds, default=0.0)
         return max(slowest, self.deadline) if missed else slowest
 
-    def settle(self, replies: list[Any], user_of: Callable[[Any], int]) -> tuple[list[Any], list[int], float]:
+    def stragglers(self, users: list[int], config: Config) -> tuple[list[int], dict[int, str]]:
+        """Under ``stragglers=partial``: (the users who cannot finish one step by the deadline, and
+        for each user whose ``train.steps`` would run past it, its config with the steps that fit
+        (as JSON, what its message carries)). Nothing otherwise."""
+        if not self.partial:
+            return [], {}
+        from fedpeft.learning.schedule import examples_of_steps, step_budget, steps_within
+
+        too_slow, configs = [], {}
+        size = config.train.batch_size
+        for user in users:
+            n = self.train_sizes[user]
+            steps = step_budget(n, config, None)
+            if self.work_seconds(user, examples_of_steps(n, steps, size)) <= self.deadline:
+                continue
+            fits = steps_within(n, self.deadline * float(self.speed[user]), size, steps)
+            if fits == 0:
+                too_slow.append(user)
+                continue
+            cut = Config.from_dict(config.to_dict())
+            cut.train.steps = fits
+            configs[user] = cut.to_json()
+        return too_slow, configs
+
+    def settle(self, replies: list[Any], user_of: Callable[[Any], int], missed: bool = False,
+               ) -> tuple[list[Any], list[int], float]:
         """A round's successful train replies -> (those kept, the users whose reply came after the
         deadline, the round's simulated seconds). A reply's time is its user's examples processed
-        in this call over its speed."""
+        in this call over its speed. Under ``stragglers=partial`` every reply is kept (a late user
+        was told to stop at the deadline); ``missed``: a user could not reply in time at all."""
         if not self.active:
             return replies, [], 0.0
         kept, late, seconds = [], [], []
         for reply in replies:
             user = user_of(reply)
             work = self.work_seconds(user, reply.content.metric_records["metrics"]["examples_processed"])
-            if self.deadline and work > self.deadline:
+            if self.deadline and work > self.deadline and not self.partial:
                 late.append(user)
             else:
                 kept.append(reply)
-                seconds.append(work)
-        return kept, late, self.round_seconds(seconds, bool(late))
+                seconds.append(min(work, self.deadline) if self.partial else work)
+        return kept, late, self.round_seconds(seconds, bool(late) or missed)
 
     def round_record(self, server_round: int, trained: list[int], dropped: int, late: int, seconds: float,
                      clock: float) -> dict[str, Any]:
@@ -164,6 +192,7 @@ class Participation:
         """results.json's ``participation``: the options, the trained users' mean availability,
         the replies lost (``dropped_out``: never sent; ``late``: past the deadline) and the clock."""
         return {**self.spec_text, "dropout_rate": self.dropout_rate, "deadline": self.deadline,
+                "stragglers": "partial" if self.partial else "drop",
                 "mean_availability": float(self.probability[trained].mean()) if trained else float("nan"),
                 **dropped, "sim_time": clock}
 
@@ -184,5 +213,5 @@ class Participation:
             if fastest > self.deadline:
                 raise ConfigError(
                     f"federation.deadline={self.deadline:g} simulated seconds: no user can meet it (the fastest takes "
-                    f"{fastest:.1f} s for its local work: one example per second at speed 1). "
+                    f"{fastest:.1f} s for {'one step' if self.partial else 'its local work'}: one example per second at speed 1). "
                     "Raise the deadline, or set 0 to wait for everyone.")

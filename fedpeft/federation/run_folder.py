@@ -32,7 +32,7 @@ import yaml
 
 from fedpeft.config import ConfigError
 from fedpeft.federation.store import OWNER_FILE, store_owner
-from fedpeft.files import atomic_write_text
+from fedpeft.files import atomic_write_text, read_json_fields
 
 RUN_FILE = "run.json"
 DEFAULT_STORE = "adapters"  # <run folder>/adapters when output.store_dir is left empty
@@ -63,17 +63,19 @@ class RunIdentity:
     @classmethod
     def read(cls, run_dir: Path) -> RunIdentity:
         path = run_dir / RUN_FILE
-        if not path.is_file():
-            raise ConfigError(f"'{run_dir}' cannot be resumed: it has no {RUN_FILE} (not a fedpeft run folder, "
-                              "or one written before runs could be resumed).")
-        try:
-            data = json.loads(path.read_text())
-            return cls(run_id=str(data["run_id"]), wandb_id=str(data["wandb_id"]), copied_from=str(data.get("copied_from", "")))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+
+        def damaged(err: Exception) -> str:
             why = f"no '{err.args[0]}' in it" if isinstance(err, KeyError) else f"not the JSON fedpeft writes ({err})"
-            raise ConfigError(f"{path} is damaged: {why}. It names the run (its id signs every adapter file), so the run "
-                              f"cannot continue without it: restore {RUN_FILE} from a backup (or from the folder this one "
-                              "was copied from), or start a new run without --resume.") from None
+            return (f"{path} is damaged: {why}. It names the run (its id signs every adapter file), so the run cannot "
+                    f"continue without it: restore {RUN_FILE} from a backup (or from the folder this one was copied "
+                    "from), or start a new run without --resume.")
+
+        try:
+            data = read_json_fields(path, ("run_id", "wandb_id"), f"'{run_dir}' cannot be resumed: it has no {RUN_FILE} "
+                                    "(not a fedpeft run folder, or one written before runs could be resumed).", damaged)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+        return cls(run_id=str(data["run_id"]), wandb_id=str(data["wandb_id"]), copied_from=str(data.get("copied_from", "")))
 
 
 def store_setting(run_dir: Path, store_dir: str | Path) -> str:

@@ -71,7 +71,7 @@ class FederatedRun:
         self.reporter = RunReporter(config, run_dir, identity.wandb_id, resume_after=self.done_rounds if resume else None)
         self.scoring = Scoring(task, user_ids, self.reporter, round_scores)
         self.total_rounds = sum(p.rounds for p in self.strategy.phases())
-        self.participation = Participation(config, user_ids, self.total_rounds)
+        self.participation = Participation(config, user_ids, self.total_rounds, get_benchmark(config))
         self.bar = tqdm(total=0, unit="user", disable=not config.output.progress, dynamic_ncols=True)
         self.calls = ClientCalls(config, grid, identity.run_id, self.progress, self.bar, UNAVAILABLE_RETRIES, UNAVAILABLE_WAIT)
 
@@ -92,11 +92,11 @@ class FederatedRun:
 
     # ---- calls -------------------------------------------------------------------------------
     def call(self, users: list[int], kind: str, server_round: int, shared: dict[str, torch.Tensor],
-             phase: str) -> tuple[list[Message], int]:
+             phase: str, config_for: dict[int, str] | None = None) -> tuple[list[Message], int]:
         """One call to ``users`` (:meth:`fedpeft.federation.server_calls.ClientCalls.call`), named on the progress bar."""
         self.bar.set_description(f"round {server_round}/{self.total_rounds} {phase} {kind}")
         self.bar.refresh()
-        return self.calls.call(users, kind, server_round, shared, phase)
+        return self.calls.call(users, kind, server_round, shared, phase, config_for)
 
     def evaluate(self, server_round: int, users: list[int], phase: str) -> list[Message]:
         """Score ``users``; evaluation messages carry the shared part too (``bytes_down_eval``)."""
@@ -119,8 +119,11 @@ class FederatedRun:
         progress = self.progress
         cohort, dropped = self.cohort(server_round, phase)
         called = [u for u in cohort if u not in set(dropped)]
-        replies, down = self.call(called, TRAIN, server_round, self.shared, phase.name)
-        ok, late, clock = self.participation.settle(replies, partition_id)
+        too_slow, stragglers = self.participation.stragglers(called, self.config)
+        called = [u for u in called if u not in set(too_slow)]
+        replies, down = self.call(called, TRAIN, server_round, self.shared, phase.name, stragglers)
+        ok, late, clock = self.participation.settle(replies, partition_id, missed=bool(too_slow))
+        late = sorted(late + too_slow)
         progress.rounds_scheduled[[u for u in called if u not in set(late)]] += 1
         for reply in ok:
             user = progress.record_training(reply, server_round)

@@ -108,14 +108,15 @@ class ClientCalls:
         return self.nodes
 
     def call(self, users: list[int], kind: str, server_round: int, shared: dict[str, torch.Tensor],
-             phase: str) -> tuple[list[Message], int]:
+             phase: str, config_for: dict[int, str] | None = None) -> tuple[list[Message], int]:
         """Send the users their messages: one per user, or (``train.pack_users`` = k > 1) one per
         bundle of up to k consecutive users (:func:`bundle_users`), which a worker runs packed; returns each user's reply
         that succeeded (a packed reply split per user), in partition order (never arrival order, so
         that aggregation and every sum over replies is deterministic), and the bytes sent down (the
         shared part once per user: packing is the simulation's economy, not the protocol's). A
         failed call (the user's error, a worker process that died mid-call, no reply) is recorded
-        as the failure of each of its users for this round."""
+        as the failure of each of its users for this round. ``config_for``: a user's own config
+        (JSON) where it differs from the run's (a straggler's steps, fedpeft.federation.participation)."""
         down, ok, storage = 0, [], []
         progress = self.progress
         pack = self.config.train.pack_users
@@ -125,7 +126,8 @@ class ClientCalls:
             def message(i: int, bundles=bundles) -> Message:  # built as the window reaches it: 15,000 at once weigh
                 first = bundles[i][0]
                 bundle = [(u, int(progress.last_round[u])) for u in bundles[i]] if pack > 1 else None
-                return Message(content=make_content(self.config_json, server_round, record, phase, self.run_id,
+                config_json = (config_for or {}).get(first, self.config_json)
+                return Message(content=make_content(config_json, server_round, record, phase, self.run_id,
                                                     int(progress.last_round[first]), user=first, bundle=bundle),
                                dst_node_id=self.nodes[i % len(self.nodes)], message_type=kind)
 

@@ -108,20 +108,6 @@ def check_cohort(config: Config) -> None:
     make_strategy(config).cohort_size(num_users - len(new_user_indices(config, num_users)))
 
 
-def examples_per_call(n: int, config: Config) -> int:
-    """Training examples one plain local call processes on ``n`` examples: ``train.steps`` batches
-    (or ``train.epochs`` epochs) of epochs cut into batches, the last one of an epoch short
-    (:func:`fedpeft.learning.schedule.batch_order`)."""
-    from fedpeft.learning.schedule import step_budget
-
-    if n <= 0:
-        return 0
-    steps, size = step_budget(n, config, None), config.train.batch_size
-    epoch = [min(size, n - i) for i in range(0, n, size)]
-    full, rest = divmod(steps, len(epoch))
-    return full * n + sum(epoch[:rest])
-
-
 def check_participation(config: Config) -> None:
     """Refuse, before anything starts, what ``federation.availability``, ``speed`` and
     ``deadline`` cannot run: a bad form or trace file, a round with no trained user online, a
@@ -129,15 +115,20 @@ def check_participation(config: Config) -> None:
     from fedpeft.data import get_benchmark
     from fedpeft.data.user_groups import new_user_indices
     from fedpeft.federation.participation import Participation
+    from fedpeft.learning.schedule import examples_of_steps, examples_per_call
     from fedpeft.strategies import make_strategy
 
     bench = get_benchmark(config)
     user_ids = bench.user_ids()
     rounds = sum(p.rounds for p in make_strategy(config).phases())
-    participation = Participation(config, user_ids, rounds)
+    participation = Participation(config, user_ids, rounds, bench)
     if not participation.active:
         return
     held_out = set(new_user_indices(config, len(user_ids)))
     trained = [i for i in range(len(user_ids)) if i not in held_out]
-    examples = {u: examples_per_call(len(bench.load_user(u).train), config) for u in trained} if participation.deadline else {}
+    examples = {}  # what a user must finish by the deadline: its local work, or under stragglers=partial one step
+    if participation.deadline:
+        for u in trained:
+            n = len(bench.load_user(u).train)
+            examples[u] = examples_of_steps(n, 1, config.train.batch_size) if participation.partial else examples_per_call(n, config)
     participation.check(trained, examples)

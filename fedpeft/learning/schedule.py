@@ -65,3 +65,27 @@ def batch_order(rng: np.random.Generator, n: int, batch_size: int) -> Iterator[l
             order = rng.permutation(n).tolist()
         idx, order = order[:batch_size], order[batch_size:]
         yield idx
+
+
+def examples_of_steps(n: int, steps: int, batch_size: int) -> int:
+    """Examples ``steps`` batches of :func:`batch_order` hold on ``n`` examples: epochs cut into
+    batches of ``batch_size``, the last batch of an epoch short."""
+    if n <= 0:
+        return 0
+    epoch = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+    full, rest = divmod(steps, len(epoch))
+    return full * n + sum(epoch[:rest])
+
+
+def steps_within(n: int, examples: float, batch_size: int, most: int) -> int:
+    """The most steps (at most ``most``) whose batches hold no more than ``examples`` examples."""
+    steps = 0
+    while steps < most and examples_of_steps(n, steps + 1, batch_size) <= examples:
+        steps += 1
+    return steps
+
+
+def examples_per_call(n: int, config: Config) -> int:
+    """Training examples one plain local call processes on ``n`` examples: ``train.steps`` batches
+    (or ``train.epochs`` epochs) of :func:`batch_order`."""
+    return examples_of_steps(n, step_budget(n, config, None), config.train.batch_size)

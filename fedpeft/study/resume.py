@@ -43,6 +43,7 @@ from fedpeft.federation.checkpoint import (
     flat,
     resume_config,
 )
+from fedpeft.files import read_json_fields
 from fedpeft.study.status import RunNotFinished
 
 STUDY_FILE = "study.json"
@@ -149,18 +150,19 @@ def write_record(out: Path, spec: StudySpec, plan: StudyPlan, argv: list[str]) -
 
 def read_record(spec: StudySpec, study: Path, flag: str) -> dict[str, Any]:
     path = study / STUDY_FILE
-    if not path.is_file():
-        raise ConfigError(f"{flag} {study}: no {STUDY_FILE} there, so it is not a study folder (or one from before studies "
-                          "could resume). Give the folder a study was started in.")
     try:
-        record = json.loads(path.read_text())
-        config, arguments, script = record["config"], record["arguments"], record["study"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{path} cannot be read ({type(err).__name__}: {err}); it was not written by a fedpeft study, "
-                          "or it was damaged.") from None
-    if script != spec.script:
-        raise ConfigError(f"{study} is a study of {script}, not of {spec.script}: use python {script} {flag} {study}")
-    return {"config": config, "arguments": arguments}
+        record = read_json_fields(
+            path, ("config", "arguments", "study"),
+            f"{flag} {study}: no {STUDY_FILE} there, so it is not a study folder (or one from before studies could "
+            "resume). Give the folder a study was started in.",
+            lambda err: f"{path} cannot be read ({type(err).__name__}: {err}); it was not written by a fedpeft study, "
+                        "or it was damaged.")
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    if record["study"] != spec.script:
+        raise ConfigError(f"{study} is a study of {record['study']}, not of {spec.script}: use python {record['study']} "
+                          f"{flag} {study}")
+    return {"config": record["config"], "arguments": record["arguments"]}
 
 
 def recorded_plan(spec: StudySpec, study: Path, flag: str, rest: list[str]) -> StudyPlan:
