@@ -255,3 +255,13 @@ def test_data_summary_of_peft_u_and_lamp_comes_from_their_caches(tmp_path):
     loaded = [lamp.load_user(i) for i in range(3)]
     assert fedpeft_data.data_summary(lamp)["examples"] == {s: sum(len(getattr(u, s)) for u in loaded) for s in ("train", "val", "test")}
     assert fedpeft_data.data_summary(lamp)["users"] == 3
+
+
+def test_generation_task_with_an_encoder_is_refused_before_ray(tiny_bert, tmp_path, capsys, monkeypatch):
+    from tests.test_lamp import simple_questions, write_lamp
+
+    refuse_ray(monkeypatch)
+    folder = write_lamp(tmp_path, 5, simple_questions(5))
+    assert sim_main(tiny_args(tiny_bert, tmp_path, "l5", "--benchmark", "lamp/LaMP-5", f"data.path={folder}",
+                              f"data.cache_dir={tmp_path / 'cache'}")) == 2
+    assert "generative backbone" in capsys.readouterr().err

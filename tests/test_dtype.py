@@ -131,9 +131,17 @@ def test_float16_on_cpu_is_refused_by_the_entry_point_before_anything_runs(tiny_
 
 # ---- end to end: the real entry point on Ray ------------------------------------------------------
 
-def _run_bf16(tiny_bert: Path, out: Path, strategy: str) -> Path:
-    assert main(tiny_args(tiny_bert, out, strategy, "--strategy", strategy, "--dtype", "bfloat16")) == 0
-    return out / strategy
+@pytest.fixture(scope="module")
+def bf16_runs(tiny_bert, tmp_path_factory) -> Path:
+    """fedavg and fedsa in bfloat16 on Ray, as one comparison: one Ray session for both
+    (fedpeft.launch.ray_start.SharedRay); each run's folder is ``<study>/<strategy>``."""
+    from fedpeft.study.compare import main as compare_main
+
+    out = tmp_path_factory.mktemp("bf16")
+    args = tiny_args(tiny_bert, out, "unused", "--dtype", "bfloat16")
+    del args[2:6]  # without --out and --name: the comparison names its runs
+    assert compare_main(["--strategies", "fedavg,fedsa", "--compare-out", str(out / "study"), *args]) == 0
+    return out / "study"
 
 
 def _assert_every_user_trained_and_scored(run: Path) -> None:
@@ -148,8 +156,8 @@ def _assert_every_user_trained_and_scored(run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fedavg_bf16_shares_the_bf16_head_on_ray(tiny_bert, tmp_path, ray_shutdown):
-    run = _run_bf16(tiny_bert, tmp_path, "fedavg")
+def test_fedavg_bf16_shares_the_bf16_head_on_ray(bf16_runs, tiny_bert):
+    run = bf16_runs / "fedavg"
     _assert_every_user_trained_and_scored(run)
     final = load_file(str(run / "shared_final.safetensors"))  # the server's state after 2 aggregations
     assert {v.dtype for k, v in final.items() if is_head(k)} == {torch.bfloat16}
@@ -159,8 +167,8 @@ def test_fedavg_bf16_shares_the_bf16_head_on_ray(tiny_bert, tmp_path, ray_shutdo
 
 
 @pytest.mark.slow
-def test_fedsa_bf16_keeps_a_bf16_head_private_on_ray(tiny_bert, tmp_path, ray_shutdown):
-    run = _run_bf16(tiny_bert, tmp_path, "fedsa")
+def test_fedsa_bf16_keeps_a_bf16_head_private_on_ray(bf16_runs):
+    run = bf16_runs / "fedsa"
     _assert_every_user_trained_and_scored(run)
     config = load_run_config(run)
     strategy = make_strategy(config)

@@ -48,9 +48,12 @@ def completed_rounds(metrics: Path) -> int:
     return sum(1 for line in metrics.read_text().splitlines() if line.strip().endswith("}") and '"round"' in line)
 
 
+ROUNDS = 20  # signalled after round 2: the rest is what a resume runs (a round takes well under a second)
+
+
 def start_run(tiny_bert: Path, out: Path, token: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "fedpeft.sim", "--model", str(tiny_bert), "--out", str(out), "--name", "run",
-            "--rounds", "40", "data.num_users=4", "data.train_per_user=8", "data.test_per_user=4", "train.steps=2",
+            "--rounds", str(ROUNDS), "data.num_users=4", "data.train_per_user=8", "data.test_per_user=4", "train.steps=2",
             "train.batch_size=4", "ray.num_cpus=2", "output.progress=false"]
     env = {**os.environ, MARK: token}
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -107,6 +110,6 @@ def test_sigterm_stops_the_run_with_exit_143_and_it_resumes(tiny_bert, tmp_path)
     resumed = subprocess.run([sys.executable, "-m", "fedpeft.sim", "--resume", str(tmp_path / "run")],
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming run after round {done}/40" in resumed.stdout + resumed.stderr
+    assert f"resuming run after round {done}/{ROUNDS}" in resumed.stdout + resumed.stderr
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["summary"]["n_failed"] == 0 and results["summary"]["n_undertrained"] == 0

@@ -19,6 +19,17 @@ from tests.inprocess_grid import run_in_process
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_ray_for_the_module():
+    """This module's Ray runs share one Ray session and its warm client actors, as a study's
+    runs do (fedpeft.launch.ray_start.SharedRay; their results equal separate runs':
+    tests/test_shared_ray.py, and the in-process comparison below)."""
+    from fedpeft.launch.ray_start import SharedRay
+
+    with SharedRay():
+        yield
+
+
 def _per_user(run: Path) -> list[dict]:
     with (run / "per_user.csv").open() as f:
         return list(csv.DictReader(f))
@@ -28,14 +39,9 @@ def _per_user(run: Path) -> list[dict]:
 def runs(tiny_bert, tmp_path_factory):
     """Two local_only runs with the same seeds: one on Ray that logs to W&B offline, and the same
     config without W&B on the in-process grid, its replies scrambled."""
-    import ray
 
     out = tmp_path_factory.mktemp("runs")
-    try:
-        assert main(tiny_args(tiny_bert, out, "a", "--wandb", "offline", "wandb.tags=ci,tiny")) == 0
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    assert main(tiny_args(tiny_bert, out, "a", "--wandb", "offline", "wandb.tags=ci,tiny")) == 0
     _, inprocess = run_in_process(sim_args(tiny_args(tiny_bert, out, "b"))[0], reply_order_seed=5)
     return out / "a", inprocess
 
@@ -139,7 +145,7 @@ RAY_STRATEGIES = ("fedsa", "oppu")
 
 
 @pytest.mark.parametrize("name", sorted(__import__("fedpeft.strategies", fromlist=["STRATEGIES"]).STRATEGIES))
-def test_every_strategy_runs_and_writes_its_results(name, tiny_bert, tmp_path, ray_shutdown):
+def test_every_strategy_runs_and_writes_its_results(name, tiny_bert, tmp_path):
     """Each strategy's run and what it writes: through the entry point on Ray for
     ``RAY_STRATEGIES``; the others on the in-process grid (the same ClientApp and FederatedRun
     without Ray: what differs between strategies is which keys are shared, not the transport)."""
@@ -163,7 +169,7 @@ def test_every_strategy_runs_and_writes_its_results(name, tiny_bert, tmp_path, r
         assert results["private_bytes_per_user"]["mean"] > 0
 
 
-def test_compare_writes_table_per_user_table_and_plots(tiny_bert, tmp_path, ray_shutdown):
+def test_compare_writes_table_per_user_table_and_plots(tiny_bert, tmp_path):
     from fedpeft.study.compare import main as compare_main
 
     out = tmp_path / "cmp"
@@ -185,7 +191,7 @@ def test_compare_writes_table_per_user_table_and_plots(tiny_bert, tmp_path, ray_
 # T5 with LoRA runs through the entry point in test_lamp_tasks_run_and_are_scored_as_lamp_scores_them (LaMP-4)
 @pytest.mark.parametrize("model, method, strategy, on_ray", [("tiny_gpt2", "prefix_tuning", "fedavg", True),
                                                               ("tiny_t5", "few_shot", "local_only", False)])
-def test_generative_backbones_run_through_the_entry_point(model, method, strategy, on_ray, request, tmp_path, ray_shutdown):
+def test_generative_backbones_run_through_the_entry_point(model, method, strategy, on_ray, request, tmp_path):
     """GPT-2 with prefix tuning on Ray; T5 zero-training few-shot on the in-process grid (T5 with
     LoRA runs on Ray in the LaMP-4 test)."""
     path = request.getfixturevalue(model)
@@ -203,7 +209,7 @@ def test_generative_backbones_run_through_the_entry_point(model, method, strateg
     assert all(len(r["predictions"]) == 6 for r in rows)
 
 
-def test_peft_u_multilabel_task_runs_through_the_entry_point(tiny_bert, tmp_path, ray_shutdown):
+def test_peft_u_multilabel_task_runs_through_the_entry_point(tiny_bert, tmp_path):
     """A prepared PEFT-U file with multi-label users: BCE training and PEFT-U scoring inside Ray."""
     labels = ["joy", "anger", "fear"]
     users = {}
@@ -232,7 +238,7 @@ def test_peft_u_multilabel_task_runs_through_the_entry_point(tiny_bert, tmp_path
 
 
 @pytest.mark.parametrize("task, model, metric", [(2, "tiny_bert", "accuracy"), (3, "tiny_bert", "mae"), (4, "tiny_t5", "rouge1")])
-def test_lamp_tasks_run_and_are_scored_as_lamp_scores_them(task, model, metric, request, tmp_path, ray_shutdown):
+def test_lamp_tasks_run_and_are_scored_as_lamp_scores_them(task, model, metric, request, tmp_path):
     """LaMP-4 (T5 with LoRA, generation) through the entry point on Ray; LaMP-2 and LaMP-3 (an
     encoder, as every other Ray test) on the in-process grid, the same ClientApp and scoring."""
     from tests.test_lamp import simple_questions, write_lamp
@@ -265,19 +271,7 @@ def test_lamp_tasks_run_and_are_scored_as_lamp_scores_them(task, model, metric, 
         assert results["summary"]["mae"] == pytest.approx(float(np.mean(np.abs(errors))))
 
 
-def test_generation_task_with_an_encoder_is_refused_before_ray(tiny_bert, tmp_path, capsys):
-    import ray
-
-    from tests.test_lamp import simple_questions, write_lamp
-
-    folder = write_lamp(tmp_path, 5, simple_questions(5))
-    assert main(tiny_args(tiny_bert, tmp_path, "l5", "--benchmark", "lamp/LaMP-5", f"data.path={folder}",
-                          f"data.cache_dir={tmp_path / 'cache'}")) == 2
-    assert "generative backbone" in capsys.readouterr().err
-    assert not ray.is_initialized()
-
-
-def test_same_seeds_give_byte_identical_results_on_ray(tiny_bert, tmp_path, ray_shutdown):
+def test_same_seeds_give_byte_identical_results_on_ray(tiny_bert, tmp_path):
     """Replies arrive in any order on Ray; aggregation runs in partition order, so a Ray run
     agrees to the byte with the same config run in process with its replies scrambled, and so
     with any other run of it (fedsa: a shared and a private part; fedavg's Ray run is compared

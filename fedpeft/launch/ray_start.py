@@ -190,7 +190,11 @@ class SharedRay:
             self.start = None
 
     def keep(self, start: RayStart) -> None:
-        """Take over the local Ray a run started: the session shuts it down, not the run."""
+        """Take over the local Ray a run started: the session shuts it down, not the run. (A Ray
+        shut down by someone else in between takes its actors with it: their pools go.)"""
+        if self.start is not None:
+            self.start.stop()
+        self.pools.clear()
         self.start = start
 
 
