@@ -31,6 +31,7 @@ from fedpeft.launch.preflight import (
 )
 from fedpeft.launch.prepare import Preparation, claim_run, finished_results, run_dir_path
 from fedpeft.launch.ray_start import RayStart, SharedRay, backend_config, check_ray_address
+from fedpeft.launch.run_checks import check_backbone_kind
 from fedpeft.launch.signals import Interrupted, finish_wandb, stop_on_signals
 from fedpeft.launch.wandb_preflight import check_wandb_online
 from fedpeft.learning.model_files import check_model
@@ -70,6 +71,7 @@ def run(config: Config, resume: bool = False) -> dict[str, Any]:
     # the data first (read here, the preparation's thread finds it cached): the workers' model needs its labels
     bench = get_benchmark(config)
     num_users = len(bench.user_ids())
+    check_backbone_kind(config, bench.task().kind)  # an encoder for a generation task: before Ray starts
     check_cohort(config)  # before Ray starts (claim_run checks it again)
     check_participation(config)
     started_ray = not ray.is_initialized()

@@ -34,12 +34,8 @@ def check_fits(config: Config, strategy: Any, bench: Any, loaded: Any) -> tuple[
     from fedpeft.federation.aggregation import check_aggregator
     from fedpeft.federation.privacy_checks import prepare_privacy
     from fedpeft.learning.packable import check_packing
-    from fedpeft.learning.peft_methods import NO_TRAINING
 
-    if loaded.kind == "encoder" and (config.peft.method in NO_TRAINING or bench.task().kind == "generation"):
-        why = f"peft.method={config.peft.method}" if config.peft.method in NO_TRAINING else f"'{config.data.benchmark}' is a generation task"
-        raise ConfigError(f"{why} needs a generative backbone (seq2seq such as google/flan-t5-base, or causal), "
-                          f"but '{config.model.name}' is an encoder with a classification head. Pick one with --model.")
+    check_kind(config, loaded.kind, bench.task().kind)
     keys = loaded.adapter_keys
     strategy.check_compatible(keys)
     check_packing(config, strategy.name, strategy.extra_adapters, loaded)  # train.pack_users > 1: what packs
@@ -48,6 +44,26 @@ def check_fits(config: Config, strategy: Any, bench: Any, loaded: Any) -> tuple[
     # DP: refuse what cannot be private, fix delta, calibrate the noise to privacy.target_epsilon (before config.yaml)
     prepare_privacy(config, strategy, keys, len(bench.user_ids()) - len(held_out))
     return keys, held_out
+
+
+def check_kind(config: Config, kind: str, task_kind: str) -> None:
+    """Refuse an encoder backbone (``kind``) for a generation task or a method that trains nothing."""
+    from fedpeft.learning.peft_methods import NO_TRAINING
+
+    if kind == "encoder" and (config.peft.method in NO_TRAINING or task_kind == "generation"):
+        why = f"peft.method={config.peft.method}" if config.peft.method in NO_TRAINING else f"'{config.data.benchmark}' is a generation task"
+        raise ConfigError(f"{why} needs a generative backbone (seq2seq such as google/flan-t5-base, or causal), "
+                          f"but '{config.model.name}' is an encoder with a classification head. Pick one with --model.")
+
+
+def check_backbone_kind(config: Config, task_kind: str) -> None:
+    """:func:`check_kind` before anything starts: the backbone's kind read off its config file."""
+    from transformers import AutoConfig
+
+    from fedpeft.learning.model_files import resolve_model_path
+    from fedpeft.learning.models import backbone_kind
+
+    check_kind(config, backbone_kind(config, AutoConfig.from_pretrained(resolve_model_path(config.model.name))), task_kind)
 
 
 class _Models:
