@@ -143,7 +143,13 @@ def command_flags(entry: str) -> frozenset[str]:
     assert path is not None and path.is_file(), f"the docs run {entry}, which does not exist"
     files = imported_files(path)
     flags = set().union(*map(argument_flags, files)) | {"-h", "--help"}
+    if entry in FORWARDS:  # a benchmark script that hands the rest of its arguments to another command
+        flags |= command_flags(FORWARDS[entry])
     return frozenset(flags | sim_flags() if REPO / "fedpeft" / "cli.py" in files else flags)
+
+
+# sims scripts that run another command with the arguments they do not take themselves
+FORWARDS = {"sims/study_wall.py": "sims/compare.py", "sims/startup.py": "fedpeft.sim"}
 
 
 def placeholder(flag: str) -> bool:
