@@ -9,6 +9,7 @@ built here without MkDocs.
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
 import re
 import shlex
@@ -247,3 +248,39 @@ def test_every_relative_link_points_to_a_file_that_exists():
     broken = {page.relative_to(REPO).as_posix(): links for page in linked
               if (links := broken_links(page, generated if page != README else set()))}
     assert not broken, f"relative links to nothing: {broken}"
+
+
+def named_code(text: str) -> tuple[set[str], set[str]]:
+    """The dotted fedpeft names (``fedpeft.x.y``) and the repository paths (``fedpeft/x.py``,
+    ``sims/x.py``, ``tests/x.py``, ``strategies/x.py``) a page names in code spans."""
+    spans = re.findall(r"`([^`\n]+)`", text)
+    names = {m.rstrip(".") for span in spans for m in re.findall(r"\bfedpeft(?:\.[A-Za-z_]\w*)+", span)}
+    paths = {m for span in spans for m in re.findall(r"\b(?:fedpeft|sims|tests|strategies)/[\w/]+\.py\b", span)}
+    return names, paths
+
+
+def resolves(name: str) -> bool:
+    """Whether ``fedpeft.a.b.C.d`` is a module, or an attribute path inside one."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_every_module_object_and_file_the_docs_name_exists():
+    """Modules move (fedpeft/ became subpackages); a page that names an old place misleads."""
+    missing = []
+    for page in pages():
+        names, paths = named_code(page.read_text())
+        missing += [f"{page.relative_to(REPO)}: {n}" for n in sorted(names) if not resolves(n)]
+        missing += [f"{page.relative_to(REPO)}: {p}" for p in sorted(paths) if not (REPO / p).is_file()]
+    assert not missing, "names and paths in the docs that do not exist:\n" + "\n".join(missing)
+    assert resolves("fedpeft.launch.ray_start.SharedRay") and not resolves("fedpeft.server_app.FederatedRun")  # the check itself
