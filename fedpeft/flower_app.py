@@ -3,7 +3,7 @@
 The run config holds fedpeft's config under the same dotted keys (``[tool.flwr.app.config]``
 lists every key of the schema with its default; ``flwr run . --run-config "train.lr=0.001"``
 sets one). The ServerApp assembles and checks the config like ``python -m fedpeft.sim``, then
-goes the same way: :func:`fedpeft.sim.prepare_run`, then :func:`fedpeft.federation.server_app.run_prepared`.
+goes the same way: :func:`fedpeft.launch.prepare.prepare_run`, then :func:`fedpeft.federation.server_app.run_prepared`.
 The ClientApp is :data:`fedpeft.federation.client_app.app`. What runs is the installed fedpeft: the app's
 FAB carries its pyproject.toml and configs only (``fab-include``), never a second copy of the code.
 """

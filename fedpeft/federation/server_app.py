@@ -289,7 +289,7 @@ def simulation_workers(config: Config) -> int:
 
 
 def run_prepared(config: Config, prepared: Any, grid: Grid) -> dict[str, Any]:
-    """Run one :class:`FederatedRun` on ``grid`` from what :func:`fedpeft.sim.prepare_run` made;
+    """Run one :class:`FederatedRun` on ``grid`` from what :func:`fedpeft.launch.prepare.prepare_run` made;
     the one code path of both entry points (``python -m fedpeft.sim`` and ``flwr run .``)."""
     from fedpeft.federation.flower_logs import quiet_lost_workers
 
@@ -300,7 +300,7 @@ def run_prepared(config: Config, prepared: Any, grid: Grid) -> dict[str, Any]:
 
 def make_server_app(config: Config, prepared: Callable[[], Any], results: dict[str, Any]) -> ServerApp:
     """A ServerApp whose main waits for the run's preparation (``prepared()``: the
-    :class:`fedpeft.sim.PreparedRun`, made while the simulation's workers start), then runs
+    :class:`fedpeft.launch.prepare.PreparedRun`, made while the simulation's workers start), then runs
     :func:`run_prepared` and puts its results in ``results``. A preparation that fails is put in
     ``results['_refused']`` as it is: the entry point reports it as a refusal before the run."""
     app = ServerApp()
