@@ -245,18 +245,44 @@ def report(rows: list[Row], binned: list[Row], config: Config, rule: str) -> str
 
 
 def plots(out: Path, rows: list[Row]) -> None:
+    """availability.png: the headline against mean availability, a line per strategy.
+    sim_time.png: the headline against the run's simulated time under each deadline, a line per
+    strategy and straggler mode (solid: drop, dashed: partial), from the no-deadline point.
+    The majority row has neither axis: it is a horizontal line on both."""
     plt = pyplot()
     metric = next(k for k in rows[0] if "ci95" not in k and k.endswith(("_final", "_best_val", "_best_val_per_user")))
-    for name, key, x_label, cond in (("availability.png", "mean_availability", "mean availability", "avail-"),
-                                     ("sim_time.png", "sim_time", "simulated time of the run (s)", "deadline-")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for strategy in dict.fromkeys(r["strategy"] for r in rows if r["condition"].startswith(cond)):
-            points = sorted((float(r[key]), float(r[metric])) for r in rows if r["strategy"] == strategy and r["condition"].startswith(cond))
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=strategy)
+    majority = next((float(r[metric]) for r in rows if r["strategy"] == "majority"), math.nan)
+    models = [r for r in rows if r["strategy"] != "majority"]
+    strategies = list(dict.fromkeys(r["strategy"] for r in models))
+    colors = {name: f"C{i}" for i, name in enumerate(strategies)}
+
+    def finish(ax: Any, x_label: str, name: str) -> None:
+        if math.isfinite(majority):
+            ax.axhline(majority, color="grey", linestyle=":", label="majority")
         ax.set_xlabel(x_label)
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} against {x_label}", fontsize=10)
         save_with_legend(fig, ax, out / name, metadata={"Description": f"{metric} against {x_label}"})
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for strategy in strategies:
+        points = sorted((float(r["mean_availability"]), float(r[metric])) for r in models
+                        if r["strategy"] == strategy and r["condition"].startswith("avail-"))
+        if points:
+            ax.plot(*zip(*points), marker="o", color=colors[strategy], label=strategy)
+    finish(ax, "mean availability", "availability.png")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    deadline_rows = [r for r in models if r["condition"].startswith("deadline-")]
+    for strategy in dict.fromkeys(r["strategy"] for r in deadline_rows):
+        mine = [r for r in deadline_rows if r["strategy"] == strategy]
+        start = [(float(r["sim_time"]), float(r[metric])) for r in mine if not float(r["deadline"])]
+        for mode, style in (("drop", "-"), ("partial", "--")):
+            points = sorted(start + [(float(r["sim_time"]), float(r[metric])) for r in mine
+                                     if float(r["deadline"]) and r["stragglers"] == mode])
+            if len(points) > len(start):
+                ax.plot(*zip(*points), marker="o", linestyle=style, color=colors[strategy], label=f"{strategy}, {mode}")
+    finish(ax, "simulated time of the run (s)", "sim_time.png")
 
 
 def main(argv: list[str] | None = None) -> int:
