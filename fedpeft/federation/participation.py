@@ -93,7 +93,10 @@ class Participation:
                                           for u, p in zip(self.user_ids, self.probability)]) if n else np.zeros((0, rounds), bool)
         self.speed = np.array([self._speed(speed, u) for u in self.user_ids])
         self.partial = fed.stragglers == "partial" and bool(self.deadline)
-        self.train_sizes = [len(bench.load_user(u).train) for u in range(len(self.user_ids))] if self.partial and bench else []
+        # under partial: each too slow user's steps that fit the deadline (0: not one), fixed for the run
+        self.steps_that_fit = self._steps_that_fit(config, bench) if self.partial and bench is not None else {}
+        self._cut_configs: dict[int, str] = {}  # steps -> the config (JSON) a user cut to them is sent
+        self.active = not (self.always_online and not self.dropout_rate and not self.deadline and bool(np.all(self.speed == 1.0)))
 
     def _probability(self, spec: Spec, user_id: str) -> float:
         if spec.kind == "const":
@@ -106,11 +109,16 @@ class Participation:
             return spec.params[0]
         return float(np.exp(_user_rng(self.seed, SPEED, user_id).normal(0.0, spec.params[0])))
 
-    @property
-    def active(self) -> bool:
-        """Whether any option is set: then rounds log the simulated clock, and per_user.csv and
-        results.json say who was online and dropped; else the run's files are as they were."""
-        return not (self.always_online and not self.dropout_rate and not self.deadline and bool(np.all(self.speed == 1.0)))
+    def _steps_that_fit(self, config: Config, bench: Any) -> dict[int, int]:
+        from fedpeft.learning.schedule import examples_of_steps, step_budget, steps_within
+
+        size, fits = config.train.batch_size, {}
+        for user in range(len(self.user_ids)):
+            n = len(bench.load_user(user).train)
+            steps = step_budget(n, config, None)
+            if self.work_seconds(user, examples_of_steps(n, steps, size)) > self.deadline:
+                fits[user] = steps_within(n, self.deadline * float(self.speed[user]), size, steps)
+        return fits
 
     def online(self, users: list[int], server_round: int) -> list[int]:
         """The users of ``users`` (partition ids) online in ``server_round``."""
@@ -141,25 +149,13 @@ class Participation:
         """Under ``stragglers=partial``: (the users who cannot finish one step by the deadline, and
         for each user whose ``train.steps`` would run past it, its config with the steps that fit
         (as JSON, what its message carries)). Nothing otherwise."""
-        if not self.partial:
-            return [], {}
-        from fedpeft.learning.schedule import examples_of_steps, step_budget, steps_within
-
-        too_slow, configs = [], {}
-        size = config.train.batch_size
-        for user in users:
-            n = self.train_sizes[user]
-            steps = step_budget(n, config, None)
-            if self.work_seconds(user, examples_of_steps(n, steps, size)) <= self.deadline:
-                continue
-            fits = steps_within(n, self.deadline * float(self.speed[user]), size, steps)
-            if fits == 0:
-                too_slow.append(user)
-                continue
+        slow = [u for u in users if u in self.steps_that_fit]
+        too_slow = [u for u in slow if not self.steps_that_fit[u]]
+        for steps in {self.steps_that_fit[u] for u in slow} - {0} - set(self._cut_configs):
             cut = Config.from_dict(config.to_dict())
-            cut.train.steps = fits
-            configs[user] = cut.to_json()
-        return too_slow, configs
+            cut.train.steps = steps
+            self._cut_configs[steps] = cut.to_json()
+        return too_slow, {u: self._cut_configs[self.steps_that_fit[u]] for u in slow if self.steps_that_fit[u]}
 
     def settle(self, replies: list[Any], user_of: Callable[[Any], int], missed: bool = False,
                ) -> tuple[list[Any], list[int], float]:

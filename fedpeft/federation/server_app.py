@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,19 @@ from fedpeft.strategies.base import Phase
 
 STOPPING = threading.Event()  # set by the entry point on SIGINT/SIGTERM: no checkpoint is written after it
 UNAVAILABLE_RETRIES, UNAVAILABLE_WAIT = 60, 1.0  # a worker Ray restarts takes calls again within a minute
+
+
+@dataclass
+class Cohort:
+    """A round's users: ``sampled`` (from those online), who of them ``dropped`` out, who is
+    ``too_slow`` for even one step before the deadline, the ``stragglers``' own configs
+    (``stragglers=partial``), and who is ``called``."""
+
+    sampled: list[int]
+    dropped: list[int]
+    too_slow: list[int]
+    stragglers: dict[int, str]
+    called: list[int]
 
 
 class FederatedRun:
@@ -105,26 +119,28 @@ class FederatedRun:
         return replies
 
     # ---- the run ------------------------------------------------------------------------
-    def cohort(self, server_round: int, phase: Phase) -> tuple[list[int], list[int]]:
-        """(the cohort sampled from the users online in ``server_round``, those of it who drop out
-        before replying) (fedpeft.federation.participation)."""
+    def cohort(self, server_round: int, phase: Phase) -> Cohort:
+        """The round's cohort, sampled from the users online in ``server_round``, and who of it
+        is called (fedpeft.federation.participation)."""
         online = self.participation.online(self.progress.trained_users, server_round)
         cohort = self.strategy.sample_cohort(online, server_round, phase)
-        return cohort, self.participation.dropped_out(cohort, server_round)
+        dropped = self.participation.dropped_out(cohort, server_round)
+        too_slow, stragglers = self.participation.stragglers(cohort, self.config)
+        left_out = set(dropped) | set(too_slow)
+        return Cohort(cohort, dropped, too_slow, stragglers, [u for u in cohort if u not in left_out])
 
     def train_round(self, server_round: int, phase: Phase) -> dict[str, Any]:
         """Train a cohort and aggregate into ``self.shared``; returns the round's record. The
         users who drop out and the replies past the deadline are left out, as zero updates under
         privacy (the mean divides by the cohort sampled)."""
         progress = self.progress
-        cohort, dropped = self.cohort(server_round, phase)
-        called = [u for u in cohort if u not in set(dropped)]
-        too_slow, stragglers = self.participation.stragglers(called, self.config)
-        called = [u for u in called if u not in set(too_slow)]
-        replies, down = self.call(called, TRAIN, server_round, self.shared, phase.name, stragglers)
-        ok, late, clock = self.participation.settle(replies, partition_id, missed=bool(too_slow))
-        late = sorted(late + too_slow)
-        progress.rounds_scheduled[[u for u in called if u not in set(late)]] += 1
+        round_users = self.cohort(server_round, phase)
+        cohort, dropped, called = round_users.sampled, round_users.dropped, round_users.called
+        replies, down = self.call(called, TRAIN, server_round, self.shared, phase.name, round_users.stragglers)
+        ok, late, clock = self.participation.settle(replies, partition_id, missed=bool(round_users.too_slow))
+        late = sorted(late + round_users.too_slow)
+        missed = set(late)
+        progress.rounds_scheduled[[u for u in called if u not in missed]] += 1
         for reply in ok:
             user = progress.record_training(reply, server_round)
             progress.rounds_trained[user] += 1
@@ -181,9 +197,10 @@ class FederatedRun:
         progress.bundle_workers = progress.bundle_workers or self.timings["workers"]
         final: list[Message] = []
         users = progress.trained_users
-        calls = {r: len(self.cohort(r, phase)[0]) - len(self.cohort(r, phase)[1])  # the train calls sent
-                 + (len(eval_users(config, users, r, self.total_rounds)) if evaluated(config, r, self.total_rounds) else 0)
-                 for r, phase in self.schedule()}
+        calls = {}  # per round, the train calls sent and the users scored
+        for r, phase in self.schedule():
+            calls[r] = len(self.cohort(r, phase).called)
+            calls[r] += len(eval_users(config, users, r, self.total_rounds)) if evaluated(config, r, self.total_rounds) else 0
         self.bar.total = sum(calls.values()) + len(progress.new_users) * (3 if self.accounting.get("new_users_as_is") else 2)
         self.bar.update(sum(n for r, n in calls.items() if r <= self.done_rounds))
         if self.done_rounds:

@@ -162,7 +162,6 @@ class SharedRay:
     def __init__(self) -> None:
         self.start: RayStart | None = None
         self.pools: dict[str, Any] = {}
-        self.runs_started = 0  # runs whose actors this session built (the rest reused warm ones)
         self._flower: Any = None
 
     def __enter__(self) -> SharedRay:
@@ -207,7 +206,6 @@ def _shared_backend(session: SharedRay, flower_backend: type) -> type:
             self.pool_key = json.dumps([self.client_resources, self.actor_kwargs], sort_keys=True, default=str)
             pool = session.pools.pop(self.pool_key, None)
             if pool is None:
-                session.runs_started += 1
                 super().build(app_fn)
                 return
             self.pool, self.app_fn = pool, app_fn
